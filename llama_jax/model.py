@@ -1,0 +1,239 @@
+"""The Llama 3 transformer in Flax NNX, top to bottom in Llama order.
+
+Shape letters: B batch, T query length, S key length, D model dim, H query heads, K kv heads,
+G group (H // K), E head dim, F ffn dim, V vocab, L layers.
+
+Weights of one kind are stacked over a leading layer axis L (simple checkpoints, one sharding rule per
+kind). The forward either scans that axis or, after `unstack_layers`, runs a Python loop over
+per-layer arrays; docs/PERFORMANCE.md has the measurements behind the default.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from llama_jax import attention
+from llama_jax.config import LlamaConfig
+
+
+def _dtype(name: str | None, default: str) -> jnp.dtype:
+    return jnp.dtype(name or default)
+
+
+def default_dtype() -> str:
+    """bfloat16 on accelerators, float32 on CPU (XLA CPU converts bf16 to f32 before each matmul)."""
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+def _param(rngs: nnx.Rngs, shape, axes, dtype, std):
+    """A parameter with logical axis names (see llama_jax.sharding); never sharded eagerly here."""
+    value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+    return nnx.Param(value, sharding_names=axes, eager_sharding=False)
+
+
+class KVCache(NamedTuple):
+    """Keys and values of one layer, [B, S_max, K, E] each, or [L, B, S_max, K, E] when stacked."""
+
+    k: jax.Array
+    v: jax.Array
+
+
+# --- RMSNorm --------------------------------------------------------------------------------------
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, *, eps: float, impl: str, dtype, stack: tuple[int, ...] = ()):
+        axes = ("layers",) * len(stack) + ("norm",)
+        self.weight = nnx.Param(jnp.ones((*stack, dim), dtype), sharding_names=axes, eager_sharding=False)
+        self.eps, self.impl = eps, impl
+
+    def __call__(self, x, residual=None):
+        """Normalizes x, or with `residual`, normalizes h = x + residual and returns (normed, h)."""
+        return attention.rms_norm(x, self.weight[...], residual, eps=self.eps, impl=self.impl)
+
+
+# --- RoPE -----------------------------------------------------------------------------------------
+
+
+def rope_frequencies(config: LlamaConfig) -> np.ndarray:
+    """Inverse frequencies [E // 2] in float32, with Llama 3.1 scaling when the config has it."""
+    e = config.head_dim
+    # Computed in float64 and rounded once, so no bf16 or f32 drift creeps into the angles.
+    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, e, 2, dtype=np.float64) / e))
+    s = config.rope_scaling
+    if s is not None:
+        # Llama 3.1 ("rope_type": "llama3"): long wavelengths slowed by `factor`, short ones kept,
+        # a smooth blend in between (Meta's reference `apply_scaling`).
+        old = s.original_max_position_embeddings
+        low_wavelen, high_wavelen = old / s.low_freq_factor, old / s.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+        blended = (1 - smooth) * inv_freq / s.factor + smooth * inv_freq
+        inv_freq = np.where(wavelen > low_wavelen, inv_freq / s.factor,
+                            np.where(wavelen < high_wavelen, inv_freq, blended))
+    return inv_freq.astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotates x [B, T, N, E] by angles positions [B, T] * inv_freq [E // 2], split-halves layout."""
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # (B, T, E/2), f32
+    cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]  # (B, T, 1, E/2)
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)  # (B, T, N, E/2) each
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+# --- Attention, MLP, block --------------------------------------------------------------------------
+
+
+def _dot(x, w, spec, dtype):
+    """Matmul in the compute dtype, accumulated in f32."""
+    return jnp.einsum(spec, x, w.astype(dtype), preferred_element_type=jnp.float32).astype(dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, stack: tuple[int, ...] = ()):
+        c, d, h, k, e = config, config.dim, config.n_heads, config.n_kv_heads, config.head_dim
+        pd = _dtype(c.param_dtype, default_dtype())
+        lx = ("layers",) * len(stack)
+        std = 1.0 / math.sqrt(d)
+        self.wq = _param(rngs, (*stack, d, h * e), (*lx, "embed", "q_heads"), pd, std)
+        self.wk = _param(rngs, (*stack, d, k * e), (*lx, "embed", "kv_heads"), pd, std)
+        self.wv = _param(rngs, (*stack, d, k * e), (*lx, "embed", "kv_heads"), pd, std)
+        self.wo = _param(rngs, (*stack, h * e, d), (*lx, "q_heads", "embed"), pd, 1.0 / math.sqrt(h * e))
+        self.n_heads, self.n_kv_heads, self.head_dim = h, k, e
+        self.dtype = _dtype(c.dtype, default_dtype())
+        self.impl = c.attention_impl
+
+    def __call__(self, x, positions, inv_freq, cache: KVCache | None, lengths):
+        """x [B, T, D]; positions [B, T]. Without a cache: causal self-attention over x. With one:
+        T == 1 is a decode step (each sequence writes at positions[b] and reads its first
+        positions[b] + 1 keys); T > 1 is a prefill writing keys 0..T-1. Returns (out, cache)."""
+        b, t, _ = x.shape
+        q = _dot(x, self.wq[...], "BTD,DN->BTN", self.dtype).reshape(b, t, self.n_heads, self.head_dim)
+        k = _dot(x, self.wk[...], "BTD,DN->BTN", self.dtype).reshape(b, t, self.n_kv_heads, self.head_dim)
+        v = _dot(x, self.wv[...], "BTD,DN->BTN", self.dtype).reshape(b, t, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)  # (B, T, H|K, E)
+
+        if cache is not None and t == 1:
+            pos = positions[:, 0]
+            batch = jnp.arange(b)
+            cache = KVCache(cache.k.at[batch, pos].set(k[:, 0].astype(cache.k.dtype)),
+                            cache.v.at[batch, pos].set(v[:, 0].astype(cache.v.dtype)))
+            out = attention.decode_attention(q[:, 0], cache.k, cache.v, lengths=pos + 1, impl=self.impl)
+            out = out[:, None]  # (B, 1, H, E)
+        else:
+            if cache is not None:
+                cache = KVCache(jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), 0, 1),
+                                jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), 0, 1))
+            # Right padding: a padded key sits after every real query of its row, so the causal
+            # mask alone keeps it out; `lengths` only matters to kernels that skip work.
+            out = attention.prefill_attention(q, k, v, lengths=lengths, impl=self.impl)
+        out = out.reshape(b, t, self.n_heads * self.head_dim)  # (B, T, H*E)
+        return _dot(out, self.wo[...], "BTN,ND->BTD", self.dtype), cache
+
+
+class FeedForward(nnx.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, stack: tuple[int, ...] = ()):
+        d, f = config.dim, config.ffn_dim
+        pd = _dtype(config.param_dtype, default_dtype())
+        lx = ("layers",) * len(stack)
+        self.w1 = _param(rngs, (*stack, d, f), (*lx, "embed", "ffn"), pd, 1.0 / math.sqrt(d))
+        self.w3 = _param(rngs, (*stack, d, f), (*lx, "embed", "ffn"), pd, 1.0 / math.sqrt(d))
+        self.w2 = _param(rngs, (*stack, f, d), (*lx, "ffn", "embed"), pd, 1.0 / math.sqrt(f))
+        self.dtype = _dtype(config.dtype, default_dtype())
+
+    def __call__(self, x):
+        gate = _dot(x, self.w1[...], "BTD,DF->BTF", self.dtype)
+        up = _dot(x, self.w3[...], "BTD,DF->BTF", self.dtype)
+        return _dot(jax.nn.silu(gate) * up, self.w2[...], "BTF,FD->BTD", self.dtype)
+
+
+class TransformerBlock(nnx.Module):
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, stack: tuple[int, ...] = ()):
+        pd = _dtype(config.param_dtype, default_dtype())
+        norm = dict(eps=config.norm_eps, impl=config.norm_impl, dtype=pd, stack=stack)
+        self.attention_norm = RMSNorm(config.dim, **norm)
+        self.attention = Attention(config, rngs=rngs, stack=stack)
+        self.ffn_norm = RMSNorm(config.dim, **norm)
+        self.feed_forward = FeedForward(config, rngs=rngs, stack=stack)
+
+    def __call__(self, x, positions, inv_freq, cache, lengths):
+        # Pre-norm residual block; the residual add is fused into the next norm.
+        h, cache = self.attention(self.attention_norm(x), positions, inv_freq, cache, lengths)
+        normed, h = self.ffn_norm(h, x)  # h = x + attention(...)
+        return h + self.feed_forward(normed), cache
+
+
+# --- The transformer ------------------------------------------------------------------------------
+
+
+class Transformer(nnx.Module):
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+        c = config
+        pd = _dtype(c.param_dtype, default_dtype())
+        self.config = c
+        self.tok_embeddings = _param(rngs, (c.vocab_size, c.dim), ("vocab", "embed"), pd, 1.0)
+        self.layers = TransformerBlock(c, rngs=rngs, stack=(c.n_layers,))
+        self.norm = RMSNorm(c.dim, eps=c.norm_eps, impl=c.norm_impl, dtype=pd)
+        if not c.tie_embeddings:
+            self.output = _param(rngs, (c.dim, c.vocab_size), ("embed", "vocab"), pd, 1.0 / math.sqrt(c.dim))
+        self.dtype = _dtype(c.dtype, default_dtype())
+
+    def __call__(self, tokens, positions=None, cache=None, lengths=None):
+        """tokens [B, T] int32; positions [B, T] (default 0..T-1); cache: per-layer KVCache list (or
+        one stacked KVCache) to fill or extend; lengths [B]: valid prompt lengths (prefill).
+        Returns (logits [B, T, V] float32, cache)."""
+        b, t = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        x = self.tok_embeddings[...][tokens].astype(self.dtype)  # (B, T, D)
+        inv_freq = jnp.asarray(rope_frequencies(self.config))  # a trace-time constant
+
+        if isinstance(self.layers, nnx.List):  # per-layer arrays, a Python loop
+            new_cache = []
+            for i, layer in enumerate(self.layers):
+                x, c = layer(x, positions, inv_freq, None if cache is None else cache[i], lengths)
+                new_cache.append(c)
+            cache = None if cache is None else new_cache
+        else:  # stacked arrays, scanned: compile time flat in depth
+            graphdef, state = nnx.split(self.layers)
+
+            def body(x, xs):
+                layer_state, c = xs
+                x, c = nnx.merge(graphdef, layer_state)(x, positions, inv_freq, c, lengths)
+                return x, c
+
+            x, cache = jax.lax.scan(body, x, (state, cache))
+
+        x = self.norm(x)
+        w = self.tok_embeddings[...].T if self.config.tie_embeddings else self.output[...]
+        logits = jnp.einsum("BTD,DV->BTV", x, w.astype(self.dtype), preferred_element_type=jnp.float32)
+        return logits, cache
+
+    def unstack_layers(self) -> None:
+        """Replaces the stacked layers by a list of per-layer blocks (one copy of the weights, made
+        once; on CPU this runs decode about 1.5x faster than scanning, docs/PERFORMANCE.md)."""
+        if isinstance(self.layers, nnx.List):
+            return
+        graphdef, state = nnx.split(self.layers)
+        n = self.config.n_layers
+        self.layers = nnx.List([nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state)) for i in range(n)])
+
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> list[KVCache] | KVCache:
+        """An all-zero KV cache matching the layer layout: a list of per-layer [B, S, K, E] caches, or
+        one stacked [L, B, S, K, E] cache for scanned layers."""
+        c = self.config
+        shape = (batch, max_len, c.n_kv_heads, c.head_dim)
+        dtype = dtype or self.dtype
+        if isinstance(self.layers, nnx.List):
+            return [KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(c.n_layers)]
+        shape = (c.n_layers, *shape)
+        return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
