@@ -34,7 +34,7 @@ def default_dtype() -> str:
 def _param(rngs: nnx.Rngs, shape, axes, dtype, std):
     """A parameter with logical axis names (see llama_jax.sharding); never sharded eagerly here."""
     value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
-    return nnx.Param(value, sharding_names=axes, eager_sharding=False)
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
 
 
 class KVCache(NamedTuple):
@@ -50,7 +50,7 @@ class KVCache(NamedTuple):
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, *, eps: float, impl: str, dtype, stack: tuple[int, ...] = ()):
         axes = ("layers",) * len(stack) + ("norm",)
-        self.weight = nnx.Param(jnp.ones((*stack, dim), dtype), sharding_names=axes, eager_sharding=False)
+        self.weight = nnx.Param(jnp.ones((*stack, dim), dtype), out_sharding=axes, eager_sharding=False)
         self.eps, self.impl = eps, impl
 
     def __call__(self, x, residual=None):
@@ -214,8 +214,11 @@ class Transformer(nnx.Module):
             x, cache = jax.lax.scan(body, x, (state, cache))
 
         x = self.norm(x)
-        w = self.tok_embeddings[...].T if self.config.tie_embeddings else self.output[...]
-        logits = jnp.einsum("BTD,DV->BTV", x, w.astype(self.dtype), preferred_element_type=jnp.float32)
+        if self.config.tie_embeddings:  # contract with the embedding as stored: no transposed copy
+            w, spec = self.tok_embeddings[...], "BTD,VD->BTV"
+        else:
+            w, spec = self.output[...], "BTD,DV->BTV"
+        logits = jnp.einsum(spec, x, w.astype(self.dtype), preferred_element_type=jnp.float32)
         return logits, cache
 
     def unstack_layers(self) -> None:
