@@ -156,12 +156,10 @@ class TemplateChatFormat:
         for name, value in (("bos_token", bos_token), ("eos_token", eos_token)):
             if value is not None:
                 self._kwargs[name] = value
-        specials = tokenizer.special_tokens
-        self._special_ids = specials
+        self._special_ids = tokenizer.special_tokens
         # Longest first, so at one position the longest special wins (as in `tokenizers`).
-        self._special_re = re.compile(
-            "|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True))
-        )
+        by_length = sorted(self._special_ids, key=len, reverse=True)
+        self._special_re = re.compile("|".join(re.escape(s) for s in by_length))
 
     def render(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
         """The prompt as text, exactly as transformers' `apply_chat_template(tokenize=False)`."""

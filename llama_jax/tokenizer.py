@@ -72,8 +72,8 @@ LLAMA3_PAT_STR = (
 )
 LLAMA3_NUM_BASE_TOKENS = 128_000
 LLAMA3_NUM_SPECIAL_TOKENS = 256
-# Llama 3.1 names (meta-llama/llama-models). Llama 3.0 used the same ids but called 128004, 128005,
-# 128008 and 128010 reserved tokens, and numbered the later reserved tokens differently.
+# Llama 3.1 names (meta-llama/llama-models). Llama 3.0 (and quicktok's llama3.special) has the same
+# ids but names 128004, 128008 and 128010 reserved tokens and numbers the reserved ones up to 250.
 _LLAMA3_NAMED_SPECIALS = [
     "<|begin_of_text|>",
     "<|end_of_text|>",
@@ -92,9 +92,10 @@ LLAMA3_SPECIAL_TOKENS = _LLAMA3_NAMED_SPECIALS + [
     for i in range(3, 3 + LLAMA3_NUM_SPECIAL_TOKENS - len(_LLAMA3_NAMED_SPECIALS))
 ]
 
-# tiktoken's Rust core panics on inputs much longer than this (Meta's comment in the reference).
+# tiktoken's Rust core panics on much longer inputs (Meta's comment in the reference; still true
+# in tiktoken 0.14: one million spaces overflow its regex stack).
 TIKTOKEN_MAX_ENCODE_CHARS = 400_000
-# ...and goes quadratic on very long runs without a split point (openai/tiktoken#195).
+# ...and slows down on very long runs without a split point (openai/tiktoken#195).
 MAX_NO_WHITESPACES_CHARS = 25_000
 
 LLAMA3_TOKENIZER_SHA256 = "82e9d31979e92ab929cd544440f129d9ecd797b69e327f80f17e1c50d5551b55"
@@ -197,10 +198,6 @@ class Llama3Tokenizer(Tokenizer):
     def decode(self, ids: Sequence[int]) -> str:
         # errors="replace": a prefix of a generation can end inside a multi-byte character.
         return self._enc.decode(list(ids))
-
-    def decode_bytes(self, ids: Sequence[int]) -> bytes:
-        """ids -> raw bytes, for streaming output that may split a UTF-8 character."""
-        return self._enc.decode_bytes(list(ids))
 
 
 def build_llama3_tokenizer_model(dst: str | os.PathLike) -> Path:
