@@ -29,7 +29,7 @@ def llama3_chat(llama3_model_path) -> Llama3ChatFormat:
 
 
 @pytest.fixture(scope="session")
-def smollm2_dir(tmp_path_factory) -> Path:
+def smollm2_tok_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.getbasetemp() / "smollm2_tokenizer"
     if not (path / "tokenizer.json").exists():
         from transformers import AutoTokenizer
@@ -43,15 +43,15 @@ def smollm2_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def smollm2_hf(smollm2_dir):
+def smollm2_hf(smollm2_tok_dir):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(smollm2_dir)
+    return AutoTokenizer.from_pretrained(smollm2_tok_dir)
 
 
 @pytest.fixture(scope="session")
-def smollm2_chat(smollm2_dir) -> TemplateChatFormat:
-    return chat_format_for(smollm2_dir, load_tokenizer(smollm2_dir))
+def smollm2_chat(smollm2_tok_dir) -> TemplateChatFormat:
+    return chat_format_for(smollm2_tok_dir, load_tokenizer(smollm2_tok_dir))
 
 
 def hf_chat_ids(hf, messages, add_generation_prompt=True):
@@ -191,7 +191,7 @@ def test_bad_messages(llama3_chat, smollm2_chat, dialog):
             fmt.encode_dialog(dialog)
 
 
-def test_chat_format_for(llama3_model_path, smollm2_dir, smollm2_hf, tmp_path):
+def test_chat_format_for(llama3_model_path, smollm2_tok_dir, smollm2_hf, tmp_path):
     llama_dir = tmp_path / "llama"
     llama_dir.mkdir()
     shutil.copy(llama3_model_path, llama_dir / "tokenizer.model")
@@ -200,9 +200,9 @@ def test_chat_format_for(llama3_model_path, smollm2_dir, smollm2_hf, tmp_path):
     # The template inside tokenizer_config.json, in its list-of-named-templates form.
     hf_dir = tmp_path / "hf"
     hf_dir.mkdir()
-    shutil.copy(smollm2_dir / "tokenizer.json", hf_dir / "tokenizer.json")
-    cfg = json.loads((smollm2_dir / "tokenizer_config.json").read_text())
-    template = (smollm2_dir / "chat_template.jinja").read_text()
+    shutil.copy(smollm2_tok_dir / "tokenizer.json", hf_dir / "tokenizer.json")
+    cfg = json.loads((smollm2_tok_dir / "tokenizer_config.json").read_text())
+    template = (smollm2_tok_dir / "chat_template.jinja").read_text()
     cfg["chat_template"] = [{"name": "default", "template": template}]
     (hf_dir / "tokenizer_config.json").write_text(json.dumps(cfg))
     fmt = chat_format_for(hf_dir, load_tokenizer(hf_dir))

