@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from llama_jax import generate as gen
 from llama_jax.checkpoint import read_hf_params
 from llama_jax.config import LlamaConfig
 from llama_jax.model import Transformer, default_dtype
@@ -22,12 +23,14 @@ def _logits(graphdef, state, tokens):
 
 
 class Llama:
-    """A loaded model: `config`, `logits(token_ids)`; generation arrives with the generate module."""
+    """A loaded model: `config`, `tokenizer`, `logits`, `generate`, `chat`, `stream`."""
 
-    def __init__(self, model: Transformer, *, unstack_layers: bool = True):
+    def __init__(self, model: Transformer, *, tokenizer=None, chat_format=None, unstack_layers: bool = True):
         if unstack_layers:
             model.unstack_layers()
         self.config: LlamaConfig = model.config
+        self.tokenizer = tokenizer
+        self._chat_format = chat_format
         # Split once: the jitted hot paths take this pure state, so nothing re-traces per call.
         self._graphdef, self._state = nnx.split(model)
 
@@ -50,6 +53,106 @@ class Llama:
             raise ValueError(f"{what}: length {ids.shape[1]} exceeds the context ({self.config.max_seq_len})")
         return ids.astype(np.int32)
 
+    def model_init_cache(self, batch: int, max_len: int):
+        return self.model.init_cache(batch, max_len)
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        """The checkpoint's stop ids: config.json's and the tokenizer's (generation_config.json)."""
+        ids = list(self.config.eos_ids)
+        if self.tokenizer is not None:
+            ids += [i for i in self.tokenizer.eos_ids if i not in ids]
+        return tuple(ids)
+
+    def _prompt_ids(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: pass prompts as lists of token ids")
+            ids = self.tokenizer.encode(prompt)
+            if self.tokenizer.add_bos and self.tokenizer.bos_id is not None:
+                ids = [self.tokenizer.bos_id] + ids
+            return ids
+        return [int(i) for i in prompt]
+
+    def _sampling(self, max_new_tokens, temperature, top_k, top_p, seed, stop_token_ids) -> gen.SamplingParams:
+        stops = self.eos_ids if stop_token_ids is None else tuple(int(i) for i in stop_token_ids)
+        params = gen.SamplingParams(max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=top_k,
+                                    top_p=top_p, seed=int(seed), stop_token_ids=stops)
+        params.check(self.config.vocab_size)
+        return params
+
+    def _check_prompts(self, prompts, params: gen.SamplingParams) -> list[list[int]]:
+        if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], (int, np.integer))):
+            raise ValueError("prompts must be a list of prompts (strings or lists of token ids)")
+        if not len(prompts):
+            raise ValueError("prompts: empty list")
+        ids = [self._prompt_ids(p) for p in prompts]
+        for i, p in enumerate(ids):
+            if not p:
+                raise ValueError(f"prompts[{i}]: empty prompt")
+            self._check_ids([p], what=f"prompts[{i}]")
+            if len(p) + params.max_new_tokens > self.config.max_seq_len:
+                raise ValueError(f"prompts[{i}]: {len(p)} prompt tokens + max_new_tokens {params.max_new_tokens} "
+                                 f"exceed the context ({self.config.max_seq_len})")
+        return ids
+
+    def _text(self, ids: list[int], stops) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode([i for i in ids if i not in stops])
+
+    def generate(self, prompts, *, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
+                 top_p: float | None = None, seed: int = 0, stop_token_ids=None) -> list[gen.Completion]:
+        """Generates a completion for each prompt (a string, or a list of token ids), batched.
+
+        temperature 0 is greedy; top_k and top_p restrict sampling; the same seed gives the same
+        output. stop_token_ids=None stops on the checkpoint's eos ids, [] on none. Returns one
+        Completion per prompt (token_ids: the generated ids only)."""
+        params = self._sampling(max_new_tokens, temperature, top_k, top_p, seed, stop_token_ids)
+        ids = self._check_prompts(prompts, params)
+        out = [[] for _ in ids]
+        for chunk in gen.generate_ids(self, ids, params):
+            for row, new in zip(out, chunk):
+                row += new
+        return [self._completion(p, row, params) for p, row in zip(ids, out)]
+
+    def _completion(self, prompt, ids, params) -> gen.Completion:
+        stopped = bool(ids) and ids[-1] in params.stop_token_ids
+        return gen.Completion(token_ids=ids, text=self._text(ids, params.stop_token_ids),
+                              finish_reason="stop" if stopped else "length", prompt_token_ids=prompt)
+
+    def stream(self, prompt, **sampling):
+        """Yields text pieces of one prompt's completion as the device produces them."""
+        params = self._sampling(**{"temperature": 0.0, "top_k": None, "top_p": None, "seed": 0,
+                                   "stop_token_ids": None, **sampling})
+        if self.tokenizer is None:
+            raise ValueError("stream needs a tokenizer")
+        [ids] = self._check_prompts([prompt], params)
+        new, shown = [], ""
+        for [chunk] in gen.generate_ids(self, [ids], params):
+            new += chunk
+            text = self._text(new, params.stop_token_ids)
+            # Hold back a piece that ends inside a multi-byte character.
+            if text.endswith("\ufffd"):
+                continue
+            if len(text) > len(shown):
+                yield text[len(shown):]
+                shown = text
+        text = self._text(new, params.stop_token_ids)
+        if len(text) > len(shown):
+            yield text[len(shown):]
+
+    def chat_prompt(self, messages) -> list[int]:
+        """The token ids of a dialog (a list of {"role", "content"} dicts) with an open assistant turn."""
+        if self._chat_format is None:
+            raise ValueError("this model has no chat format (no tokenizer or chat template)")
+        return self._chat_format.encode_dialog(messages, add_generation_prompt=True)
+
+    def chat(self, messages, **sampling) -> gen.Completion:
+        """Answers a dialog (a list of {"role", "content"} dicts) in the checkpoint's chat format."""
+        sampling.setdefault("max_new_tokens", 256)
+        return self.generate([self.chat_prompt(messages)], **sampling)[0]
+
     def logits(self, token_ids) -> np.ndarray:
         """Full-sequence logits: token_ids, a batch of equal-length lists of ids [B, T] ->
         float32 numpy array [B, T, V]."""
@@ -71,7 +174,24 @@ def load(path: str | os.PathLike, *, dtype=None, attention_impl: str = "auto", n
     config = LlamaConfig.from_hf(path, param_dtype=dtype, dtype=dtype,
                                  attention_impl=attention_impl, norm_impl=norm_impl)
     params = read_hf_params(path, config, np.dtype(jnp.dtype(dtype)))
-    return Llama(_build(config, params), unstack_layers=unstack_layers)
+    tokenizer, chat_format = _load_tokenizer(path)
+    return Llama(_build(config, params), tokenizer=tokenizer, chat_format=chat_format,
+                 unstack_layers=unstack_layers)
+
+
+def _load_tokenizer(path: str):
+    """The checkpoint's tokenizer and chat format, or (None, None) for a weights-only directory."""
+    from llama_jax.chat import chat_format_for
+    from llama_jax.tokenizer import load_tokenizer
+
+    if not any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.model", "tokenizer.json")):
+        return None, None
+    tokenizer = load_tokenizer(path)
+    try:
+        chat_format = chat_format_for(path, tokenizer)
+    except ValueError:  # a base model without a chat template: generate works, chat says why not
+        chat_format = None
+    return tokenizer, chat_format
 
 
 def _build(config: LlamaConfig, params: dict) -> Transformer:

@@ -1,0 +1,175 @@
+"""Generation: a jitted prefill, then decode chunks that run on the device in a `lax.while_loop`.
+
+Prompts are right-padded to a length bucket (powers of two) in a fixed-shape KV cache, each sequence
+with its own length, positions 0..n-1 and stop. Python only drives the loop between chunks, so it
+can stream while the device does the per-token work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Iterator, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+CHUNK = 32  # decode steps per device loop; Python sees tokens once per chunk
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+
+    def check(self, vocab_size: int) -> None:
+        if not isinstance(self.max_new_tokens, (int, np.integer)) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k is not None and not 1 <= self.top_k <= vocab_size:
+            raise ValueError(f"top_k must be in [1, {vocab_size}], got {self.top_k}")
+        bad = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"stop token id {bad[0]} outside the vocabulary [0, {vocab_size})")
+
+
+@dataclasses.dataclass
+class Completion:
+    """One generated sequence: `token_ids` (generated ids only), `text`, `finish_reason` ("stop"
+    when a stop token was produced, which is kept in token_ids but not in text; "length" at
+    max_new_tokens)."""
+
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    prompt_token_ids: list[int] = dataclasses.field(default_factory=list)
+
+
+def bucket(n: int, minimum: int = 16) -> int:
+    """The padded length for n tokens: the next power of two, at least `minimum`."""
+    return max(minimum, 1 << (int(n) - 1).bit_length())
+
+
+# --- Sampling, on the device ----------------------------------------------------------------------
+
+
+def sample(logits, key, temperature, top_p, *, greedy: bool, top_k: int | None):
+    """Draws one token per row of logits [B, V] (float32). temperature and top_p are traced scalars
+    (no recompile when they change); greedy and top_k shape the computation and are static."""
+    if greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]  # (B, 1): the k-th largest
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p is not None:
+        # Keep the smallest prefix of the sorted distribution whose mass reaches top_p (the first
+        # token always stays).
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]  # (B, V), descending
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        cutoff = jnp.min(jnp.where(mass_before < top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+# --- The jitted pieces ----------------------------------------------------------------------------
+
+
+class DecodeState(NamedTuple):
+    cache: object  # the model's KV cache
+    token: jax.Array  # [B] int32: the last token, fed to the next step
+    pos: jax.Array  # [B] int32: where `token` goes in the cache
+    n_generated: jax.Array  # [B] int32
+    done: jax.Array  # [B] bool
+    key: jax.Array
+
+
+@functools.partial(jax.jit, static_argnums=(0, 6), donate_argnums=(2,))
+def prefill(graphdef, state, cache, tokens, lengths, key, sampling_static, temperature, top_p, stop_ids,
+            max_new_tokens):
+    """Runs the padded prompts tokens [B, T] (valid lengths [B]) through the model, filling the
+    cache, and samples each sequence's first token. Returns a DecodeState."""
+    greedy, top_k = sampling_static
+    logits, cache = nnx.merge(graphdef, state)(tokens, cache=cache, lengths=lengths)
+    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # (B, V)
+    key, sub = jax.random.split(key)
+    token = sample(last, sub, temperature, top_p, greedy=greedy, top_k=top_k)
+    n = jnp.ones_like(lengths)
+    done = jnp.isin(token, stop_ids) | (n >= max_new_tokens)
+    return DecodeState(cache, token, lengths, n, done, key)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3), donate_argnums=(2,))
+def decode_chunk(graphdef, state, ds: DecodeState, sampling_static, temperature, top_p, stop_ids,
+                 max_new_tokens):
+    """Up to CHUNK decode steps on the device, stopping early once every sequence is done.
+    Returns (DecodeState, tokens [B, CHUNK] with -1 where nothing was produced)."""
+    greedy, top_k = sampling_static
+    model = nnx.merge(graphdef, state)
+    b = ds.token.shape[0]
+    out = jnp.full((b, CHUNK), -1, jnp.int32)
+
+    def cond(carry):
+        i, ds, _ = carry
+        return (i < CHUNK) & ~jnp.all(ds.done)
+
+    def body(carry):
+        i, ds, out = carry
+        logits, cache = model(ds.token[:, None], ds.pos[:, None], ds.cache)
+        key, sub = jax.random.split(ds.key)
+        token = sample(logits[:, 0], sub, temperature, top_p, greedy=greedy, top_k=top_k)
+        live = ~ds.done
+        token = jnp.where(live, token, ds.token)
+        n = ds.n_generated + live
+        done = ds.done | (live & (jnp.isin(token, stop_ids) | (n >= max_new_tokens)))
+        out = out.at[:, i].set(jnp.where(live, token, -1))
+        return i + 1, DecodeState(cache, token, ds.pos + live, n, done, key), out
+
+    _, ds, out = jax.lax.while_loop(cond, body, (0, ds, out))
+    return ds, out
+
+
+# --- The driver -----------------------------------------------------------------------------------
+
+
+def generate_ids(llama, prompts: Sequence[Sequence[int]], params: SamplingParams
+                 ) -> Iterator[list[list[int]]]:
+    """Yields, chunk by chunk, the new tokens of each prompt (lists, possibly empty per sequence);
+    the first chunk holds each sequence's first token. Stop tokens are included."""
+    cfg = llama.config
+    b = len(prompts)
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    t = min(bucket(lengths.max()), cfg.max_seq_len)
+    # The cache holds the padded prompt and every new token; bucketed too, so that compiles stay
+    # bounded by the number of (prompt bucket, cache bucket) pairs.
+    s = min(bucket(t + params.max_new_tokens), cfg.max_seq_len)
+    tokens = np.zeros((b, t), np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = p
+
+    static = (params.temperature == 0.0, params.top_k)
+    temperature = jnp.float32(params.temperature or 1.0)
+    top_p = jnp.float32(params.top_p if params.top_p is not None else 1.0)
+    stop_ids = jnp.asarray(params.stop_token_ids or (-1,), jnp.int32)
+    max_new = jnp.int32(params.max_new_tokens)
+    cache = llama.model_init_cache(b, s)
+    ds = prefill(llama._graphdef, llama._state, cache, jnp.asarray(tokens), jnp.asarray(lengths),
+                 jax.random.key(params.seed), static, temperature, top_p if params.top_p else None, stop_ids,
+                 max_new)
+    first = np.asarray(ds.token)
+    yield [[int(x)] for x in first]
+    while not bool(np.all(np.asarray(ds.done))):
+        ds, out = decode_chunk(llama._graphdef, llama._state, ds, static, temperature,
+                               top_p if params.top_p else None, stop_ids, max_new)
+        out = np.asarray(out)
+        yield [[int(x) for x in row if x >= 0] for row in out]
