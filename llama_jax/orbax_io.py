@@ -1,0 +1,194 @@
+"""Converted checkpoints: an Orbax checkpoint of the params pytree beside `llama_config.json`.
+
+Layout (docs/CHECKPOINT_FORMAT.md): `DIR/llama_config.json`, `DIR/params/` (Orbax, OCDBT), and the
+tokenizer files. Reading goes through Orbax's standard restore with an abstract tree of
+`jax.ShapeDtypeStruct(..., sharding=...)`, so on a mesh each device reads only its shard.
+
+Writing streams: Orbax's normal save wants every array in memory, which a 70B model (141 GB in bf16)
+does not fit on most hosts. `write_params` hands Orbax placeholder leaves (`_StreamedLeaf`) and a
+type handler that opens each array's TensorStore with Orbax's own spec, chunked one layer (or less)
+per chunk, then writes the tensors one at a time as the source yields them. Peak memory is one
+tensor plus TensorStore's write buffers; the result is an ordinary Orbax checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import tensorstore as ts
+from orbax.checkpoint import future as ocp_future
+# Orbax's own spec builders, so the arrays we write are laid out exactly as its ArrayHandler would.
+from orbax.checkpoint._src.serialization import ocdbt_utils
+from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
+
+from llama_jax.checkpoint import param_shapes, unflatten
+from llama_jax.config import LlamaConfig
+
+CONFIG_FILE = "llama_config.json"
+PARAMS_DIR = "params"
+# Chunk target: a layer slice is split further until a chunk is at most this big, so a sharded
+# restore reads little more than its shard, and no chunk straddles two layers (each layer's write
+# then fills whole chunks: no read-modify-write, no chunk held in memory across tensors).
+CHUNK_BYTES = 64 * 1024 * 1024
+
+
+def is_converted(path: str | os.PathLike) -> bool:
+    """Whether `path` is a converted checkpoint directory (llama_config.json and params/)."""
+    path = os.fspath(path)
+    return os.path.isfile(os.path.join(path, CONFIG_FILE)) and os.path.isdir(os.path.join(path, PARAMS_DIR))
+
+
+def read_config(path: str | os.PathLike) -> LlamaConfig:
+    """The LlamaConfig stored in a converted checkpoint's llama_config.json."""
+    where = os.path.join(os.fspath(path), CONFIG_FILE)
+    try:
+        with open(where) as f:
+            return LlamaConfig.from_dict(json.load(f))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{where}: missing (not a converted checkpoint)") from None
+    except (json.JSONDecodeError, TypeError, ValueError) as e:
+        raise ValueError(f"{where}: invalid ({e})") from None
+
+
+def write_config(path: str | os.PathLike, config: LlamaConfig) -> None:
+    with open(os.path.join(os.fspath(path), CONFIG_FILE), "w") as f:
+        json.dump(config.to_dict(), f, indent=2)
+        f.write("\n")
+
+
+def read_converted(path: str | os.PathLike, *, dtype=None, shardings=None) -> tuple[LlamaConfig, dict]:
+    """Reads a converted checkpoint: returns (config, params), params the nested dict of jax.Arrays
+    that `read_hf_params` describes (layers stacked on axis 0).
+
+    dtype: the parameter dtype to restore into ("float32"/"bfloat16"; None keeps the stored one);
+    the returned config's param_dtype and dtype say it. shardings: an optional pytree of
+    jax.sharding.Sharding with the structure of params; each array is restored straight onto its
+    sharding (each device reads only its part). Default: all on the first device.
+    """
+    path = os.path.abspath(os.fspath(path))
+    if not is_converted(path):
+        raise FileNotFoundError(f"{path}: not a converted checkpoint (no {CONFIG_FILE} and {PARAMS_DIR}/)")
+    config = read_config(path)
+    dtype = jnp.dtype(dtype or config.param_dtype or "float32")
+    shapes = param_shapes(config)
+    if shardings is None:
+        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        flat_shardings = {p: one for p in shapes}
+    else:
+        flat_shardings = _flatten(shardings)
+        if set(flat_shardings) != set(shapes):
+            raise ValueError(f"shardings: structure differs from the params "
+                             f"({sorted(set(flat_shardings) ^ set(shapes))[:3]} ...)")
+    abstract = unflatten({p: jax.ShapeDtypeStruct(s, dtype, sharding=flat_shardings[p]) for p, s in shapes.items()})
+    with ocp.StandardCheckpointer() as ckptr:
+        params = ckptr.restore(os.path.join(path, PARAMS_DIR), abstract)
+    config = dataclasses.replace(config, param_dtype=dtype.name, dtype=dtype.name)
+    return config, params
+
+
+def _flatten(tree: dict, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], object]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, prefix + (k,)))
+        else:
+            out[prefix + (k,)] = v
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming writer
+
+
+@dataclasses.dataclass
+class _StreamedLeaf:
+    """Stands in for one array in the tree handed to Orbax; its data comes from `stream`."""
+
+    path: tuple[str, ...]
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    stream: "_Stream"
+
+    @property
+    def stacked(self) -> bool:
+        return self.path[0] == "layers"
+
+
+@dataclasses.dataclass
+class _Stream:
+    tensors: Iterable[tuple[tuple[str, ...], int | None, np.ndarray]]
+    on_tensor: Callable[[np.ndarray], None] | None
+
+
+async def write_tensor(store, layer: int | None, a: np.ndarray) -> None:
+    """Writes one tensor (a layer slice of a stacked array, or a whole array) and waits for it.
+    Module-level so tests can make it fail mid-way."""
+    await (store if layer is None else store[layer]).write(a)
+
+
+class _StreamingHandler(ocp.type_handlers.NumpyHandler):
+    """Saves `_StreamedLeaf`s as Orbax's NumpyHandler would save the arrays they stand for (same
+    TensorStore spec, same 'np.ndarray' type string), writing tensors in the order the source yields
+    them instead of whole arrays, so only one tensor is in memory at a time."""
+
+    async def serialize(self, values, infos, args=None):
+        streams = {id(v.stream) for v in values}
+        if len(streams) != 1:
+            raise ValueError("all streamed leaves of one save must share one stream")
+        return [ocp_future.CommitFutureAwaitingContractedSignals(self._write_all(values, infos),
+                                                                 name="llama_jax_streaming_write")]
+
+    async def _write_all(self, values, infos):
+        stores = {}
+        for value, info in zip(values, infos):
+            await info.await_path_creation()
+            # One layer per chunk at most (then smaller, down to CHUNK_BYTES): Orbax picks chunks
+            # that divide the "local shape" it is told is written at once.
+            local = (1, *value.shape[1:]) if value.stacked else value.shape
+            spec = ts_utils.build_array_write_spec(
+                info=info, arg=ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES), global_shape=value.shape,
+                local_shape=local, dtype=value.dtype, use_ocdbt=info.is_ocdbt_checkpoint,
+                process_index=ocdbt_utils.get_process_index_for_subdir(use_ocdbt=info.is_ocdbt_checkpoint),
+                metadata_key=self._metadata_key)
+            stores[value.path] = (await ts.open(ts.Spec(spec.json), create=True, open=True,
+                                                context=info.ts_context), value)
+        stream = values[0].stream
+        written = {p: set() for p in stores}
+        for path, layer, a in stream.tensors:
+            store, value = stores[path]
+            a = np.ascontiguousarray(a, dtype=value.dtype)
+            await write_tensor(store, layer, a)
+            written[path].add(layer)
+            if stream.on_tensor is not None:
+                stream.on_tensor(a)
+            del a
+        for path, (_, value) in stores.items():  # every layer of every array, exactly once
+            want = set(range(value.shape[0])) if value.stacked else {None}
+            if written[path] != want:
+                raise ValueError(f"stream wrote {'/'.join(path)} layers {sorted(written[path], key=str)}, "
+                                 f"expected {sorted(want, key=str)}")
+
+
+def write_params(directory: str | os.PathLike, config: LlamaConfig, dtype,
+                 tensors: Iterable[tuple[tuple[str, ...], int | None, np.ndarray]], *,
+                 on_tensor: Callable[[np.ndarray], None] | None = None) -> None:
+    """Writes the params of `config` as an Orbax checkpoint at `directory` (must not exist),
+    streaming: `tensors` yields (our path, layer index or None, array in our layout) one at a time,
+    each cast to `dtype` and written before the next is read. on_tensor(a) is called after each."""
+    directory = os.path.abspath(os.fspath(directory))
+    dtype = np.dtype(jnp.dtype(dtype))
+    stream = _Stream(tensors, on_tensor)
+    tree = unflatten({p: _StreamedLeaf(p, tuple(s), dtype, stream) for p, s in param_shapes(config).items()})
+    # jax.Array registered too, only because Orbax warns when a registry lacks it.
+    registry = ocp.type_handlers.create_type_handler_registry(
+        (_StreamedLeaf, _StreamingHandler()), (jax.Array, ocp.type_handlers.ArrayHandler()))
+    handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_compression=False)
+    with ocp.Checkpointer(handler) as ckptr:
+        ckptr.save(directory, args=ocp.args.PyTreeSave(item=tree))
