@@ -130,7 +130,8 @@ class _Stream:
 async def write_tensor(store, layer: int | None, a: np.ndarray) -> None:
     """Writes one tensor (a layer slice of a stacked array, or a whole array) and waits for it.
     Module-level so tests can make it fail mid-way."""
-    await (store if layer is None else store[layer]).write(a)
+    # We never touch `a` again, so TensorStore may encode straight from it instead of copying it.
+    await (store if layer is None else store[layer]).write(a, can_reference_source_data_indefinitely=True)
 
 
 class _StreamingHandler(ocp.type_handlers.NumpyHandler):
