@@ -38,3 +38,13 @@ def pad_axis(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
     widths = [(0, 0)] * x.ndim
     widths[axis] = (0, size - x.shape[axis])
     return jnp.pad(x, widths, constant_values=value)
+
+
+# The Triton dot (with trans_a/trans_b and f32 accumulation) moved from `pl` to the triton
+# module; take it from wherever this jax has it.
+def _find_dot():
+    from jax.experimental import pallas as pl
+    return getattr(plt, "dot", None) or pl.dot
+
+
+dot = _find_dot()

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels._common import (MASK_VALUE, next_pow2, pad_axis, resolve_interpret,
+from pallas_kernels._common import (MASK_VALUE, dot, next_pow2, pad_axis, resolve_interpret,
                                     round_up, triton_params)
 
 LOG2E = math.log2(math.e)
@@ -40,7 +40,7 @@ def _decode_kernel(length_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, sm_scale,
     def body(j, carry, masked):
         acc, m, l = carry
         ks = pl.ds(j * block_k, block_k)
-        s = pl.dot(q, k_ref[ks, :], trans_b=True) * scale  # (G, block_k) f32
+        s = dot(q, k_ref[ks, :], trans_b=True) * scale  # (G, block_k) f32
         if masked:
             valid = (j * block_k + jnp.arange(block_k) < length)[None, :]
             s = jnp.where(valid, s, MASK_VALUE)
@@ -50,7 +50,7 @@ def _decode_kernel(length_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, sm_scale,
             p = jnp.where(valid, p, 0.0)
         alpha = jnp.exp2(m - m_new)
         v = v_ref[ks, :]
-        acc = acc * alpha[:, None] + pl.dot(p.astype(v.dtype), v)
+        acc = acc * alpha[:, None] + dot(p.astype(v.dtype), v)
         return acc, m_new, l * alpha + jnp.sum(p, axis=1)
 
     g, e = q.shape
@@ -150,6 +150,7 @@ def decode_attention(q, k_cache, v_cache, *, lengths, sm_scale=None, block_sizes
     return o[:, :, :G, :E].reshape(B, H, E).astype(q.dtype)
 
 
+@functools.partial(jax.jit, static_argnames=("sm_scale",))
 def decode_attention_reference(q, k_cache, v_cache, *, lengths, sm_scale=None):
     """Plain-jnp decode attention; same contract as `decode_attention`.
 

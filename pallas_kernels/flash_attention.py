@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels._common import (MASK_VALUE, next_pow2, pad_axis, resolve_interpret,
+from pallas_kernels._common import (MASK_VALUE, dot, next_pow2, pad_axis, resolve_interpret,
                                     round_up, triton_params)
 
 LOG2E = math.log2(math.e)
@@ -75,7 +75,7 @@ def _fwd_kernel(q_off_ref, kv_len_ref, q_ref, k_ref, v_ref, *refs, sm_scale, cau
     def body(j, carry, masked):
         acc, m, l = carry
         ks = pl.ds(j * block_k, block_k)
-        s = pl.dot(q, k_ref[ks, :], trans_b=True) * scale  # (block_q, block_k) f32
+        s = dot(q, k_ref[ks, :], trans_b=True) * scale  # (block_q, block_k) f32
         if masked:
             kv_seg = None if kv_seg_ref is None else kv_seg_ref[ks]
             mask = _mask(q_pos, j * block_k + jnp.arange(block_k), kv_len, causal, q_seg, kv_seg)
@@ -86,7 +86,7 @@ def _fwd_kernel(q_off_ref, kv_len_ref, q_ref, k_ref, v_ref, *refs, sm_scale, cau
             p = jnp.where(mask, p, 0.0)
         alpha = jnp.exp2(m - m_new)
         v = v_ref[ks, :]
-        acc = acc * alpha[:, None] + pl.dot(p.astype(v.dtype), v)
+        acc = acc * alpha[:, None] + dot(p.astype(v.dtype), v)
         return acc, m_new, l * alpha + jnp.sum(p, axis=1)
 
     n_full, n_blocks = _q_block_key_range(i, q_off, kv_len, block_q, block_k, causal, segmented)
@@ -118,14 +118,14 @@ def _dq_kernel(q_off_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delt
     def body(j, dq, masked):
         ks = pl.ds(j * block_k, block_k)
         k, v = k_ref[ks, :], v_ref[ks, :]
-        p = jnp.exp2(pl.dot(q, k, trans_b=True) * scale - lse[:, None])  # (block_q, block_k)
+        p = jnp.exp2(dot(q, k, trans_b=True) * scale - lse[:, None])  # (block_q, block_k)
         if masked:
             kv_seg = None if kv_seg_ref is None else kv_seg_ref[ks]
             p = jnp.where(
                 _mask(q_pos, j * block_k + jnp.arange(block_k), kv_len, causal, q_seg, kv_seg),
                 p, 0.0)
-        ds = p * (pl.dot(do, v, trans_b=True) - delta[:, None])
-        return dq + pl.dot(ds.astype(k.dtype), k)
+        ds = p * (dot(do, v, trans_b=True) - delta[:, None])
+        return dq + dot(ds.astype(k.dtype), k)
 
     n_full, n_blocks = _q_block_key_range(i, q_off, kv_len, block_q, block_k, causal, segmented)
     dq = jnp.zeros(q.shape, jnp.float32)
@@ -166,14 +166,14 @@ def _dkv_kernel(q_off_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, del
         qs = pl.ds(qb * block_q, block_q)
         q, do = q_ref[qs, g, :], do_ref[qs, g, :]  # (block_q, E)
         lse, delta = lse_ref[g, qs], delta_ref[g, qs]
-        p = jnp.exp2(pl.dot(q, k, trans_b=True) * scale - lse[:, None])  # (block_q, block_k)
+        p = jnp.exp2(dot(q, k, trans_b=True) * scale - lse[:, None])  # (block_q, block_k)
         if masked:
             q_pos = q_off + qb * block_q + jnp.arange(block_q)
             q_seg = None if q_seg_ref is None else q_seg_ref[qs]
             p = jnp.where(_mask(q_pos, k_pos, kv_len, causal, q_seg, kv_seg), p, 0.0)
-        dv = dv + pl.dot(p.astype(do.dtype), do, trans_a=True)
-        ds = p * (pl.dot(do, v, trans_b=True) - delta[:, None])
-        return dk + pl.dot(ds.astype(q.dtype), q, trans_a=True), dv
+        dv = dv + dot(p.astype(do.dtype), do, trans_a=True)
+        ds = p * (dot(do, v, trans_b=True) - delta[:, None])
+        return dk + dot(ds.astype(q.dtype), q, trans_a=True), dv
 
     def head(g, carry):
         carry = lax.fori_loop(first, first_full, functools.partial(body, g=g, masked=True), carry)
@@ -388,6 +388,7 @@ def flash_attention(q, k, v, *, causal=True, q_offset=None, kv_lengths=None, q_s
     return o[:, :T, :, :E]
 
 
+@functools.partial(jax.jit, static_argnames=("causal", "sm_scale"))
 def flash_attention_reference(q, k, v, *, causal=True, q_offset=None, kv_lengths=None,
                               q_segment_ids=None, kv_segment_ids=None, sm_scale=None):
     """Plain-jnp attention with the same contract as `flash_attention` (the XLA fallback).

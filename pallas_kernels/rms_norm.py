@@ -202,6 +202,7 @@ def rms_norm(x, weight, residual=None, *, eps=1e-5, block_sizes=None, interpret=
     return y.reshape(x.shape), h.reshape(x.shape)
 
 
+@functools.partial(jax.jit, static_argnames=("eps",))
 def rms_norm_reference(x, weight, residual=None, *, eps=1e-5):
     """Plain-jnp RMSNorm with Hugging Face numerics; same contract as `rms_norm`."""
     h = x if residual is None else (x.astype(jnp.float32) + residual.astype(jnp.float32)).astype(x.dtype)
