@@ -205,7 +205,9 @@ def rms_norm(x, weight, residual=None, *, eps=1e-5, block_sizes=None, interpret=
 @functools.partial(jax.jit, static_argnames=("eps",))
 def rms_norm_reference(x, weight, residual=None, *, eps=1e-5):
     """Plain-jnp RMSNorm with Hugging Face numerics; same contract as `rms_norm`."""
-    h = x if residual is None else (x.astype(jnp.float32) + residual.astype(jnp.float32)).astype(x.dtype)
+    h = x
+    if residual is not None:  # add in f32, keep the stream in x.dtype
+        h = (x.astype(jnp.float32) + residual.astype(jnp.float32)).astype(x.dtype)
     h32 = h.astype(jnp.float32)
     normed = h32 * lax.rsqrt(jnp.mean(h32 * h32, axis=-1, keepdims=True) + eps)
     y = (normed.astype(x.dtype) * weight).astype(x.dtype)
