@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -9,8 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from llama_jax import generate as gen
+from llama_jax import sharding
 from llama_jax.checkpoint import read_hf_params
 from llama_jax.config import LlamaConfig
 from llama_jax.model import Transformer, default_dtype
@@ -19,20 +22,36 @@ from llama_jax.model import Transformer, default_dtype
 @functools.partial(jax.jit, static_argnums=0)
 def _logits(graphdef, state, tokens):
     logits, _ = nnx.merge(graphdef, state)(tokens)
-    return logits
+    return sharding.replicated(logits)
 
 
 class Llama:
-    """A loaded model: `config`, `tokenizer`, `logits`, `generate`, `chat`, `stream`."""
+    """A loaded model: `config`, `tokenizer`, `mesh`, `logits`, `generate`, `chat`, `stream`."""
 
-    def __init__(self, model: Transformer, *, tokenizer=None, chat_format=None, unstack_layers: bool = True):
+    def __init__(self, model: Transformer, *, tokenizer=None, chat_format=None, mesh=None,
+                 unstack_layers: bool = True):
         if unstack_layers:
             model.unstack_layers()
+        sharding.place(model, mesh)
         self.config: LlamaConfig = model.config
         self.tokenizer = tokenizer
+        self.mesh = mesh
         self._chat_format = chat_format
         # Split once: the jitted hot paths take this pure state, so nothing re-traces per call.
         self._graphdef, self._state = nnx.split(model)
+
+    def _on_mesh(self):
+        """The context the jitted calls run in: the model's mesh, or nothing."""
+        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+
+    def _batch_sharding(self, ndim: int):
+        if self.mesh is None:
+            return None
+        return NamedSharding(self.mesh, P("data", *(None,) * (ndim - 1)))
+
+    def _check_batch(self, b: int):
+        if self.mesh is not None and b % self.mesh.shape["data"]:
+            raise ValueError(f"batch of {b} is not divisible by the mesh's data axis (dp={self.mesh.shape['data']})")
 
     @property
     def model(self) -> Transformer:
@@ -53,8 +72,11 @@ class Llama:
             raise ValueError(f"{what}: length {ids.shape[1]} exceeds the context ({self.config.max_seq_len})")
         return ids.astype(np.int32)
 
-    def model_init_cache(self, batch: int, max_len: int):
-        return self.model.init_cache(batch, max_len)
+    def init_cache(self, batch: int, max_len: int):
+        """A zero KV cache for `batch` sequences of up to `max_len` tokens, on the mesh when sharded
+        (batch over 'data', KV heads over 'model')."""
+        device = None if self.mesh is None else NamedSharding(self.mesh, sharding.CACHE_SPEC)
+        return self.model.init_cache(batch, max_len, device=device)
 
     @property
     def eos_ids(self) -> tuple[int, ...]:
@@ -87,6 +109,7 @@ class Llama:
         if not len(prompts):
             raise ValueError("prompts: empty list")
         ids = [self._prompt_ids(p) for p in prompts]
+        self._check_batch(len(ids))
         for i, p in enumerate(ids):
             if not p:
                 raise ValueError(f"prompts[{i}]: empty prompt")
@@ -157,14 +180,21 @@ class Llama:
         """Full-sequence logits: token_ids, a batch of equal-length lists of ids [B, T] ->
         float32 numpy array [B, T, V]."""
         ids = self._check_ids(token_ids)
-        return np.asarray(_logits(self._graphdef, self._state, jnp.asarray(ids)))
+        self._check_batch(len(ids))
+        with self._on_mesh():
+            tokens = jax.device_put(ids, self._batch_sharding(2))
+            return np.asarray(_logits(self._graphdef, self._state, tokens))
 
 
-def load(path: str | os.PathLike, *, dtype=None, attention_impl: str = "auto", norm_impl: str = "auto",
-         unstack_layers: bool = True) -> Llama:
+def load(path: str | os.PathLike, *, dtype=None, mesh=None, attention_impl: str = "auto",
+         norm_impl: str = "auto", unstack_layers: bool = True) -> Llama:
     """Loads a Hugging Face model directory (config.json with model.safetensors, or shards with
-    model.safetensors.index.json). dtype: parameter and compute dtype ("float32" or "bfloat16");
-    None picks float32 on CPU and bfloat16 on GPU."""
+    model.safetensors.index.json).
+
+    dtype: parameter and compute dtype ("float32" or "bfloat16"); None picks float32 on CPU and
+    bfloat16 on GPU. mesh: a ('data', 'model') mesh from `make_mesh`; each parameter goes straight
+    onto its sharding. attention_impl ("auto", "xla", "pallas", "cudnn") and norm_impl ("auto",
+    "xla", "pallas") choose the kernels; "auto" is pallas on GPU and xla on CPU."""
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: no such model directory")
@@ -173,9 +203,11 @@ def load(path: str | os.PathLike, *, dtype=None, attention_impl: str = "auto", n
     dtype = jnp.dtype(dtype or default_dtype()).name
     config = LlamaConfig.from_hf(path, param_dtype=dtype, dtype=dtype,
                                  attention_impl=attention_impl, norm_impl=norm_impl)
+    r = 1 if mesh is None else sharding.kv_replication(config, mesh.shape["model"])
     params = read_hf_params(path, config, np.dtype(jnp.dtype(dtype)))
+    config, params = sharding.replicate_kv_heads(config, params, r)
     tokenizer, chat_format = _load_tokenizer(path)
-    return Llama(_build(config, params), tokenizer=tokenizer, chat_format=chat_format,
+    return Llama(_build(config, params), tokenizer=tokenizer, chat_format=chat_format, mesh=mesh,
                  unstack_layers=unstack_layers)
 
 
@@ -198,13 +230,14 @@ def _build(config: LlamaConfig, params: dict) -> Transformer:
     """A Transformer whose parameters are `params` (a nested dict of arrays), with no random init."""
     model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(model)
-    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
+    # Host arrays stay on the host here: `Llama` places each one on its device(s).
+    nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)
 
 
-def from_config(config: LlamaConfig, *, seed: int = 0, unstack_layers: bool = True) -> Llama:
+def from_config(config: LlamaConfig, *, seed: int = 0, mesh=None, unstack_layers: bool = True) -> Llama:
     """A randomly initialized model (for tests and benchmarks)."""
-    return Llama(Transformer(config, rngs=nnx.Rngs(seed)), unstack_layers=unstack_layers)
+    return Llama(Transformer(config, rngs=nnx.Rngs(seed)), mesh=mesh, unstack_layers=unstack_layers)
 
 
 __all__ = ["Llama", "load", "from_config"]

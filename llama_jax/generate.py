@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from llama_jax.sharding import replicated
+
 CHUNK = 32  # decode steps per device loop; Python sees tokens once per chunk
 
 
@@ -106,7 +108,8 @@ def prefill(graphdef, state, cache, tokens, lengths, key, sampling_static, tempe
     token = sample(last, sub, temperature, top_p, greedy=greedy, top_k=top_k)
     n = jnp.ones_like(lengths)
     done = jnp.isin(token, stop_ids) | (n >= max_new_tokens)
-    return DecodeState(cache, token, lengths, n, done, key)
+    # Replicated, so that every process of a multi-host mesh can read what Python needs.
+    return DecodeState(cache, replicated(token), lengths, n, replicated(done), key)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3), donate_argnums=(2,))
@@ -136,7 +139,7 @@ def decode_chunk(graphdef, state, ds: DecodeState, sampling_static, temperature,
         return i + 1, DecodeState(cache, token, ds.pos + live, n, done, key), out
 
     _, ds, out = jax.lax.while_loop(cond, body, (0, ds, out))
-    return ds, out
+    return ds._replace(done=replicated(ds.done)), replicated(out)
 
 
 # --- The driver -----------------------------------------------------------------------------------
@@ -159,17 +162,19 @@ def generate_ids(llama, prompts: Sequence[Sequence[int]], params: SamplingParams
 
     static = (params.temperature == 0.0, params.top_k)
     temperature = jnp.float32(params.temperature or 1.0)
-    top_p = jnp.float32(params.top_p if params.top_p is not None else 1.0)
+    top_p = None if params.top_p is None else jnp.float32(params.top_p)
     stop_ids = jnp.asarray(params.stop_token_ids or (-1,), jnp.int32)
     max_new = jnp.int32(params.max_new_tokens)
-    cache = llama.model_init_cache(b, s)
-    ds = prefill(llama._graphdef, llama._state, cache, jnp.asarray(tokens), jnp.asarray(lengths),
-                 jax.random.key(params.seed), static, temperature, top_p if params.top_p else None, stop_ids,
-                 max_new)
-    first = np.asarray(ds.token)
+    with llama._on_mesh():
+        cache = llama.init_cache(b, s)
+        tokens = jax.device_put(tokens, llama._batch_sharding(2))
+        lengths = jax.device_put(lengths, llama._batch_sharding(1))
+        ds = prefill(llama._graphdef, llama._state, cache, tokens, lengths, jax.random.key(params.seed), static,
+                     temperature, top_p, stop_ids, max_new)
+        first = np.asarray(ds.token)
     yield [[int(x)] for x in first]
     while not bool(np.all(np.asarray(ds.done))):
-        ds, out = decode_chunk(llama._graphdef, llama._state, ds, static, temperature,
-                               top_p if params.top_p else None, stop_ids, max_new)
-        out = np.asarray(out)
+        with llama._on_mesh():
+            ds, out = decode_chunk(llama._graphdef, llama._state, ds, static, temperature, top_p, stop_ids, max_new)
+            out = np.asarray(out)
         yield [[int(x) for x in row if x >= 0] for row in out]

@@ -227,16 +227,26 @@ class Transformer(nnx.Module):
         if isinstance(self.layers, nnx.List):
             return
         graphdef, state = nnx.split(self.layers)
-        n = self.config.n_layers
-        self.layers = nnx.List([nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state)) for i in range(n)])
 
-    def init_cache(self, batch: int, max_len: int, dtype=None) -> list[KVCache] | KVCache:
+        def layer(i):
+            def take(v):  # slice i, and drop the 'layers' logical axis from its metadata
+                v = v.replace(value=v[...][i])
+                v.set_metadata("out_sharding", v.get_metadata()["out_sharding"][1:])
+                return v
+            return nnx.merge(graphdef, jax.tree.map(take, state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
+        self.layers = nnx.List([layer(i) for i in range(self.config.n_layers)])
+
+    def init_cache(self, batch: int, max_len: int, dtype=None, device=None) -> list[KVCache] | KVCache:
         """An all-zero KV cache matching the layer layout: a list of per-layer [B, S, K, E] caches, or
-        one stacked [L, B, S, K, E] cache for scanned layers."""
+        one stacked [L, B, S, K, E] cache for scanned layers. device: a device or sharding."""
         c = self.config
         shape = (batch, max_len, c.n_kv_heads, c.head_dim)
         dtype = dtype or self.dtype
         if isinstance(self.layers, nnx.List):
-            return [KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(c.n_layers)]
+            return [KVCache(jnp.zeros(shape, dtype, device=device), jnp.zeros(shape, dtype, device=device))
+                    for _ in range(c.n_layers)]
         shape = (c.n_layers, *shape)
-        return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+        if device is not None:  # the layer axis comes first
+            device = jax.sharding.NamedSharding(device.mesh, jax.sharding.PartitionSpec(None, *device.spec))
+        return KVCache(jnp.zeros(shape, dtype, device=device), jnp.zeros(shape, dtype, device=device))

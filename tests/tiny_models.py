@@ -24,10 +24,15 @@ TINY = {
 SEQ = 48  # past original_max_position_embeddings (16 and 8) where scaling is on
 
 
+# For sharding: 8 KV heads and every split dimension divisible by 8.
+KV8 = dict(hidden_size=64, num_attention_heads=16, num_key_value_heads=8, head_dim=8, intermediate_size=128,
+           tie_word_embeddings=False, vocab_size=256)
+
+
 def make_hf_model(tmp_path, name, **save_kwargs):
     kw = dict(vocab_size=211, num_hidden_layers=3, max_position_embeddings=128, rope_theta=10000.0,
               rms_norm_eps=1e-5, initializer_range=0.25, bos_token_id=1, eos_token_id=2)
-    kw.update(TINY[name])
+    kw.update(KV8 if name == "kv8" else TINY[name])
     torch.manual_seed(sum(map(ord, name)))
     model = LlamaForCausalLM(HFConfig(**kw)).eval()
     with torch.no_grad():  # norms away from 1, so a misplaced norm weight cannot hide

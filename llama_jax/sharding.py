@@ -1,0 +1,121 @@
+"""Sharding over a ('data', 'model') mesh, declared once.
+
+Every parameter carries logical axis names (llama_jax.model); this table maps them onto the mesh,
+Megatron style: wq, wk, wv, w1, w3 split by output features over 'model', wo and w2 by input
+features, the embedding and output head by vocabulary, norms replicated. The KV cache is split by
+batch over 'data' and by KV heads over 'model'. The model itself knows nothing of this.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from llama_jax.config import LlamaConfig
+
+AXIS_RULES: dict[str, str | None] = {
+    "batch": "data",
+    "vocab": "model",
+    "q_heads": "model",
+    "kv_heads": "model",
+    "ffn": "model",
+    "embed": None,
+    "norm": None,
+    "layers": None,
+}
+CACHE_SPEC = P("data", None, "model", None)  # [B, S, K, E]
+
+
+def make_mesh(dp: int = 1, tp: int | None = None) -> Mesh:
+    """A ('data', 'model') mesh of dp x tp devices (tp defaults to all devices left over)."""
+    n = jax.device_count()
+    if dp < 1 or n % dp and tp is None:
+        raise ValueError(f"dp={dp} does not divide the {n} devices")
+    tp = n // dp if tp is None else tp
+    if tp < 1 or dp * tp > n:
+        raise ValueError(f"mesh dp={dp} x tp={tp} = {dp * tp} devices is bigger than the {n} devices available")
+    # Auto axes: shardings propagate through jit as in GSPMD, and shard_map accepts any input.
+    return jax.make_mesh((dp, tp), ("data", "model"), axis_types=(AxisType.Auto, AxisType.Auto),
+                         devices=jax.devices()[: dp * tp])
+
+
+def logical_to_mesh(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh) -> P:
+    """The mesh PartitionSpec for logical axes; an axis the mesh axis does not divide is replicated
+    (e.g. a 49152 vocabulary over tp=9)."""
+    out, used = [], set()
+    for name, size in zip(axes, shape):
+        target = AXIS_RULES.get(name) if name is not None else None
+        if name is not None and name not in AXIS_RULES:
+            raise ValueError(f"no sharding rule for logical axis {name!r}")
+        if target is not None and target in used:
+            raise ValueError(f"logical axes {axes} put two axes on mesh axis {target!r}")
+        if target is not None and size % mesh.shape[target] == 0:
+            used.add(target)
+            out.append(target)
+        else:
+            out.append(None)
+    return P(*out)
+
+
+def kv_replication(config: LlamaConfig, tp: int) -> int:
+    """How many times each KV head is repeated so that tp devices each hold whole heads: 1 when tp
+    divides n_kv_heads, tp // n_kv_heads when n_kv_heads divides tp. Anything else is refused,
+    naming the tp values that work."""
+    h, k = config.n_heads, config.n_kv_heads
+    if h % tp == 0 and k % tp == 0:
+        return 1
+    if h % tp == 0 and tp % k == 0:
+        return tp // k
+    good = [t for t in range(1, h + 1) if h % t == 0 and (k % t == 0 or t % k == 0)]
+    raise ValueError(f"tp={tp} fits neither the {h} query heads and {k} KV heads nor KV-head replication; "
+                     f"tp values that work: {good}")
+
+
+def replicate_kv_heads(config: LlamaConfig, params: dict, r: int) -> tuple[LlamaConfig, dict]:
+    """Repeats each KV head r times in wk and wv ([L, D, K*E] -> [L, D, K*r*E]). Query head h used KV
+    head h // G; with K*r heads and groups G/r it uses (h // (G/r)), the same head's copy."""
+    if r == 1:
+        return config, params
+    e = config.head_dim
+
+    def rep(w):  # (L, D, K*E) -> (L, D, K, r, E) -> (L, D, K*r*E)
+        w = np.asarray(w)
+        l, d, _ = w.shape
+        w = w.reshape(l, d, config.n_kv_heads, 1, e)
+        return np.broadcast_to(w, (l, d, config.n_kv_heads, r, e)).reshape(l, d, -1)
+
+    attn = dict(params["layers"]["attention"], wk=rep(params["layers"]["attention"]["wk"]),
+                wv=rep(params["layers"]["attention"]["wv"]))
+    params = dict(params, layers=dict(params["layers"], attention=attn))
+    return dataclasses.replace(config, n_kv_heads=config.n_kv_heads * r), params
+
+
+def place(model: nnx.Module, mesh: Mesh | None) -> None:
+    """Puts every variable of the model on its sharding (or on the default device without a mesh),
+    in place. Host (numpy) values are sliced per device, so no device holds a full copy of a split
+    weight; this works across processes too."""
+    for _, var in nnx.iter_graph(model):
+        if not isinstance(var, nnx.Variable):
+            continue
+        value = var[...]
+        if mesh is None:
+            var.set_value(jax.device_put(value))
+            continue
+        axes = var.get_metadata().get("out_sharding") or (None,) * np.ndim(value)
+        sharding = NamedSharding(mesh, logical_to_mesh(tuple(axes), np.shape(value), mesh))
+        if isinstance(value, jax.Array):
+            var.set_value(jax.device_put(value, sharding))
+        else:
+            host = np.asarray(value)
+            var.set_value(jax.make_array_from_callback(host.shape, sharding, lambda idx, h=host: h[idx]))
+
+
+def replicated(x):
+    """Constrains x to be replicated when a mesh is active, so every process can read it."""
+    if jax.sharding.get_abstract_mesh().empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, P())
