@@ -14,8 +14,10 @@ tensor plus TensorStore's write buffers; the result is an ordinary Orbax checkpo
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
+import shutil
 from typing import Callable, Iterable
 
 import jax
@@ -125,6 +127,7 @@ class _StreamedLeaf:
 class _Stream:
     tensors: Iterable[tuple[tuple[str, ...], int | None, np.ndarray]]
     on_tensor: Callable[[np.ndarray], None] | None
+    error: BaseException | None = None
 
 
 async def write_tensor(store, layer: int | None, a: np.ndarray) -> None:
@@ -147,6 +150,14 @@ class _StreamingHandler(ocp.type_handlers.NumpyHandler):
                                                                  name="llama_jax_streaming_write")]
 
     async def _write_all(self, values, infos):
+        # Orbax runs this in its own thread and logs any exception with a traceback before
+        # re-raising it; we hand the error to write_params instead, which raises it to the caller.
+        try:
+            await self._stream_all(values, infos)
+        except Exception as e:  # noqa: BLE001
+            values[0].stream.error = e
+
+    async def _stream_all(self, values, infos):
         stores = {}
         for value, info in zip(values, infos):
             await info.await_path_creation()
@@ -185,11 +196,23 @@ def write_params(directory: str | os.PathLike, config: LlamaConfig, dtype,
     each cast to `dtype` and written before the next is read. on_tensor(a) is called after each."""
     directory = os.path.abspath(os.fspath(directory))
     dtype = np.dtype(jnp.dtype(dtype))
-    stream = _Stream(tensors, on_tensor)
+    # Take the first tensor here, so a source that validates before yielding (names, shapes) fails
+    # in the caller's thread, before Orbax starts.
+    tensors = iter(tensors)
+    first = next(tensors, None)
+    stream = _Stream(itertools.chain([first] if first is not None else [], tensors), on_tensor)
     tree = unflatten({p: _StreamedLeaf(p, tuple(s), dtype, stream) for p, s in param_shapes(config).items()})
     # jax.Array registered too, only because Orbax warns when a registry lacks it.
     registry = ocp.type_handlers.create_type_handler_registry(
         (_StreamedLeaf, _StreamingHandler()), (jax.Array, ocp.type_handlers.ArrayHandler()))
     handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_compression=False)
-    with ocp.Checkpointer(handler) as ckptr:
-        ckptr.save(directory, args=ocp.args.PyTreeSave(item=tree))
+    try:
+        with ocp.Checkpointer(handler) as ckptr:
+            ckptr.save(directory, args=ocp.args.PyTreeSave(item=tree))
+    except Exception:
+        if stream.error is None:
+            raise  # Orbax's own failure
+        # else Orbax noticed the arrays we never finished ("params are missing"); ours is the cause
+    if stream.error is not None:
+        shutil.rmtree(directory, ignore_errors=True)  # Orbax finalized it, but it is incomplete
+        raise stream.error
