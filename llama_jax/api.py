@@ -12,8 +12,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from llama_jax import attention, sharding
 from llama_jax import generate as gen
-from llama_jax import sharding
 from llama_jax.checkpoint import read_hf_params
 from llama_jax.config import LlamaConfig
 from llama_jax.model import Transformer, default_dtype
@@ -30,6 +30,7 @@ class Llama:
 
     def __init__(self, model: Transformer, *, tokenizer=None, chat_format=None, mesh=None,
                  unstack_layers: bool = True):
+        attention.resolve(model.config.attention_impl)  # fails now, not at the first call
         if unstack_layers:
             model.unstack_layers()
         sharding.place(model, mesh)
