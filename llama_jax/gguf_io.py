@@ -171,12 +171,12 @@ class GGUFCheckpoint:
         for t in sorted((t for t in self.reader.tensors if t.name in expected), key=lambda t: t.data_offset):
             path, layer, fn, shape = expected[t.name]
             a = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape).astype(np.float32, copy=False)
-            drop_mapped_pages(t.data)
             if fn == "q":
                 a = _reverse_permute(a, c.n_heads)
             elif fn == "k":
                 a = _reverse_permute(a, c.n_kv_heads)
             yield path, layer, (a.T if fn else a)
+            drop_mapped_pages(t.data)  # written by now (an f32 tensor may be a view of the map)
 
     def tokenizer_files(self) -> dict[str, str]:
         """File name -> text: tokenizer.json, tokenizer_config.json, generation_config.json and

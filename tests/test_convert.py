@@ -24,7 +24,7 @@ from llama_jax import cli, orbax_io
 from llama_jax.api import Llama, _build
 from llama_jax.checkpoint import read_hf_params
 from llama_jax.config import LlamaConfig
-from llama_jax.gguf_io import GGUFCheckpoint, _reverse_permute
+from llama_jax.gguf_io import _reverse_permute
 
 ROOT = Path(__file__).resolve().parents[1]
 SEQ = 40
@@ -102,14 +102,14 @@ def test_sharded_restore_reads_onto_the_mesh(tiny_hf, tmp_path):
     mesh = jax.make_mesh((2, 4), ("data", "model"))
     config = orbax_io.read_config(dst)
     # Column-parallel on the last axis for 3-D weights, replicated elsewhere.
-    shapes = {k: v for k, v in read_hf_params(src, config, np.float32).items()}
+    ref = read_hf_params(src, config, np.float32)
     spec = lambda a: P(None, None, "model") if a.ndim == 3 else P()  # noqa: E731
-    shardings = jax.tree.map(lambda a: NamedSharding(mesh, spec(a)), shapes)
+    shardings = jax.tree.map(lambda a: NamedSharding(mesh, spec(a)), ref)
     _, params = orbax_io.read_converted(dst, shardings=shardings)
     wq = params["layers"]["attention"]["wq"]
     assert wq.sharding == shardings["layers"]["attention"]["wq"]
     assert {s.data.shape for s in wq.addressable_shards} == {(wq.shape[0], wq.shape[1], wq.shape[2] // 4)}
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), params, shapes)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), params, ref)
     with pytest.raises(ValueError, match="structure"):
         orbax_io.read_converted(dst, shardings={"tok_embeddings": shardings["tok_embeddings"]})
 
