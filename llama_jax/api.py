@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 
@@ -12,7 +13,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from llama_jax import attention, sharding
+from llama_jax import attention, orbax_io, sharding
 from llama_jax import generate as gen
 from llama_jax.checkpoint import read_hf_params
 from llama_jax.config import LlamaConfig
@@ -189,27 +190,45 @@ class Llama:
 
 def load(path: str | os.PathLike, *, dtype=None, mesh=None, attention_impl: str = "auto",
          norm_impl: str = "auto", unstack_layers: bool = True) -> Llama:
-    """Loads a Hugging Face model directory (config.json with model.safetensors, or shards with
-    model.safetensors.index.json).
+    """Loads a model directory: a Hugging Face one (config.json with model.safetensors, or shards
+    with model.safetensors.index.json) or one made by `llama-jax convert` (Orbax).
 
     dtype: parameter and compute dtype ("float32" or "bfloat16"); None picks float32 on CPU and
     bfloat16 on GPU. mesh: a ('data', 'model') mesh from `make_mesh`; each parameter goes straight
-    onto its sharding. attention_impl ("auto", "xla", "pallas", "cudnn") and norm_impl ("auto",
-    "xla", "pallas") choose the kernels; "auto" is pallas on GPU and xla on CPU."""
+    onto its sharding (from Orbax each device reads only its shard). attention_impl ("auto", "xla",
+    "pallas", "cudnn") and norm_impl ("auto", "xla", "pallas") choose the kernels; "auto" is pallas
+    on GPU and xla on CPU."""
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: no such model directory")
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise FileNotFoundError(f"{path}: no config.json (not a Hugging Face model directory)")
     dtype = jnp.dtype(dtype or default_dtype()).name
-    config = LlamaConfig.from_hf(path, param_dtype=dtype, dtype=dtype,
-                                 attention_impl=attention_impl, norm_impl=norm_impl)
-    r = 1 if mesh is None else sharding.kv_replication(config, mesh.shape["model"])
-    params = read_hf_params(path, config, np.dtype(jnp.dtype(dtype)))
+    impls = dict(attention_impl=attention_impl, norm_impl=norm_impl)
+    if orbax_io.is_converted(path):
+        config = dataclasses.replace(orbax_io.read_config(path), param_dtype=dtype, dtype=dtype, **impls)
+        r = 1 if mesh is None else sharding.kv_replication(config, mesh.shape["model"])
+        # With KV heads to repeat, wk/wv are restored whole and repeated on the host.
+        shardings = None if mesh is None or r > 1 else _stacked_shardings(config, mesh)
+        _, params = orbax_io.read_converted(path, dtype=dtype, shardings=shardings)
+    elif os.path.isfile(os.path.join(path, "config.json")):
+        config = LlamaConfig.from_hf(path, param_dtype=dtype, dtype=dtype, **impls)
+        r = 1 if mesh is None else sharding.kv_replication(config, mesh.shape["model"])
+        params = read_hf_params(path, config, np.dtype(jnp.dtype(dtype)))
+    else:
+        raise FileNotFoundError(f"{path}: no config.json (not a Hugging Face model directory) and no "
+                                f"{orbax_io.CONFIG_FILE} (not a converted one)")
     config, params = sharding.replicate_kv_heads(config, params, r)
     tokenizer, chat_format = _load_tokenizer(path)
     return Llama(_build(config, params), tokenizer=tokenizer, chat_format=chat_format, mesh=mesh,
                  unstack_layers=unstack_layers)
+
+
+def _stacked_shardings(config: LlamaConfig, mesh) -> dict:
+    """The NamedSharding of every stacked parameter, from its logical axes."""
+    abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+    specs = nnx.to_pure_dict(nnx.get_partition_spec(nnx.state(abstract)))
+    shapes = nnx.to_pure_dict(nnx.state(abstract))
+    return jax.tree.map(lambda spec, a: NamedSharding(mesh, sharding.logical_to_mesh(tuple(spec), a.shape, mesh)),
+                        specs, shapes, is_leaf=lambda x: isinstance(x, P))
 
 
 def _load_tokenizer(path: str):

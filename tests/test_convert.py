@@ -31,8 +31,7 @@ SEQ = 40
 
 
 def converted_model(path, dtype=None) -> Llama:
-    config, params = orbax_io.read_converted(path, dtype=dtype)
-    return Llama(_build(config, params))
+    return llama_jax.load(path, dtype=dtype or orbax_io.read_config(path).param_dtype)
 
 
 def temps_beside(dst: Path) -> list[str]:
@@ -230,6 +229,20 @@ def test_gguf_logits_match_transformers(gguf_converted, smollm2_hf_model):
     err = np.abs(ours - ref)
     assert err.max() <= 1e-3, f"max err {err.max():.3g} mean {err.mean():.3g}"
     assert (ours.argmax(-1) == ref.argmax(-1)).all()
+
+
+@pytest.mark.slow
+def test_gguf_greedy_generation_matches_transformers(gguf_converted, smollm2_hf_model):
+    import torch
+
+    model = llama_jax.load(gguf_converted)
+    ids = model.tokenizer.encode("The capital of France is")
+    with torch.no_grad():
+        ref = smollm2_hf_model.generate(torch.tensor([ids]), max_new_tokens=16, min_new_tokens=16, do_sample=False,
+                                        eos_token_id=None, pad_token_id=2)[0, len(ids):].tolist()
+    out = model.generate([ids], max_new_tokens=16, stop_token_ids=[])[0]
+    assert out.token_ids == ref
+    assert out.text.startswith(" Paris")
 
 
 # ---------------------------------------------------------------------------------------------

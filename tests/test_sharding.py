@@ -159,3 +159,16 @@ def test_two_processes(tiny8, reference):
             p.kill()
     assert time.time() - start < 240
     assert outs[0] == outs[1] == ref_tokens
+
+
+def test_converted_checkpoint_onto_a_mesh(tiny8, reference, tmp_path):
+    """From a converted (Orbax) checkpoint each device restores only its shard; same logits."""
+    from checkpoints_tools.convert import convert
+
+    ref_logits, ids, _ = reference
+    dst = tmp_path / "conv"
+    convert(str(tiny8), str(dst), dtype="float32", progress=False)
+    model = llama_jax.load(dst, dtype="float32", mesh=llama_jax.make_mesh(dp=2, tp=4))
+    wq = model._state["layers"][0]["attention"]["wq"][...]
+    assert all(s.data.shape == (wq.shape[0], wq.shape[1] // 4) for s in wq.addressable_shards)
+    np.testing.assert_allclose(model.logits(ids), ref_logits, atol=1e-4 * np.abs(ref_logits).max(), rtol=0)
