@@ -1,21 +1,126 @@
-"""The `llama-jax` command: one subcommand per function (`convert`, `inspect`; later `generate`,
-`chat`, `bench`).
+"""The `llama-jax` command: one function per subcommand (`convert`, `inspect`, `generate`, `chat`,
+`bench`).
 
 Exit codes: 0 done; 2 usage errors (bad arguments, a missing model path, DST in the way);
 1 failures caused by the input (a bad checkpoint) or the disk. Errors print one line on stderr,
 never a traceback.
+
+`generate`, `chat` and `bench` take `--model PATH` (a converted or Hugging Face directory); without
+it they use the default model, SmolLM2-135M-Instruct, converted on first use (llama_jax/default_model.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+import time
+
+ATTENTION_IMPLS = ("auto", "xla", "pallas", "cudnn")
+
+
+class CliError(Exception):
+    """An error reported as one line on stderr with exit code `code`."""
+
+    def __init__(self, msg: str, code: int):
+        super().__init__(msg)
+        self.code = code
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (the default prints the whole usage first)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _error(msg: str, code: int) -> int:
     print(f"error: {msg}", file=sys.stderr)
     return code
+
+
+def _first_line(e: BaseException) -> str:
+    msg = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else str(e)
+    return msg.splitlines()[0] if msg.strip() else type(e).__name__
+
+
+# --- Shared arguments and loading -----------------------------------------------------------------
+
+
+def _checked(kind, test, what):
+    """An argparse type: `kind(text)` that must pass `test`, else a usage error saying `what`."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: not a number") from None
+        if not test(value):
+            raise argparse.ArgumentTypeError(f"{text!r}: must be {what}")
+        return value
+    return parse
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", metavar="PATH",
+                   help="a model directory (made by `llama-jax convert`, or Hugging Face safetensors); "
+                        "default: SmolLM2-135M-Instruct, prepared on first use")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: float32 on CPU, bfloat16 on GPU")
+    p.add_argument("--attention-impl", choices=ATTENTION_IMPLS, default="auto",
+                   help="default auto: pallas on GPU, xla on CPU")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    p.add_argument("--max-new-tokens", type=_checked(int, lambda n: n >= 1, ">= 1"), default=max_new_tokens,
+                   metavar="N", help=f"default {max_new_tokens}")
+    p.add_argument("--temperature", type=_checked(float, lambda t: t >= 0, ">= 0"), default=0.0, metavar="T",
+                   help="0 (the default) is greedy")
+    p.add_argument("--top-p", type=_checked(float, lambda p: 0 < p <= 1, "in (0, 1]"), metavar="P")
+    p.add_argument("--top-k", type=_checked(int, lambda k: k >= 1, ">= 1"), metavar="K")
+    p.add_argument("--seed", type=int, default=0, metavar="S")
+
+
+def _sampling(args) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, seed=args.seed)
+
+
+def _model_path(args) -> str:
+    from llama_jax import default_model
+
+    if args.model is None:
+        try:
+            return default_model.default_model_path()
+        except default_model.DefaultModelMissing as e:
+            raise CliError(str(e), 2) from None
+    path = os.path.abspath(args.model)
+    if not os.path.exists(path):
+        raise CliError(f"{args.model}: no such model directory", 2)
+    if not os.path.isdir(path):
+        hint = "; convert it first: llama-jax convert SRC DST" if path.endswith(".gguf") else ""
+        raise CliError(f"{args.model}: not a model directory{hint}", 2)
+    return path
+
+
+def _load(args):
+    """The Llama that --model, --dtype and --attention-impl name; raises CliError."""
+    import llama_jax
+    from llama_jax.checkpoint import CheckpointError
+    from llama_jax.gguf_io import GGUFError
+    from llama_jax.safetensors_io import SafetensorsError
+
+    path = _model_path(args)
+    try:
+        return llama_jax.load(path, dtype=args.dtype, attention_impl=args.attention_impl)
+    except FileNotFoundError as e:  # a directory that holds no model
+        raise CliError(_first_line(e), 2) from None
+    except (CheckpointError, GGUFError, SafetensorsError, OSError) as e:
+        raise CliError(_first_line(e), 1) from None
+    except ValueError as e:  # a setting that does not fit, e.g. cudnn on a CPU
+        raise CliError(_first_line(e), 2) from None
+
+
+# --- Subcommands ----------------------------------------------------------------------------------
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -28,7 +133,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     """llama-jax inspect DIR: the config, parameter count, stored dtype and size on disk."""
-    import json
     import math
 
     from llama_jax import orbax_io
@@ -54,10 +158,160 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+class _CompileTimer:
+    """Seconds JAX spent tracing, lowering and compiling, from its monitoring events, so that the
+    timings of a first call can say how much of them was compilation."""
+
+    def __init__(self):
+        from jax import monitoring
+
+        self.total = 0.0
+        monitoring.register_event_duration_secs_listener(self._on_event)
+
+    def _on_event(self, name, secs, **_):
+        if name.startswith("/jax/core/compile/"):
+            self.total += secs
+
+
+def _generate_record(model, prompt: str, sampling: dict, compiles: _CompileTimer) -> dict:
+    """One prompt's completion and timings, driving the chunked decode loop to time the first token."""
+    from llama_jax import generate as gen
+
+    params = model._sampling(stop_token_ids=None, **sampling)
+    [ids] = model._check_prompts([prompt], params)
+    new, ttft, compiled = [], None, compiles.total
+    t0 = time.perf_counter()
+    for [chunk] in gen.generate_ids(model, [ids], params):
+        ttft = time.perf_counter() - t0 if ttft is None else ttft
+        new += chunk
+    total = time.perf_counter() - t0
+    c = model._completion(ids, new, params)
+    decode = (len(new) - 1) / (total - ttft) if len(new) > 1 and total > ttft else None
+    return {"prompt": prompt, "token_ids": c.token_ids, "text": c.text, "finish_reason": c.finish_reason,
+            "prompt_token_ids": c.prompt_token_ids,
+            # Wall-clock seconds; compile_s is the part of them JAX spent compiling (first calls).
+            "timings": {"time_to_first_token_s": round(ttft, 4), "total_s": round(total, 4),
+                        "decode_tokens_per_s": None if decode is None else round(decode, 2),
+                        "compile_s": round(compiles.total - compiled, 4)}}
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """llama-jax generate --prompt TEXT [...]: streams each prompt's continuation, or with --json
+    prints one JSON object per prompt."""
+    model = _load(args)
+    sampling = _sampling(args)
+    compiles = _CompileTimer() if args.json else None
+    try:
+        for i, prompt in enumerate(args.prompt):
+            if args.json:
+                print(json.dumps(_generate_record(model, prompt, sampling, compiles)), flush=True)
+                continue
+            if i:
+                print()
+            # Echo the prompt, so that the output reads as the text the model continued.
+            print(prompt, end="", flush=True)
+            for piece in model.stream(prompt, **sampling):
+                print(piece, end="", flush=True)
+            print(flush=True)
+    except ValueError as e:  # a prompt too long for the context, or a model without a tokenizer
+        raise CliError(_first_line(e), 2) from None
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """llama-jax chat: a streaming multi-turn chat on stdin/stdout; /reset clears the history,
+    /exit or end of input (Ctrl-D) quits. With stdin not a terminal (a pipe), each line is one user
+    turn, echoed to stderr, so that stdout holds only the replies."""
+    model = _load(args)
+    try:
+        model.chat_prompt([{"role": "user", "content": "hi"}])
+    except ValueError as e:  # a base model: no chat template
+        raise CliError(f"{_first_line(e)}; use `llama-jax generate`", 2) from None
+    sampling = _sampling(args)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        import readline  # noqa: F401  (line editing and history for input())
+
+        print("chat: /reset clears the history, /exit or Ctrl-D quits", file=sys.stderr)
+    start = [{"role": "system", "content": args.system}] if args.system else []
+    history = list(start)
+    while True:
+        try:
+            line = input("> ") if interactive else sys.stdin.readline()
+        except EOFError:
+            line = ""
+        except KeyboardInterrupt:  # Ctrl-C at the prompt: a fresh line, not an exit
+            print(file=sys.stderr)
+            continue
+        if not line:  # end of input
+            if interactive:
+                print(file=sys.stderr)
+            break
+        line = line.strip()
+        if not interactive and line:
+            print(f"> {line}", file=sys.stderr, flush=True)
+        if not line:
+            continue
+        if line == "/exit":
+            break
+        if line == "/reset":
+            history = list(start)
+            print("(history cleared)", file=sys.stderr, flush=True)
+            continue
+        if line.startswith("/"):
+            print(f"unknown command {line.split()[0]}: /reset or /exit", file=sys.stderr, flush=True)
+            continue
+        history.append({"role": "user", "content": line})
+        try:
+            if args.json:
+                c = model.chat(history, **sampling)
+                reply = c.text
+                print(json.dumps({"user": line, "reply": reply, "finish_reason": c.finish_reason}), flush=True)
+            else:
+                reply = ""
+                for piece in model.stream(model.chat_prompt(history), **sampling):
+                    reply += piece
+                    print(piece, end="", flush=True)
+                print(flush=True)
+        except ValueError as e:  # the history outgrew the context
+            history.pop()
+            print(f"error: {_first_line(e)} (/reset clears the history)", file=sys.stderr, flush=True)
+            continue
+        except KeyboardInterrupt:  # Ctrl-C mid-reply: drop the turn, keep chatting
+            history.pop()
+            print("\n(interrupted)", file=sys.stderr, flush=True)
+            continue
+        history.append({"role": "assistant", "content": reply})
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """llama-jax bench: greedy generation timings (llama_jax.bench.time_generate) as a small table."""
+    import jax
+
+    from llama_jax.bench import time_generate
+
+    model = _load(args)
+    r = time_generate(model, prompt_len=args.prompt_len, new_tokens=args.new_tokens, batch=args.batch,
+                      repeats=args.repeats)
+    devices = jax.devices()
+    print(f"model: {args.model or 'default (SmolLM2-135M-Instruct)'}")
+    print(f"dtype: {model.config.dtype}, attention: {model.config.attention_impl}, "
+          f"device: {devices[0].platform} ({devices[0].device_kind})")
+    print(f"medians of {args.repeats} runs after one warm-up run (which includes compilation)")
+    header = ("prompt tokens", "new tokens", "batch", "warmup s", "prefill s", "decode tok/s")
+    row = (str(args.prompt_len), str(args.new_tokens), str(args.batch), f"{r['warmup_s']:.2f}",
+           f"{r['prefill_s']:.4f}", f"{r['decode_tok_s']:.1f}")
+    widths = [max(len(h), len(v)) for h, v in zip(header, row)]
+    print("  ".join(h.rjust(w) for h, w in zip(header, widths)))
+    print("  ".join(v.rjust(w) for v, w in zip(row, widths)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from checkpoints_tools import convert
 
-    p = argparse.ArgumentParser(prog="llama-jax", description="Llama 3 in JAX")
+    p = _Parser(prog="llama-jax", description="Llama 3 in JAX")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     c = sub.add_parser("convert", help="convert a Hugging Face directory or a .gguf file to our checkpoint")
     convert.add_arguments(c)
@@ -65,13 +319,45 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="describe a converted checkpoint")
     i.add_argument("path", metavar="DIR")
     i.set_defaults(func=cmd_inspect)
+
+    g = sub.add_parser("generate", help="continue prompts, streaming the text")
+    _add_model_args(g)
+    g.add_argument("--prompt", action="append", required=True, metavar="TEXT", help="repeat for several prompts")
+    _add_sampling_args(g, max_new_tokens=64)
+    g.add_argument("--json", action="store_true",
+                   help="one JSON object per prompt: prompt, token_ids, text, finish_reason, timings")
+    g.set_defaults(func=cmd_generate)
+
+    ch = sub.add_parser("chat", help="chat in the terminal (or through a pipe, one line per turn)")
+    _add_model_args(ch)
+    ch.add_argument("--system", metavar="TEXT", help="a system message that starts the conversation")
+    _add_sampling_args(ch, max_new_tokens=256)
+    ch.add_argument("--json", action="store_true", help="one JSON object per turn: user, reply, finish_reason")
+    ch.set_defaults(func=cmd_chat)
+
+    b = sub.add_parser("bench", help="time prefill and decode (greedy, random prompt tokens)")
+    _add_model_args(b)
+    b.add_argument("--prompt-len", type=_checked(int, lambda n: n >= 1, ">= 1"), default=16, metavar="N")
+    b.add_argument("--new-tokens", type=_checked(int, lambda n: n >= 2, ">= 2"), default=64, metavar="N")
+    b.add_argument("--batch", type=_checked(int, lambda n: n >= 1, ">= 1"), default=1, metavar="B")
+    b.add_argument("--repeats", type=_checked(int, lambda n: n >= 1, ">= 1"), default=3, metavar="R")
+    b.set_defaults(func=cmd_bench)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `llama-jax` script; returns (and, as a script, exits with) the exit code."""
     args = build_parser().parse_args(argv)  # argparse exits with 2 on usage errors
-    return args.func(args)
+    try:
+        return args.func(args)
+    except CliError as e:
+        return _error(str(e), e.code)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `llama-jax generate ... | head`: the reader left; not our failure
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0
 
 
 if __name__ == "__main__":
