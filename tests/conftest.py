@@ -76,3 +76,22 @@ def smollm2_hf_model(smollm2_dir):
     from transformers import LlamaForCausalLM
 
     return LlamaForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_tokenizer(smollm2_dir):
+    """transformers' own tokenizer for SmolLM2: the reference."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+@pytest.fixture(scope="session")
+def llama3_model_path(tmp_path_factory) -> pathlib.Path:
+    """Meta's Llama 3 tokenizer.model, rebuilt from quicktok's bundled vocab (sha256 checked)."""
+    from llama_jax.tokenizer import build_llama3_tokenizer_model
+
+    path = tmp_path_factory.getbasetemp() / "llama3_tokenizer" / "tokenizer.model"
+    if not path.exists():
+        build_llama3_tokenizer_model(path)
+    return path

