@@ -115,13 +115,32 @@ def test_smollm2_logits_match_transformers(smollm2_dir, smollm2_text):
     assert (out.argmax(-1) == ref.argmax(-1)).all()
 
 
+LONG_TEXT = TEXT + (
+    " Although initially criticised by some of France's leading artists and intellectuals for its design, it has "
+    "since become a global cultural icon of France and one of the most recognisable structures in the world. The "
+    "tower received 5,889,000 visitors in 2022. The Eiffel Tower is the most visited monument with an entrance fee "
+    "in the world. It was designated a monument historique in 1964, and was named part of a UNESCO World Heritage "
+    "Site in 1991. The tower is 330 metres tall, about the same height as an 81-storey building, and the tallest "
+    "structure in Paris.")
+
+
 @pytest.mark.slow
-def test_smollm2_bf16_top1(smollm2_dir, smollm2_text):
-    ids, ref = smollm2_text
+def test_smollm2_bf16_top1(smollm2_dir, smollm2_hf_model):
+    """bf16 parameters on the real model: top-1 agreement with transformers fp32 on >= 99% of 218
+    positions (transformers' own bf16 gets 99.5% here, ours 99.1%: near-ties flip either way), and
+    a max error no worse than 1.5x transformers' bf16."""
+    from transformers import AutoTokenizer
+    ids = AutoTokenizer.from_pretrained(smollm2_dir).encode(LONG_TEXT)
+    assert len(ids) >= 200
+    hf_bf16 = LlamaForCausalLM.from_pretrained(smollm2_dir, dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        ref = smollm2_hf_model(torch.tensor([ids])).logits.numpy()
+        hf16 = hf_bf16(torch.tensor([ids])).logits.float().numpy()
     out = llama_jax.load(smollm2_dir, dtype="bfloat16").logits([ids])
     assert np.isfinite(out).all()
     agree = (out.argmax(-1) == ref.argmax(-1)).mean()
     assert agree >= 0.99, f"bf16 top-1 agreement {agree:.3f}"
+    assert np.abs(out - ref).max() <= 1.5 * np.abs(hf16 - ref).max()
 
 
 # --- Config ---------------------------------------------------------------------------------------
