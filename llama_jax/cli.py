@@ -102,6 +102,18 @@ def _model_path(args) -> str:
     return path
 
 
+def _cache_compiled_programs() -> None:
+    """Keeps JAX's compiled programs across runs, under $LLAMA_JAX_CACHE/jax-compile (unless
+    JAX_COMPILATION_CACHE_DIR says elsewhere): a second `llama-jax generate` skips the XLA compiles,
+    which are most of a short run (on 2 CPU cores, about 15 s -> 8 s for 8 tokens)."""
+    import jax
+
+    from llama_jax.default_model import cache_dir
+
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", os.path.join(cache_dir(), "jax-compile"))
+
+
 def _load(args):
     """The Llama that --model, --dtype and --attention-impl name; raises CliError."""
     import llama_jax
@@ -110,6 +122,7 @@ def _load(args):
     from llama_jax.safetensors_io import SafetensorsError
 
     path = _model_path(args)
+    _cache_compiled_programs()
     try:
         return llama_jax.load(path, dtype=args.dtype, attention_impl=args.attention_impl)
     except FileNotFoundError as e:  # a directory that holds no model

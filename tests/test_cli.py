@@ -23,9 +23,13 @@ def default_model_env() -> dict:
     one device (no XLA_FLAGS)."""
     from llama_jax.default_model import default_model_path
 
-    env = dict(os.environ, LLAMA_JAX_CACHE=str(_cache_root() / "default-model-cache"), PYTHONPATH=str(ROOT))
+    cache = _cache_root() / "default-model-cache"
+    # JAX's compiled programs persist there too (the CLI does this by itself; the examples do not),
+    # so that later test runs skip most compilation.
+    env = dict(os.environ, LLAMA_JAX_CACHE=str(cache), JAX_COMPILATION_CACHE_DIR=str(cache / "jax-compile"),
+               PYTHONPATH=str(ROOT))
     env.pop("XLA_FLAGS", None)
-    with mock.patch.dict(os.environ, env):
+    with mock.patch.dict(os.environ, LLAMA_JAX_CACHE=env["LLAMA_JAX_CACHE"]):  # only that: jax may start here
         default_model_path(progress=False)
     return env
 
