@@ -22,5 +22,11 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# The default model (SmolLM2-135M-Instruct) is converted on first use into ~/.cache/llama-jax
+# ($$LLAMA_JAX_CACHE overrides it); later runs reuse it and JAX's compiled programs.
+demo: $(STAMP)
+	$(VENV)/bin/llama-jax generate --prompt "The capital of France is" --max-new-tokens 24
+	printf 'What is the capital of France? Answer in one sentence.\n' | $(VENV)/bin/llama-jax chat
+
 clean:
 	rm -rf $(VENV)
