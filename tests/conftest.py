@@ -10,10 +10,12 @@ import importlib.util  # noqa: E402
 import json  # noqa: E402
 import pathlib  # noqa: E402
 import shutil  # noqa: E402
+from unittest import mock  # noqa: E402
 
 import pytest  # noqa: E402
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _cache_root() -> pathlib.Path:
@@ -95,3 +97,20 @@ def llama3_model_path(tmp_path_factory) -> pathlib.Path:
     if not path.exists():
         build_llama3_tokenizer_model(path)
     return path
+
+
+def default_model_env() -> dict:
+    """The environment of a user's run: $LLAMA_JAX_CACHE outside the repo and kept across test runs,
+    the default model prepared in it beforehand (so parallel runs do not wait on one conversion),
+    one device (no XLA_FLAGS)."""
+    from llama_jax.default_model import default_model_path
+
+    cache = _cache_root() / "default-model-cache"
+    # JAX's compiled programs persist there too (the CLI does this by itself; the examples do not),
+    # so that later test runs skip most compilation.
+    env = dict(os.environ, LLAMA_JAX_CACHE=str(cache), JAX_COMPILATION_CACHE_DIR=str(cache / "jax-compile"),
+               PYTHONPATH=str(ROOT))
+    env.pop("XLA_FLAGS", None)
+    with mock.patch.dict(os.environ, LLAMA_JAX_CACHE=env["LLAMA_JAX_CACHE"]):  # only that: jax may start here
+        default_model_path(progress=False)
+    return env

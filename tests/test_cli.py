@@ -2,36 +2,16 @@
 machine into a cache outside the repo) and on a tiny one; one-line errors with exit code 2."""
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
-from unittest import mock
 
 import pytest
 
-from conftest import _cache_root
+from conftest import ROOT, default_model_env
 from tiny_models import make_hf_model
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 FRANCE = "What is the capital of France? Answer in one sentence."
-
-
-def default_model_env() -> dict:
-    """The environment of a user's run: $LLAMA_JAX_CACHE outside the repo and kept across test runs,
-    the default model prepared in it beforehand (so parallel runs do not wait on one conversion),
-    one device (no XLA_FLAGS)."""
-    from llama_jax.default_model import default_model_path
-
-    cache = _cache_root() / "default-model-cache"
-    # JAX's compiled programs persist there too (the CLI does this by itself; the examples do not),
-    # so that later test runs skip most compilation.
-    env = dict(os.environ, LLAMA_JAX_CACHE=str(cache), JAX_COMPILATION_CACHE_DIR=str(cache / "jax-compile"),
-               PYTHONPATH=str(ROOT))
-    env.pop("XLA_FLAGS", None)
-    with mock.patch.dict(os.environ, LLAMA_JAX_CACHE=env["LLAMA_JAX_CACHE"]):  # only that: jax may start here
-        default_model_path(progress=False)
-    return env
 
 
 def _cases(tmp: pathlib.Path) -> dict:

@@ -1,14 +1,13 @@
 """Every script in examples/ runs as a user would run it (all at once: each is mostly JAX start-up
 and compilation), on the default model or, for conversion, on a tiny one."""
 
-import os
 import pathlib
 import subprocess
 import sys
 
 import pytest
 
-from test_cli import default_model_env
+from conftest import default_model_env
 from tiny_models import make_hf_model
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
