@@ -102,8 +102,8 @@ def prefill(graphdef, state, cache, tokens, lengths, key, sampling_static, tempe
     """Runs the padded prompts tokens [B, T] (valid lengths [B]) through the model, filling the
     cache, and samples each sequence's first token. Returns a DecodeState."""
     greedy, top_k = sampling_static
-    logits, cache = nnx.merge(graphdef, state)(tokens, cache=cache, lengths=lengths)
-    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # (B, V)
+    logits, cache = nnx.merge(graphdef, state)(tokens, cache=cache, lengths=lengths, last_only=True)
+    last = logits[:, 0]  # (B, V): each row's last prompt token
     key, sub = jax.random.split(key)
     token = sample(last, sub, temperature, top_p, greedy=greedy, top_k=top_k)
     n = jnp.ones_like(lengths)

@@ -187,10 +187,12 @@ class Transformer(nnx.Module):
             self.output = _param(rngs, (c.dim, c.vocab_size), ("embed", "vocab"), pd, 1.0 / math.sqrt(c.dim))
         self.dtype = _dtype(c.dtype, default_dtype())
 
-    def __call__(self, tokens, positions=None, cache=None, lengths=None):
+    def __call__(self, tokens, positions=None, cache=None, lengths=None, last_only=False):
         """tokens [B, T] int32; positions [B, T] (default 0..T-1); cache: per-layer KVCache list (or
         one stacked KVCache) to fill or extend; lengths [B]: valid prompt lengths (prefill).
-        Returns (logits [B, T, V] float32, cache)."""
+        Returns (logits [B, T, V] float32, cache); with last_only, logits [B, 1, V] of each row's
+        last valid token (position lengths - 1): a prefill needs no others, and the output head
+        over every prompt position would cost more than the whole prompt's attention."""
         b, t = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -213,6 +215,8 @@ class Transformer(nnx.Module):
 
             x, cache = jax.lax.scan(body, x, (state, cache))
 
+        if last_only:
+            x = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)  # (B, 1, D)
         x = self.norm(x)
         if self.config.tie_embeddings:  # contract with the embedding as stored: no transposed copy
             w, spec = self.tok_embeddings[...], "BTD,VD->BTV"
