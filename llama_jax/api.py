@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import functools
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -136,15 +137,22 @@ class Llama:
         params = self._sampling(max_new_tokens, temperature, top_k, top_p, seed, stop_token_ids)
         ids = self._check_prompts(prompts, params)
         out = [[] for _ in ids]
+        t0, ttft = time.perf_counter(), None
         for chunk in gen.generate_ids(self, ids, params):
+            ttft = time.perf_counter() - t0 if ttft is None else ttft
             for row, new in zip(out, chunk):
                 row += new
-        return [self._completion(p, row, params) for p, row in zip(ids, out)]
+        total = time.perf_counter() - t0
+        steps = max(len(row) for row in out) - 1
+        timings = {"time_to_first_token_s": ttft, "total_s": total,
+                   "decode_tokens_per_s": steps / (total - ttft) if steps > 0 and total > ttft else None}
+        return [self._completion(p, row, params, timings) for p, row in zip(ids, out)]
 
-    def _completion(self, prompt, ids, params) -> gen.Completion:
+    def _completion(self, prompt, ids, params, timings) -> gen.Completion:
         stopped = bool(ids) and ids[-1] in params.stop_token_ids
         return gen.Completion(token_ids=ids, text=self._text(ids, params.stop_token_ids),
-                              finish_reason="stop" if stopped else "length", prompt_token_ids=prompt)
+                              finish_reason="stop" if stopped else "length", prompt_token_ids=prompt,
+                              timings=dict(timings))
 
     def stream(self, prompt, **sampling):
         """Yields text pieces of one prompt's completion as the device produces them."""

@@ -21,21 +21,7 @@ def time_generate(model, *, prompt_len: int = 16, new_tokens: int = 64, batch: i
     warmup = time.perf_counter() - t0
     ttfts, rates = [], []
     for _ in range(repeats):
-        ttft, total = _timed(model, prompts, new_tokens)
-        ttfts.append(ttft)
-        rates.append((new_tokens - 1) / (total - ttft))
+        t = model.generate(prompts, max_new_tokens=new_tokens, stop_token_ids=[])[0].timings
+        ttfts.append(t["time_to_first_token_s"])
+        rates.append(t["decode_tokens_per_s"] or 0.0)
     return {"prefill_s": statistics.median(ttfts), "decode_tok_s": statistics.median(rates), "warmup_s": warmup}
-
-
-def _timed(model, prompts, new_tokens):
-    """Seconds to the first token and to the last, streaming through the chunked decode loop."""
-    from llama_jax import generate as gen
-
-    params = model._sampling(new_tokens, 0.0, None, None, 0, [])
-    t0 = time.perf_counter()
-    it = gen.generate_ids(model, prompts, params)
-    next(it)
-    ttft = time.perf_counter() - t0
-    for _ in it:
-        pass
-    return ttft, time.perf_counter() - t0

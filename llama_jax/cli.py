@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 ATTENTION_IMPLS = ("auto", "xla", "pallas", "cudnn")
 
@@ -187,25 +186,14 @@ class _CompileTimer:
 
 
 def _generate_record(model, prompt: str, sampling: dict, compiles: _CompileTimer) -> dict:
-    """One prompt's completion and timings, driving the chunked decode loop to time the first token."""
-    from llama_jax import generate as gen
-
-    params = model._sampling(stop_token_ids=None, **sampling)
-    [ids] = model._check_prompts([prompt], params)
-    new, ttft, compiled = [], None, compiles.total
-    t0 = time.perf_counter()
-    for [chunk] in gen.generate_ids(model, [ids], params):
-        ttft = time.perf_counter() - t0 if ttft is None else ttft
-        new += chunk
-    total = time.perf_counter() - t0
-    c = model._completion(ids, new, params)
-    decode = (len(new) - 1) / (total - ttft) if len(new) > 1 and total > ttft else None
+    """One prompt's completion and timings."""
+    compiled = compiles.total
+    c = model.generate([prompt], **sampling)[0]
+    # Wall-clock seconds; compile_s is the part of them JAX spent compiling (first calls).
+    timings = {k: None if v is None else round(v, 4) for k, v in c.timings.items()}
+    timings["compile_s"] = round(compiles.total - compiled, 4)
     return {"prompt": prompt, "token_ids": c.token_ids, "text": c.text, "finish_reason": c.finish_reason,
-            "prompt_token_ids": c.prompt_token_ids,
-            # Wall-clock seconds; compile_s is the part of them JAX spent compiling (first calls).
-            "timings": {"time_to_first_token_s": round(ttft, 4), "total_s": round(total, 4),
-                        "decode_tokens_per_s": None if decode is None else round(decode, 2),
-                        "compile_s": round(compiles.total - compiled, 4)}}
+            "prompt_token_ids": c.prompt_token_ids, "timings": timings}
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

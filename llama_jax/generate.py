@@ -48,12 +48,14 @@ class SamplingParams:
 class Completion:
     """One generated sequence: `token_ids` (generated ids only), `text`, `finish_reason` ("stop"
     when a stop token was produced, which is kept in token_ids but not in text; "length" at
-    max_new_tokens)."""
+    max_new_tokens), `prompt_token_ids`, and `timings` of the batch it was generated in (seconds
+    to the first token and in all, decode tokens/s per sequence; compilation included)."""
 
     token_ids: list[int]
     text: str
     finish_reason: str
     prompt_token_ids: list[int] = dataclasses.field(default_factory=list)
+    timings: dict = dataclasses.field(default_factory=dict)
 
 
 def bucket(n: int, minimum: int = 16) -> int:
