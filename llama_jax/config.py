@@ -68,10 +68,6 @@ class LlamaConfig:
         if self.norm_impl not in NORM_IMPLS:
             raise ValueError(f"norm_impl must be one of {NORM_IMPLS}, got {self.norm_impl!r}")
 
-    @property
-    def n_groups(self) -> int:
-        return self.n_heads // self.n_kv_heads
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

