@@ -1,9 +1,21 @@
-"""Small helpers shared by the kernels: backend choice, interpret default, padding."""
+"""What the kernels share: the backend choice, the online-softmax step, padding helpers.
+
+Backend: Triton, on purpose. In jax 0.10.2 a bare `pl.pallas_call` lowers through Mosaic GPU,
+which rejects row-wise reductions ("No support for axes yet"); Triton lowers them, along with
+masked loads and gathers. Every kernel therefore passes `triton_params(...)`.
+"""
+
+import functools
+import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 from jax.experimental.pallas import triton as plt
+
+# Softmax in base 2: exp(x) = exp2(x * log2(e)), one multiply folded into the logit scale.
+LOG2E = math.log2(math.e)
 
 # A finite "minus infinity": exp2(MASK_VALUE - m) underflows to 0 without the inf - inf = NaN
 # that a real -inf gives when a whole row is masked.
@@ -18,9 +30,57 @@ def triton_params(num_warps: int, num_stages: int):
     return _CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
-def resolve_interpret(interpret: bool | None) -> bool:
-    """None means: compile for the GPU when there is one, else run the interpreter."""
-    return jax.default_backend() != "gpu" if interpret is None else bool(interpret)
+def sm_scale_or_default(sm_scale, head_dim: int) -> float:
+    """The logit scale: 1 / sqrt(head_dim) unless given."""
+    return 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
+
+
+def by_platform(fn, interpret: bool | None, *args):
+    """fn(interpret, *args). interpret=None is decided when the program is lowered, not traced:
+    the Pallas interpreter for CPU, compiled kernels for a GPU. So one traced program runs on
+    this CPU and also compiles for an H100 target from a CPU-only host (`make gpu-check`)."""
+    if interpret is not None:
+        return fn(bool(interpret), *args)
+    return lax.platform_dependent(*args, cpu=functools.partial(fn, True),
+                                  default=functools.partial(fn, False))
+
+
+# --- Online softmax (FlashAttention-2, Dao 2023), shared by the flash and decode kernels ----------
+
+
+def softmax_init(rows: int, head_dim: int):
+    """The empty carry (acc (rows, E), running max m (rows,), running sum l (rows,)), f32."""
+    return (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows,), MASK_VALUE, jnp.float32),
+            jnp.zeros((rows,), jnp.float32))
+
+
+def softmax_step(carry, s, load_v, mask=None):
+    """Folds one key block into the carry: s (rows, block_k) f32 logits already scaled by
+    sm_scale * LOG2E, load_v() -> (block_k, E) values, mask (rows, block_k) or None (every key
+    visible). As the Triton tutorial's `_attn_fwd_inner`: rescale by exp2(m - m_new), add p @ v."""
+    acc, m, l = carry
+    if mask is not None:
+        s = jnp.where(mask, s, MASK_VALUE)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    p = jnp.exp2(s - m_new[:, None])
+    if mask is not None:  # a row with no visible key so far must add nothing
+        p = jnp.where(mask, p, 0.0)
+    alpha = jnp.exp2(m - m_new)
+    v = load_v()
+    acc = acc * alpha[:, None] + dot(p.astype(v.dtype), v)
+    return acc, m_new, l * alpha + jnp.sum(p, axis=1)
+
+
+def softmax_finish(carry):
+    """(out (rows, E) f32, lse (rows,) base 2, empty (rows,) bool) of a finished carry; a row that
+    saw no key gets out 0 and empty True (its lse is the caller's to set)."""
+    acc, m, l = carry
+    empty = l == 0.0
+    l = jnp.where(empty, 1.0, l)
+    return acc / l[:, None], m + jnp.log2(l), empty
+
+
+# --- Shapes ---------------------------------------------------------------------------------------
 
 
 def next_pow2(n: int) -> int:

@@ -6,23 +6,20 @@ chunks. Each program handles the G query heads that share one kv head against on
 writes a partial, normalized output and its log-sum-exp; a small jnp merge combines them.
 Key blocks past lengths[b] are never loaded.
 
-Backend: Triton, on purpose: in jax 0.10.2 a bare `pl.pallas_call` lowers through Mosaic GPU,
-which rejects row-wise reductions ("No support for axes yet"); Triton lowers them.
+Backend: Triton (see `_common`).
 """
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels._common import (MASK_VALUE, dot, next_pow2, pad_axis, resolve_interpret,
-                                    round_up, triton_params)
-
-LOG2E = math.log2(math.e)
+from pallas_kernels._common import (LOG2E, MASK_VALUE, by_platform, dot, next_pow2, pad_axis,
+                                    round_up, sm_scale_or_default, softmax_finish, softmax_init,
+                                    softmax_step, triton_params)
 
 
 def _decode_kernel(length_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, sm_scale, block_k,
@@ -38,30 +35,17 @@ def _decode_kernel(length_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, sm_scale,
     n_full = jnp.clip(lax.div(length, block_k), start, jnp.maximum(stop, start))
 
     def body(j, carry, masked):
-        acc, m, l = carry
         ks = pl.ds(j * block_k, block_k)
         s = dot(q, k_ref[ks, :], trans_b=True) * scale  # (G, block_k) f32
-        if masked:
-            valid = (j * block_k + jnp.arange(block_k) < length)[None, :]
-            s = jnp.where(valid, s, MASK_VALUE)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        p = jnp.exp2(s - m_new[:, None])
-        if masked:
-            p = jnp.where(valid, p, 0.0)
-        alpha = jnp.exp2(m - m_new)
-        v = v_ref[ks, :]
-        acc = acc * alpha[:, None] + dot(p.astype(v.dtype), v)
-        return acc, m_new, l * alpha + jnp.sum(p, axis=1)
+        mask = (j * block_k + jnp.arange(block_k) < length)[None, :] if masked else None
+        return softmax_step(carry, s, lambda: v_ref[ks, :], mask)
 
-    g, e = q.shape
-    carry = (jnp.zeros((g, e), jnp.float32), jnp.full((g,), MASK_VALUE, jnp.float32),
-             jnp.zeros((g,), jnp.float32))
+    carry = softmax_init(*q.shape)
     carry = lax.fori_loop(start, n_full, functools.partial(body, masked=False), carry)
-    acc, m, l = lax.fori_loop(n_full, stop, functools.partial(body, masked=True), carry)
-    empty = l == 0.0  # a split wholly past `length`
-    l = jnp.where(empty, 1.0, l)
-    o_ref[...] = acc / l[:, None]
-    lse_ref[...] = jnp.where(empty, MASK_VALUE, m + jnp.log2(l))
+    carry = lax.fori_loop(n_full, stop, functools.partial(body, masked=True), carry)
+    o, lse, empty = softmax_finish(carry)
+    o_ref[...] = o
+    lse_ref[...] = jnp.where(empty, MASK_VALUE, lse)  # a split wholly past `length`: weight 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +80,8 @@ def decode_attention(q, k_cache, v_cache, *, lengths, sm_scale=None, block_sizes
         0 gives a zero output).
       sm_scale: logit scale, default 1 / sqrt(E).
       block_sizes: a `BlockSizes`; default `BlockSizes.get_default(S, B * K)`.
-      interpret: run the Pallas interpreter; None means "unless the backend is a GPU".
+      interpret: run the Pallas interpreter; None: the interpreter when lowered for CPU, the
+        compiled kernel when lowered for a GPU.
 
     Returns:
       [B, H, E] in q.dtype.
@@ -104,7 +89,7 @@ def decode_attention(q, k_cache, v_cache, *, lengths, sm_scale=None, block_sizes
     B, H, E = q.shape
     _, S, K, _ = k_cache.shape
     G = H // K
-    sm_scale = 1.0 / math.sqrt(E) if sm_scale is None else sm_scale
+    sm_scale = sm_scale_or_default(sm_scale, E)
     bs = block_sizes or BlockSizes.get_default(S, B * K)
     # block_k must divide the (padded) cache length so no load runs past its end.
     s_pad = round_up(S, 16)
@@ -120,26 +105,28 @@ def decode_attention(q, k_cache, v_cache, *, lengths, sm_scale=None, block_sizes
     v_cache = pad_axis(pad_axis(v_cache, 1, s_pad), 3, e_pad)
     lengths = jnp.clip(jnp.broadcast_to(lengths, (B,)).astype(jnp.int32), 0, S)
 
-    o, lse = pl.pallas_call(
-        functools.partial(_decode_kernel, sm_scale=sm_scale, block_k=block_k,
-                          blocks_per_split=blocks_per_split),
-        grid=(B, K, num_splits),
-        in_specs=[
-            pl.BlockSpec((None,), lambda b, h, s: (b,)),
-            pl.BlockSpec((None, None, g_pad, e_pad), lambda b, h, s: (b, h, 0, 0)),
-            pl.BlockSpec((None, s_pad, None, e_pad), lambda b, h, s: (b, 0, h, 0)),
-            pl.BlockSpec((None, s_pad, None, e_pad), lambda b, h, s: (b, 0, h, 0)),
-        ],
-        out_specs=[
-            pl.BlockSpec((None, None, None, g_pad, e_pad), lambda b, h, s: (b, h, s, 0, 0)),
-            pl.BlockSpec((None, None, None, g_pad), lambda b, h, s: (b, h, s, 0)),
-        ],
-        out_shape=[jax.ShapeDtypeStruct((B, K, num_splits, g_pad, e_pad), jnp.float32),
-                   jax.ShapeDtypeStruct((B, K, num_splits, g_pad), jnp.float32)],
-        compiler_params=triton_params(bs.num_warps, bs.num_stages),
-        interpret=resolve_interpret(interpret),
-        name="decode_attention",
-    )(lengths, q4, k_cache, v_cache)
+    def kernel(interp, *args):
+        return pl.pallas_call(
+            functools.partial(_decode_kernel, sm_scale=sm_scale, block_k=block_k,
+                              blocks_per_split=blocks_per_split),
+            grid=(B, K, num_splits),
+            in_specs=[
+                pl.BlockSpec((None,), lambda b, h, s: (b,)),
+                pl.BlockSpec((None, None, g_pad, e_pad), lambda b, h, s: (b, h, 0, 0)),
+                pl.BlockSpec((None, s_pad, None, e_pad), lambda b, h, s: (b, 0, h, 0)),
+                pl.BlockSpec((None, s_pad, None, e_pad), lambda b, h, s: (b, 0, h, 0)),
+            ],
+            out_specs=[
+                pl.BlockSpec((None, None, None, g_pad, e_pad), lambda b, h, s: (b, h, s, 0, 0)),
+                pl.BlockSpec((None, None, None, g_pad), lambda b, h, s: (b, h, s, 0)),
+            ],
+            out_shape=[jax.ShapeDtypeStruct((B, K, num_splits, g_pad, e_pad), jnp.float32),
+                       jax.ShapeDtypeStruct((B, K, num_splits, g_pad), jnp.float32)],
+            compiler_params=triton_params(bs.num_warps, bs.num_stages),
+            interpret=interp,
+            name="decode_attention",
+        )(*args)
+    o, lse = by_platform(kernel, interpret, lengths, q4, k_cache, v_cache)
 
     # Merge the splits: weight each partial output by its share of the total softmax mass.
     # Empty splits carry lse = MASK_VALUE, hence weight 0 (or all equal when every split is
@@ -160,7 +147,7 @@ def decode_attention_reference(q, k_cache, v_cache, *, lengths, sm_scale=None):
     """
     B, H, E = q.shape
     _, S, K, _ = k_cache.shape
-    sm_scale = 1.0 / math.sqrt(E) if sm_scale is None else sm_scale
+    sm_scale = sm_scale_or_default(sm_scale, E)
     q4 = q.reshape(B, K, H // K, E)  # (B, K, G, E)
     s = jnp.einsum("BKGE,BSKE->BKGS", q4, k_cache, preferred_element_type=jnp.float32) * sm_scale
     valid = (jnp.arange(S)[None, :] < jnp.reshape(lengths, (-1, 1)))[:, None, None, :]  # (B,1,1,S)

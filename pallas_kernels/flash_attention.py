@@ -10,23 +10,20 @@ Online softmax in base 2 (exp(x) = exp2(x * log2 e)) with f32 accumulation. Key 
 every query of a block may see skip the mask; blocks no query may see are never loaded. The
 forward saves the log-sum-exp (base 2) for the backward, which recomputes the probabilities.
 
-Backend: Triton, on purpose. In jax 0.10.2 a bare `pl.pallas_call` lowers through Mosaic GPU,
-which rejects row-wise reductions ("No support for axes yet"); Triton lowers them.
+Backend: Triton (see `_common`).
 """
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels._common import (MASK_VALUE, dot, next_pow2, pad_axis, resolve_interpret,
-                                    round_up, triton_params)
-
-LOG2E = math.log2(math.e)
+from pallas_kernels._common import (LOG2E, MASK_VALUE, by_platform, dot, next_pow2, pad_axis,
+                                    round_up, sm_scale_or_default, softmax_finish, softmax_init,
+                                    softmax_step, triton_params)
 
 
 def _cdiv(a, b: int):
@@ -73,31 +70,22 @@ def _fwd_kernel(q_off_ref, kv_len_ref, q_ref, k_ref, v_ref, *refs, sm_scale, cau
     scale = sm_scale * LOG2E
 
     def body(j, carry, masked):
-        acc, m, l = carry
         ks = pl.ds(j * block_k, block_k)
         s = dot(q, k_ref[ks, :], trans_b=True) * scale  # (block_q, block_k) f32
+        mask = None
         if masked:
             kv_seg = None if kv_seg_ref is None else kv_seg_ref[ks]
             mask = _mask(q_pos, j * block_k + jnp.arange(block_k), kv_len, causal, q_seg, kv_seg)
-            s = jnp.where(mask, s, MASK_VALUE)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        p = jnp.exp2(s - m_new[:, None])
-        if masked:  # a row with no visible key so far must add nothing
-            p = jnp.where(mask, p, 0.0)
-        alpha = jnp.exp2(m - m_new)
-        v = v_ref[ks, :]
-        acc = acc * alpha[:, None] + dot(p.astype(v.dtype), v)
-        return acc, m_new, l * alpha + jnp.sum(p, axis=1)
+        return softmax_step(carry, s, lambda: v_ref[ks, :], mask)
 
     n_full, n_blocks = _q_block_key_range(i, q_off, kv_len, block_q, block_k, causal, segmented)
-    carry = (jnp.zeros(q.shape, jnp.float32), jnp.full((block_q,), MASK_VALUE, jnp.float32),
-             jnp.zeros((block_q,), jnp.float32))
+    carry = softmax_init(block_q, q.shape[1])
     carry = lax.fori_loop(0, n_full, functools.partial(body, masked=False), carry)
-    acc, m, l = lax.fori_loop(n_full, n_blocks, functools.partial(body, masked=True), carry)
-    empty = l == 0.0  # no visible key: output 0, and an lse that zeroes p in the backward
-    l = jnp.where(empty, 1.0, l)
-    o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(empty, -MASK_VALUE, m + jnp.log2(l))
+    carry = lax.fori_loop(n_full, n_blocks, functools.partial(body, masked=True), carry)
+    o, lse, empty = softmax_finish(carry)
+    o_ref[...] = o.astype(o_ref.dtype)
+    # A query that sees no key: output 0, and an lse that zeroes its p in the backward.
+    lse_ref[...] = jnp.where(empty, -MASK_VALUE, lse)
 
 
 def _dq_kernel(q_off_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
@@ -358,7 +346,8 @@ def flash_attention(q, k, v, *, causal=True, q_offset=None, kv_lengths=None, q_s
         of its own segment. With T == S, q_segment_ids alone serves for both.
       sm_scale: logit scale, default 1 / sqrt(E).
       block_sizes: a `BlockSizes`; default `BlockSizes.get_default(E)`.
-      interpret: run the Pallas interpreter; None means "unless the backend is a GPU".
+      interpret: run the Pallas interpreter; None: the interpreter when lowered for CPU, the
+        compiled kernel when lowered for a GPU.
 
     Returns:
       [B, T, H, E] in q.dtype. A query that sees no key gets 0.
@@ -367,7 +356,7 @@ def flash_attention(q, k, v, *, causal=True, q_offset=None, kv_lengths=None, q_s
     S, K = k.shape[1], k.shape[2]
     if H % K:
         raise ValueError(f"{H=} query heads is not a multiple of {K=} kv heads")
-    sm_scale = 1.0 / math.sqrt(E) if sm_scale is None else float(sm_scale)
+    sm_scale = sm_scale_or_default(sm_scale, E)
     q_off, kv_len, q_seg, kv_seg = _normalize_masks(
         B, T, S, q_offset, kv_lengths, q_segment_ids, kv_segment_ids)
     bs = (block_sizes or BlockSizes.get_default(E)).clamp(T, S)
@@ -383,8 +372,8 @@ def flash_attention(q, k, v, *, causal=True, q_offset=None, kv_lengths=None, q_s
     if q_seg is not None:
         q_seg = pad_axis(q_seg.astype(jnp.int32), 1, t_pad)
         kv_seg = pad_axis(kv_seg.astype(jnp.int32), 1, s_pad)
-    o = _flash(q, k, v, q_off, kv_len, q_seg, kv_seg, causal, sm_scale, bs,
-               resolve_interpret(interpret))
+    run = lambda interp, *a: _flash(*a, causal, sm_scale, bs, interp)  # noqa: E731
+    o = by_platform(run, interpret, q, k, v, q_off, kv_len, q_seg, kv_seg)
     return o[:, :T, :, :E]
 
 
@@ -399,7 +388,7 @@ def flash_attention_reference(q, k, v, *, causal=True, q_offset=None, kv_lengths
     """
     B, T, H, E = q.shape
     S, K = k.shape[1], k.shape[2]
-    sm_scale = 1.0 / math.sqrt(E) if sm_scale is None else sm_scale
+    sm_scale = sm_scale_or_default(sm_scale, E)
     q_off, kv_len, q_seg, kv_seg = _normalize_masks(
         B, T, S, q_offset, kv_lengths, q_segment_ids, kv_segment_ids)
     q5 = q.reshape(B, T, K, H // K, E)  # (B, T, K, G, E)

@@ -1,9 +1,6 @@
 """Fused RMSNorm, optionally with the residual add before it, as Pallas Triton kernels.
 
-Backend: Triton, on purpose. In jax 0.10.2 a `pl.pallas_call` without compiler params lowers
-through Mosaic GPU, which rejects this kernel's row-wise reduction ("No support for axes yet");
-Triton lowers reductions, masked loads and gathers, so we pass Triton compiler params. The
-same code runs on CPU in interpret mode.
+Backend: Triton (see `_common`); the same code runs on CPU in interpret mode.
 
 Numerics follow Hugging Face's LlamaRMSNorm: normalize in f32, cast to the input dtype, then
 multiply by the weight. With a residual, h = x + residual is added in f32 and rounded to
@@ -19,7 +16,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from pallas_kernels._common import next_pow2, resolve_interpret, round_up, triton_params
+from pallas_kernels._common import by_platform, next_pow2, round_up, triton_params
 
 
 def _row_tile(ref, rows, cols, d):
@@ -186,7 +183,8 @@ def rms_norm(x, weight, residual=None, *, eps=1e-5, block_sizes=None, interpret=
         x.dtype) is normalized and returned too.
       eps: added to the mean square.
       block_sizes: a `BlockSizes`; default `BlockSizes.get_default(D)`.
-      interpret: run the Pallas interpreter; None means "unless the backend is a GPU".
+      interpret: run the Pallas interpreter; None: the interpreter when lowered for CPU, the
+        compiled kernel when lowered for a GPU.
 
     Returns:
       y [..., D] in x.dtype, or (y, h) when residual is given.
@@ -195,7 +193,7 @@ def rms_norm(x, weight, residual=None, *, eps=1e-5, block_sizes=None, interpret=
     bs = block_sizes or BlockSizes.get_default(d)
     x2 = x.reshape(-1, d)  # (N, D)
     r2 = None if residual is None else residual.reshape(-1, d)
-    out = _rms_norm(x2, weight, r2, eps, bs, resolve_interpret(interpret))
+    out = by_platform(lambda interp, *a: _rms_norm(*a, eps, bs, interp), interpret, x2, weight, r2)
     if residual is None:
         return out.reshape(x.shape)
     y, h = out
