@@ -1,0 +1,316 @@
+"""Memory-bounded ("blocked") attention in plain JAX: the XLA path for CPU (issue 12).
+
+`flash_attention_reference` builds the whole [B, K, G, T, S] score tensor: at 2048 tokens that
+is 150 MB per layer, and most of the time goes to masking and exponentiating scores that a
+causal mask throws away. This module computes the same function the way FlashAttention-2
+(Dao 2023) does, with XLA ops instead of a kernel: an online softmax over key blocks, holding
+the scores of one (query block, key block) pair per (batch, head) at a time, and never
+computing a key block that every query of the block has masked (above the causal diagonal,
+past the longest kv length in the batch, outside the block's documents). q_offset and
+kv_lengths are traced values, so each query block runs a `lax.fori_loop` with dynamic bounds:
+first the key blocks every query sees whole (no mask), then the ragged ones (masked).
+
+Layout: the G query heads of a kv head are stacked as rows, q -> (B, K, T * G, E) with rows in
+(t, g) order, so one query block is a (B, K, block_q * G, E) slice, GQA costs no copy of K/V,
+and each step is two batched matmuls over the K kv heads. Key blocks are sliced from the
+[B, S, K, E] cache as it is (no whole-cache transpose: a chunk attending to a long cache reads
+only the blocks it needs). The query blocks form a static Python loop, so a ragged last block
+needs no padding. The backward is blocked the same way and recomputes the probabilities from
+the saved log-sum-exp; one pass per (query block, key block) updates dq, dk and dv together.
+
+Masked logits are MASK_VALUE while the running max starts at _M_INIT, far above it: a masked
+probability is exp(MASK_VALUE - m) = 0 with no second select, and a row that sees no key ends
+with sum 0, output 0, never NaN.
+
+Measured on the 2-core CI CPU (benchmarks/blocked_attention.py; f32, B=1 H=9 K=3 E=64, causal,
+forward, min of 5, under load from other jobs):  TODO figures.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels._common import MASK_VALUE, sm_scale_or_default
+
+BLOCK_Q = 512
+BLOCK_K = 512
+DECODE_BLOCK_K = 2048
+
+# The running max starts here, far above MASK_VALUE (so exp(MASK_VALUE - m) == 0) and far below
+# any real logit.
+_M_INIT = -1e30
+
+
+def _cdiv(a, b: int):
+    return lax.div(a + b - 1, b)  # a >= 0
+
+
+def _normalize_masks(B, T, S, q_offset, kv_lengths, q_segment_ids, kv_segment_ids):
+    """Per-sequence int32 q_off [B], kv_len [B], and segment ids (or None); as flash_attention."""
+    q_off = jnp.broadcast_to(jnp.asarray(S - T if q_offset is None else q_offset, jnp.int32), (B,))
+    kv_len = S if kv_lengths is None else jnp.clip(jnp.asarray(kv_lengths, jnp.int32), 0, S)
+    kv_len = jnp.broadcast_to(jnp.asarray(kv_len, jnp.int32), (B,))
+    if kv_segment_ids is None and q_segment_ids is not None:
+        if T != S:
+            raise ValueError("kv_segment_ids is required when T != S")
+        kv_segment_ids = q_segment_ids
+    if (q_segment_ids is None) != (kv_segment_ids is None):
+        raise ValueError("kv_segment_ids given without q_segment_ids")
+    if q_segment_ids is not None:
+        q_segment_ids = jnp.asarray(q_segment_ids, jnp.int32)
+        kv_segment_ids = jnp.asarray(kv_segment_ids, jnp.int32)
+    return q_off, kv_len, q_segment_ids, kv_segment_ids
+
+
+def _key_block(x, j, bk):
+    """Key block j of x [B, S, K, E] as (B, K, bk, E), and its first key index. When bk does not
+    divide S the last block starts at S - bk, overlapping block j - 1: the mask drops keys
+    below j * bk."""
+    start = jnp.minimum(j * bk, x.shape[1] - bk)
+    return lax.dynamic_slice_in_dim(x, start, bk, 1).transpose(0, 2, 1, 3), start
+
+
+def _rows(x, G):
+    """(B, tb) per query position -> (B, 1, tb * G, 1) per row of a query block."""
+    B, tb = x.shape
+    return jnp.broadcast_to(x[:, :, None], (B, tb, G)).reshape(B, 1, tb * G, 1)
+
+
+def _query_blocks(q_off, kv_len, q_seg, kv_seg, *, T, S, G, causal, bq, bk):
+    """Static list of query blocks: (t0, tb, mask_fn, lo, n_full, n_blocks). Key blocks
+    [lo, n_full) need no mask, [n_full, n_blocks) do; blocks outside [lo, n_blocks) are
+    masked for every query of the block, in every sequence of the batch."""
+    nk = -(-S // bk)
+    if q_seg is not None:  # each key block's id range, to skip blocks of other documents
+        pad = nk * bk - S
+        ks = jnp.pad(kv_seg, ((0, 0), (0, pad)), mode="edge").reshape(-1, nk, bk)  # (B, nk, bk)
+        k_min, k_max = ks.min(-1), ks.max(-1)  # (B, nk)
+    blocks = []
+    for t0 in range(0, T, bq):
+        tb = min(bq, T - t0)
+        lim = jnp.broadcast_to(kv_len[:, None], (kv_len.shape[0], tb))  # (B, tb): keys < lim
+        if causal:
+            lim = jnp.minimum(lim, q_off[:, None] + t0 + jnp.arange(tb) + 1)
+        n_blocks = _cdiv(jnp.maximum(jnp.max(lim), 0), bk)
+        n_full = jnp.clip(lax.div(jnp.maximum(jnp.min(lim), 0), bk), 0, n_blocks)
+        lo = 0
+        seg_rows = None
+        if q_seg is not None:
+            qs = q_seg[:, t0:t0 + tb]
+            hit = jnp.any((k_min <= qs.max(-1, keepdims=True))
+                          & (k_max >= qs.min(-1, keepdims=True)), axis=0)  # (nk,)
+            lo = jnp.where(jnp.any(hit), jnp.argmax(hit), n_blocks)
+            n_blocks = jnp.minimum(n_blocks, nk - jnp.argmax(hit[::-1]))
+            n_full = lo  # every block compares segment ids
+            seg_rows = _rows(qs, G)
+        lim_rows = _rows(lim, G)
+
+        def mask_fn(j, start, lim_rows=lim_rows, seg_rows=seg_rows):
+            """(B, 1, R, bk) bool: row r sees key start + c."""
+            col = start + jnp.arange(bk)
+            mask = (col >= j * bk) & (col < lim_rows)
+            if seg_rows is not None:
+                kv_seg_blk = lax.dynamic_slice_in_dim(kv_seg, start, bk, 1)  # (B, bk)
+                mask = mask & (seg_rows == kv_seg_blk[:, None, None, :])
+            return mask
+
+        blocks.append((t0, tb, mask_fn, lo, n_full, n_blocks))
+    return blocks
+
+
+def _logits(qb, kb):
+    return jnp.einsum("BKRE,BKCE->BKRC", qb, kb, preferred_element_type=jnp.float32)
+
+
+def _fwd(q, k, v, q_off, kv_len, q_seg, kv_seg, causal, sm_scale, bq, bk):
+    """(out [B, T, H, E], lse (B, K, T * G) f32 natural log; +big for a row with no key)."""
+    B, T, H, E = q.shape
+    S, K = k.shape[1], k.shape[2]
+    G = H // K
+    qs = (q.astype(jnp.float32) * sm_scale).reshape(B, T, K, G, E)  # (B, T, K, G, E)
+    qs = qs.transpose(0, 2, 1, 3, 4).reshape(B, K, T * G, E)  # (B, K, T*G, E), rows (t, g)
+    outs, lses = [], []
+    for t0, tb, mask_fn, lo, n_full, n_blocks in _query_blocks(
+            q_off, kv_len, q_seg, kv_seg, T=T, S=S, G=G, causal=causal, bq=bq, bk=bk):
+        R = tb * G
+        qb = qs[:, :, t0 * G:(t0 + tb) * G]  # (B, K, R, E)
+
+        def body(j, carry, masked, qb=qb, mask_fn=mask_fn):
+            acc, m, l = carry
+            kb, start = _key_block(k, j, bk)  # (B, K, bk, E)
+            s = _logits(qb, kb)  # (B, K, R, bk) f32
+            if masked:
+                s = jnp.where(mask_fn(j, start), s, MASK_VALUE)
+            m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+            p = jnp.exp(s - m_new[..., None])
+            alpha = jnp.exp(m - m_new)
+            vb, _ = _key_block(v, j, bk)
+            pv = jnp.einsum("BKRC,BKCE->BKRE", p.astype(v.dtype), vb,
+                            preferred_element_type=jnp.float32)
+            return acc * alpha[..., None] + pv, m_new, l * alpha + jnp.sum(p, axis=-1)
+
+        carry = (jnp.zeros((B, K, R, E), jnp.float32), jnp.full((B, K, R), _M_INIT, jnp.float32),
+                 jnp.zeros((B, K, R), jnp.float32))
+        carry = lax.fori_loop(lo, n_full, functools.partial(body, masked=False), carry)
+        acc, m, l = lax.fori_loop(n_full, n_blocks, functools.partial(body, masked=True), carry)
+        empty = l == 0.0
+        outs.append(acc / jnp.where(empty, 1.0, l)[..., None])
+        # A row that saw no key: an lse that makes every recomputed p exactly 0.
+        lses.append(jnp.where(empty, -MASK_VALUE, m + jnp.log(l)))
+    o = jnp.concatenate(outs, axis=2).reshape(B, K, T, G, E)  # (B, K, T, G, E)
+    o = o.transpose(0, 2, 1, 3, 4).reshape(B, T, H, E).astype(q.dtype)
+    return o, jnp.concatenate(lses, axis=2)
+
+
+def _bwd(q, k, v, q_off, kv_len, q_seg, kv_seg, o, lse, do, causal, sm_scale, bq, bk):
+    """(dq, dk, dv): per (query block, key block) pair, recompute p = exp(s - lse), then
+    ds = p * (do v^T - delta); dq += ds k, dk += ds^T q, dv += p^T do (FlashAttention-2)."""
+    B, T, H, E = q.shape
+    S, K = k.shape[1], k.shape[2]
+    G = H // K
+
+    def rows(x):  # [B, T, H, E] -> (B, K, T*G, E), rows (t, g)
+        return x.reshape(B, T, K, G, E).transpose(0, 2, 1, 3, 4).reshape(B, K, T * G, E)
+
+    qs = rows(q.astype(jnp.float32) * sm_scale)
+    do_r = rows(do)
+    delta = jnp.sum(rows(o).astype(jnp.float32) * do_r.astype(jnp.float32), axis=-1)  # (B,K,TG)
+    dk = jnp.zeros((B, K, S, E), jnp.float32)
+    dv = jnp.zeros((B, K, S, E), jnp.float32)
+    dqs = []
+    for t0, tb, mask_fn, lo, n_full, n_blocks in _query_blocks(
+            q_off, kv_len, q_seg, kv_seg, T=T, S=S, G=G, causal=causal, bq=bq, bk=bk):
+        R = tb * G
+        rs = slice(t0 * G, (t0 + tb) * G)
+        qb, dob = qs[:, :, rs], do_r[:, :, rs]  # (B, K, R, E)
+        lse_b, delta_b = lse[:, :, rs, None], delta[:, :, rs, None]  # (B, K, R, 1)
+
+        def body(j, carry, masked, qb=qb, dob=dob, lse_b=lse_b, delta_b=delta_b,
+                 mask_fn=mask_fn):
+            dq, dk, dv = carry
+            kb, start = _key_block(k, j, bk)  # (B, K, bk, E)
+            vb, _ = _key_block(v, j, bk)
+            s = _logits(qb, kb)  # (B, K, R, bk)
+            if masked:
+                s = jnp.where(mask_fn(j, start), s, MASK_VALUE)
+            p = jnp.exp(s - lse_b)
+            dp = jnp.einsum("BKRE,BKCE->BKRC", dob, vb, preferred_element_type=jnp.float32)
+            ds = p * (dp - delta_b)
+            dq = dq + jnp.einsum("BKRC,BKCE->BKRE", ds, kb, preferred_element_type=jnp.float32)
+            dk_blk = jnp.einsum("BKRC,BKRE->BKCE", ds, qb, preferred_element_type=jnp.float32)
+            dv_blk = jnp.einsum("BKRC,BKRE->BKCE", p, dob, preferred_element_type=jnp.float32)
+            dk = lax.dynamic_update_slice_in_dim(
+                dk, lax.dynamic_slice_in_dim(dk, start, bk, 2) + dk_blk, start, 2)
+            dv = lax.dynamic_update_slice_in_dim(
+                dv, lax.dynamic_slice_in_dim(dv, start, bk, 2) + dv_blk, start, 2)
+            return dq, dk, dv
+
+        carry = (jnp.zeros((B, K, R, E), jnp.float32), dk, dv)
+        carry = lax.fori_loop(lo, n_full, functools.partial(body, masked=False), carry)
+        dq, dk, dv = lax.fori_loop(n_full, n_blocks, functools.partial(body, masked=True), carry)
+        dqs.append(dq)
+    dq = jnp.concatenate(dqs, axis=2).reshape(B, K, T, G, E)  # (B, K, T, G, E)
+    dq = (dq.transpose(0, 2, 1, 3, 4) * sm_scale).reshape(B, T, H, E).astype(q.dtype)
+    dk = dk.transpose(0, 2, 1, 3).astype(k.dtype)  # (B, S, K, E)
+    dv = dv.transpose(0, 2, 1, 3).astype(v.dtype)
+    return dq, dk, dv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
+def _blocked(q, k, v, q_off, kv_len, q_seg, kv_seg, causal, sm_scale, bq, bk):
+    return _fwd(q, k, v, q_off, kv_len, q_seg, kv_seg, causal, sm_scale, bq, bk)[0]
+
+
+def _blocked_fwd(q, k, v, q_off, kv_len, q_seg, kv_seg, causal, sm_scale, bq, bk):
+    o, lse = _fwd(q, k, v, q_off, kv_len, q_seg, kv_seg, causal, sm_scale, bq, bk)
+    return o, (q, k, v, q_off, kv_len, q_seg, kv_seg, o, lse)
+
+
+def _blocked_bwd(causal, sm_scale, bq, bk, res, do):
+    q, k, v, q_off, kv_len, q_seg, kv_seg, o, lse = res
+    dq, dk, dv = _bwd(q, k, v, q_off, kv_len, q_seg, kv_seg, o, lse, do, causal, sm_scale, bq, bk)
+    return dq, dk, dv, None, None, None, None  # the int inputs have no cotangent
+
+
+_blocked.defvjp(_blocked_fwd, _blocked_bwd)
+
+
+@functools.partial(jax.jit, static_argnames=("causal", "sm_scale", "block_q", "block_k"))
+def blocked_attention(q, k, v, *, causal=True, q_offset=None, kv_lengths=None,
+                      q_segment_ids=None, kv_segment_ids=None, sm_scale=None, block_q=BLOCK_Q,
+                      block_k=BLOCK_K):
+    """Multi-head attention with GQA in bounded memory, differentiable (blocked backward).
+
+    Same contract as `flash_attention_reference`:
+      q: [B, T, H, E] queries.
+      k, v: [B, S, K, E] keys and values, H % K == 0 (G = H // K query heads per kv head).
+      causal: query i sits at key position q_offset + i and sees keys j <= q_offset + i.
+      q_offset: int or int32 [B] (traced); default S - T (the queries are the last T keys).
+      kv_lengths: optional int32 [B] (traced); keys at index >= kv_lengths[b] are masked.
+      q_segment_ids, kv_segment_ids: optional int32 [B, T] and [B, S]; a query sees only keys
+        of its own segment. With T == S, q_segment_ids alone serves for both.
+      sm_scale: logit scale, default 1 / sqrt(E).
+      block_q, block_k: queries and keys per step; live scores are B * H * block_q * block_k
+        f32.
+
+    Returns:
+      [B, T, H, E] in q.dtype. A query that sees no key gets 0.
+    """
+    B, T, H, E = q.shape
+    S, K = k.shape[1], k.shape[2]
+    if H % K:
+        raise ValueError(f"{H=} query heads is not a multiple of {K=} kv heads")
+    sm_scale = sm_scale_or_default(sm_scale, E)
+    q_off, kv_len, q_seg, kv_seg = _normalize_masks(
+        B, T, S, q_offset, kv_lengths, q_segment_ids, kv_segment_ids)
+    return _blocked(q, k, v, q_off, kv_len, q_seg, kv_seg, causal, sm_scale,
+                    min(block_q, T), min(block_k, S))
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "block_k"))
+def blocked_decode_attention(q, k_cache, v_cache, *, lengths, sm_scale=None,
+                             block_k=DECODE_BLOCK_K):
+    """One new query per sequence over a KV cache, reading only the key blocks below
+    max(lengths) (a dynamic loop), not the whole cache.
+
+    Same contract as `decode_attention_reference`:
+      q: [B, H, E] queries.
+      k_cache, v_cache: [B, S, K, E], H % K == 0.
+      lengths: int32 [B], valid keys per sequence (0 gives a zero output).
+      sm_scale: logit scale, default 1 / sqrt(E).
+      block_k: keys per loop step.
+
+    Returns:
+      [B, H, E] in q.dtype.
+    """
+    B, H, E = q.shape
+    _, S, K, _ = k_cache.shape
+    G = H // K
+    bk = min(block_k, S)
+    sm_scale = sm_scale_or_default(sm_scale, E)
+    lengths = jnp.clip(jnp.broadcast_to(jnp.asarray(lengths, jnp.int32), (B,)), 0, S)
+    q4 = (q.astype(jnp.float32) * sm_scale).reshape(B, K, G, E)  # (B, K, G, E)
+
+    def body(j, carry):
+        acc, m, l = carry
+        start = jnp.minimum(j * bk, S - bk)
+        kb = lax.dynamic_slice_in_dim(k_cache, start, bk, 1)  # (B, bk, K, E)
+        vb = lax.dynamic_slice_in_dim(v_cache, start, bk, 1)
+        s = jnp.einsum("BKGE,BCKE->BKGC", q4, kb, preferred_element_type=jnp.float32)
+        col = start + jnp.arange(bk)
+        mask = (col >= j * bk) & (col < lengths[:, None])  # (B, bk)
+        s = jnp.where(mask[:, None, None, :], s, MASK_VALUE)
+        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+        p = jnp.exp(s - m_new[..., None])
+        alpha = jnp.exp(m - m_new)
+        pv = jnp.einsum("BKGC,BCKE->BKGE", p.astype(v_cache.dtype), vb,
+                        preferred_element_type=jnp.float32)
+        return acc * alpha[..., None] + pv, m_new, l * alpha + jnp.sum(p, axis=-1)
+
+    carry = (jnp.zeros((B, K, G, E), jnp.float32), jnp.full((B, K, G), _M_INIT, jnp.float32),
+             jnp.zeros((B, K, G), jnp.float32))
+    acc, m, l = lax.fori_loop(0, _cdiv(jnp.max(lengths), bk), body, carry)
+    o = acc / jnp.where(l == 0.0, 1.0, l)[..., None]  # (B, K, G, E)
+    return o.reshape(B, H, E).astype(q.dtype)
