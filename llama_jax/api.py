@@ -2,84 +2,54 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import os
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from llama_jax import attention, orbax_io, sharding
+from llama_jax import ops, orbax_io, requests, sharding
 from llama_jax import generate as gen
 from llama_jax.checkpoint import read_hf_params
-from llama_jax.config import LlamaConfig
-from llama_jax.model import Transformer, default_dtype
+from llama_jax.config import LlamaConfig, default_dtype
+from llama_jax.model import Transformer
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _logits(graphdef, state, tokens):
-    logits, _ = nnx.merge(graphdef, state)(tokens)
+def _logits(graphdef, state, tokens, positions):
+    logits, _ = nnx.merge(graphdef, state)(tokens, positions)
     return sharding.replicated(logits)
 
 
 class Llama:
-    """A loaded model: `config`, `tokenizer`, `mesh`, `logits`, `generate`, `chat`, `stream`."""
+    """A loaded model: `config`, `tokenizer`, `mesh`, `logits`, `generate`, `chat`, `stream`.
+
+    A thin handle: the model is split once into `graphdef` and `state` (its arrays), which the
+    jitted functions of llama_jax.generate take, so nothing re-traces per call."""
 
     def __init__(self, model: Transformer, *, tokenizer=None, chat_format=None, mesh=None,
                  unstack_layers: bool = True):
-        attention.resolve(model.config.attention_impl)  # fails now, not at the first call
+        ops.resolve(model.config.attention_impl)  # fails now, not at the first call
         if unstack_layers:
             model.unstack_layers()
         sharding.place(model, mesh)
         self.config: LlamaConfig = model.config
         self.tokenizer = tokenizer
         self.mesh = mesh
-        self._chat_format = chat_format
-        # Split once: the jitted hot paths take this pure state, so nothing re-traces per call.
-        self._graphdef, self._state = nnx.split(model)
-
-    def _on_mesh(self):
-        """The context the jitted calls run in: the model's mesh, or nothing."""
-        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
-
-    def _batch_sharding(self, ndim: int):
-        if self.mesh is None:
-            return None
-        return NamedSharding(self.mesh, P("data", *(None,) * (ndim - 1)))
-
-    def _check_batch(self, b: int):
-        if self.mesh is not None and b % self.mesh.shape["data"]:
-            raise ValueError(f"batch of {b} is not divisible by the mesh's data axis (dp={self.mesh.shape['data']})")
+        self.chat_format = chat_format
+        self.graphdef, self.state = nnx.split(model)
 
     @property
     def model(self) -> Transformer:
-        return nnx.merge(self._graphdef, self._state)
-
-    def _check_ids(self, token_ids, what="token_ids") -> np.ndarray:
-        if not len(token_ids) or any(not len(row) for row in token_ids):
-            raise ValueError(f"{what}: empty batch or empty sequence")
-        if len({len(row) for row in token_ids}) != 1:
-            raise ValueError(f"{what}: sequences must have equal lengths, got {sorted({len(r) for r in token_ids})}")
-        ids = np.asarray(token_ids)
-        if not np.issubdtype(ids.dtype, np.integer):
-            raise ValueError(f"{what}: token ids must be integers")
-        bad = ids[(ids < 0) | (ids >= self.config.vocab_size)]
-        if bad.size:
-            raise ValueError(f"{what}: token id {int(bad[0])} outside the vocabulary [0, {self.config.vocab_size})")
-        if ids.shape[1] > self.config.max_seq_len:
-            raise ValueError(f"{what}: length {ids.shape[1]} exceeds the context ({self.config.max_seq_len})")
-        return ids.astype(np.int32)
+        return nnx.merge(self.graphdef, self.state)
 
     def init_cache(self, batch: int, max_len: int):
         """A zero KV cache for `batch` sequences of up to `max_len` tokens, on the mesh when sharded
         (batch over 'data', KV heads over 'model')."""
-        device = None if self.mesh is None else NamedSharding(self.mesh, sharding.CACHE_SPEC)
-        return self.model.init_cache(batch, max_len, device=device)
+        return gen.init_cache(self.graphdef, self.state, batch, max_len, self.mesh)
 
     @property
     def eos_ids(self) -> tuple[int, ...]:
@@ -89,38 +59,13 @@ class Llama:
             ids += [i for i in self.tokenizer.eos_ids if i not in ids]
         return tuple(ids)
 
-    def _prompt_ids(self, prompt) -> list[int]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("this model has no tokenizer: pass prompts as lists of token ids")
-            ids = self.tokenizer.encode(prompt)
-            if self.tokenizer.add_bos and self.tokenizer.bos_id is not None:
-                ids = [self.tokenizer.bos_id] + ids
-            return ids
-        return [int(i) for i in prompt]
-
-    def _sampling(self, max_new_tokens, temperature, top_k, top_p, seed, stop_token_ids) -> gen.SamplingParams:
-        stops = self.eos_ids if stop_token_ids is None else tuple(int(i) for i in stop_token_ids)
-        params = gen.SamplingParams(max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=top_k,
-                                    top_p=top_p, seed=int(seed), stop_token_ids=stops)
-        params.check(self.config.vocab_size)
-        return params
-
-    def _check_prompts(self, prompts, params: gen.SamplingParams) -> list[list[int]]:
-        if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], (int, np.integer))):
-            raise ValueError("prompts must be a list of prompts (strings or lists of token ids)")
-        if not len(prompts):
-            raise ValueError("prompts: empty list")
-        ids = [self._prompt_ids(p) for p in prompts]
-        self._check_batch(len(ids))
-        for i, p in enumerate(ids):
-            if not p:
-                raise ValueError(f"prompts[{i}]: empty prompt")
-            self._check_ids([p], what=f"prompts[{i}]")
-            if len(p) + params.max_new_tokens > self.config.max_seq_len:
-                raise ValueError(f"prompts[{i}]: {len(p)} prompt tokens + max_new_tokens {params.max_new_tokens} "
-                                 f"exceed the context ({self.config.max_seq_len})")
-        return ids
+    def _request(self, prompts, max_new_tokens, **sampling) -> tuple[list[list[int]], requests.SamplingParams]:
+        params = requests.sampling_params(max_new_tokens=max_new_tokens, **sampling,
+                                          vocab_size=self.config.vocab_size, eos_ids=self.eos_ids)
+        ids = requests.check_prompts(prompts, tokenizer=self.tokenizer, vocab_size=self.config.vocab_size,
+                                     max_len=self.config.max_seq_len, max_new_tokens=params.max_new_tokens)
+        sharding.check_batch(self.mesh, len(ids))
+        return ids, params
 
     def _text(self, ids: list[int], stops) -> str:
         if self.tokenizer is None:
@@ -134,35 +79,21 @@ class Llama:
         temperature 0 is greedy; top_k and top_p restrict sampling; the same seed gives the same
         output. stop_token_ids=None stops on the checkpoint's eos ids, [] on none. Returns one
         Completion per prompt (token_ids: the generated ids only)."""
-        params = self._sampling(max_new_tokens, temperature, top_k, top_p, seed, stop_token_ids)
-        ids = self._check_prompts(prompts, params)
-        out = [[] for _ in ids]
-        t0, ttft = time.perf_counter(), None
-        for chunk in gen.generate_ids(self, ids, params):
-            ttft = time.perf_counter() - t0 if ttft is None else ttft
-            for row, new in zip(out, chunk):
-                row += new
-        total = time.perf_counter() - t0
-        steps = max(len(row) for row in out) - 1
-        timings = {"time_to_first_token_s": ttft, "total_s": total,
-                   "decode_tokens_per_s": steps / (total - ttft) if steps > 0 and total > ttft else None}
-        return [self._completion(p, row, params, timings) for p, row in zip(ids, out)]
+        ids, params = self._request(prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                    seed=seed, stop_token_ids=stop_token_ids)
+        rows, timings = gen.generate_all(self.graphdef, self.state, ids, params, mesh=self.mesh)
+        stops = params.stop_token_ids
+        return [gen.Completion(token_ids=row, text=self._text(row, stops),
+                               finish_reason="stop" if row and row[-1] in stops else "length",
+                               prompt_token_ids=p, timings=dict(timings)) for p, row in zip(ids, rows)]
 
-    def _completion(self, prompt, ids, params, timings) -> gen.Completion:
-        stopped = bool(ids) and ids[-1] in params.stop_token_ids
-        return gen.Completion(token_ids=ids, text=self._text(ids, params.stop_token_ids),
-                              finish_reason="stop" if stopped else "length", prompt_token_ids=prompt,
-                              timings=dict(timings))
-
-    def stream(self, prompt, **sampling):
+    def stream(self, prompt, *, max_new_tokens: int, **sampling):
         """Yields text pieces of one prompt's completion as the device produces them."""
-        params = self._sampling(**{"temperature": 0.0, "top_k": None, "top_p": None, "seed": 0,
-                                   "stop_token_ids": None, **sampling})
         if self.tokenizer is None:
             raise ValueError("stream needs a tokenizer")
-        [ids] = self._check_prompts([prompt], params)
+        [ids], params = self._request([prompt], max_new_tokens, **sampling)
         new, shown = [], ""
-        for [chunk] in gen.generate_ids(self, [ids], params):
+        for [chunk] in gen.generate_ids(self.graphdef, self.state, [ids], params, mesh=self.mesh):
             new += chunk
             text = self._text(new, params.stop_token_ids)
             # Hold back a piece that ends inside a multi-byte character.
@@ -177,23 +108,26 @@ class Llama:
 
     def chat_prompt(self, messages) -> list[int]:
         """The token ids of a dialog (a list of {"role", "content"} dicts) with an open assistant turn."""
-        if self._chat_format is None:
+        if self.chat_format is None:
             raise ValueError("this model has no chat format (no tokenizer or chat template)")
-        return self._chat_format.encode_dialog(messages, add_generation_prompt=True)
+        return self.chat_format.encode_dialog(messages, add_generation_prompt=True)
 
     def chat(self, messages, **sampling) -> gen.Completion:
         """Answers a dialog (a list of {"role", "content"} dicts) in the checkpoint's chat format."""
         sampling.setdefault("max_new_tokens", 256)
         return self.generate([self.chat_prompt(messages)], **sampling)[0]
 
-    def logits(self, token_ids) -> np.ndarray:
+    def logits(self, token_ids, positions=None) -> np.ndarray:
         """Full-sequence logits: token_ids, a batch of equal-length lists of ids [B, T] ->
-        float32 numpy array [B, T, V]."""
-        ids = self._check_ids(token_ids)
-        self._check_batch(len(ids))
-        with self._on_mesh():
-            tokens = jax.device_put(ids, self._batch_sharding(2))
-            return np.asarray(_logits(self._graphdef, self._state, tokens))
+        float32 numpy array [B, T, V]. positions [B, T] (ints, default 0..T-1) place the sequence
+        anywhere in the context."""
+        ids = requests.check_token_ids(token_ids, vocab_size=self.config.vocab_size, max_len=self.config.max_seq_len)
+        sharding.check_batch(self.mesh, len(ids))
+        pos = requests.check_positions(positions, ids.shape, max_len=self.config.max_seq_len)
+        with sharding.on_mesh(self.mesh):
+            tokens = jax.device_put(ids, sharding.batch_sharding(self.mesh, 2))
+            pos = jax.device_put(pos, sharding.batch_sharding(self.mesh, 2))
+            return np.asarray(_logits(self.graphdef, self.state, tokens, pos))
 
 
 def load(path: str | os.PathLike, *, dtype=None, mesh=None, attention_impl: str = "auto",
@@ -210,16 +144,17 @@ def load(path: str | os.PathLike, *, dtype=None, mesh=None, attention_impl: str 
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: no such model directory")
     dtype = jnp.dtype(dtype or default_dtype()).name
+    tp = 1 if mesh is None else sharding.axis_size("kv_heads", mesh)
     impls = dict(attention_impl=attention_impl, norm_impl=norm_impl)
     if orbax_io.is_converted(path):
         config = dataclasses.replace(orbax_io.read_config(path), param_dtype=dtype, dtype=dtype, **impls)
-        r = 1 if mesh is None else sharding.kv_replication(config, mesh.shape["model"])
+        r = sharding.kv_replication(config, tp)
         # With KV heads to repeat, wk/wv are restored whole and repeated on the host.
         shardings = None if mesh is None or r > 1 else _stacked_shardings(config, mesh)
         _, params = orbax_io.read_converted(path, dtype=dtype, shardings=shardings)
     elif os.path.isfile(os.path.join(path, "config.json")):
         config = LlamaConfig.from_hf(path, param_dtype=dtype, dtype=dtype, **impls)
-        r = 1 if mesh is None else sharding.kv_replication(config, mesh.shape["model"])
+        r = sharding.kv_replication(config, tp)
         params = read_hf_params(path, config, np.dtype(jnp.dtype(dtype)))
     else:
         raise FileNotFoundError(f"{path}: no config.json (not a Hugging Face model directory) and no "
@@ -232,11 +167,7 @@ def load(path: str | os.PathLike, *, dtype=None, mesh=None, attention_impl: str 
 
 def _stacked_shardings(config: LlamaConfig, mesh) -> dict:
     """The NamedSharding of every stacked parameter, from its logical axes."""
-    abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
-    specs = nnx.to_pure_dict(nnx.get_partition_spec(nnx.state(abstract)))
-    shapes = nnx.to_pure_dict(nnx.state(abstract))
-    return jax.tree.map(lambda spec, a: NamedSharding(mesh, sharding.logical_to_mesh(tuple(spec), a.shape, mesh)),
-                        specs, shapes, is_leaf=lambda x: isinstance(x, P))
+    return sharding.param_shardings(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))), mesh)
 
 
 def _load_tokenizer(path: str):

@@ -12,6 +12,13 @@ ATTENTION_IMPLS = ("auto", "xla", "pallas", "cudnn")
 NORM_IMPLS = ("auto", "xla", "pallas")
 
 
+def default_dtype() -> str:
+    """bfloat16 on accelerators, float32 on CPU (XLA CPU converts bf16 to f32 before each matmul)."""
+    import jax
+
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
     """Llama 3.1 frequency scaling ("rope_type": "llama3")."""
@@ -67,6 +74,11 @@ class LlamaConfig:
             raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
         if self.norm_impl not in NORM_IMPLS:
             raise ValueError(f"norm_impl must be one of {NORM_IMPLS}, got {self.norm_impl!r}")
+
+    def resolved(self) -> "LlamaConfig":
+        """This config with concrete dtypes: None becomes the backend's default."""
+        return dataclasses.replace(self, param_dtype=self.param_dtype or default_dtype(),
+                                   dtype=self.dtype or default_dtype())
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

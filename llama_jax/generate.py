@@ -2,13 +2,15 @@
 
 Prompts are right-padded to a length bucket (powers of two) in a fixed-shape KV cache, each sequence
 with its own length, positions 0..n-1 and stop. Python only drives the loop between chunks, so it
-can stream while the device does the per-token work.
+can stream while the device does the per-token work. Everything here is a function of the model's
+(graphdef, state), its mesh and the inputs; `llama_jax.api.Llama` is a handle over them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from typing import Iterator, NamedTuple, Sequence
 
 import jax
@@ -16,32 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from llama_jax import sharding
+from llama_jax.requests import SamplingParams
 from llama_jax.sharding import replicated
 
 CHUNK = 32  # decode steps per device loop; Python sees tokens once per chunk
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingParams:
-    max_new_tokens: int
-    temperature: float = 0.0
-    top_k: int | None = None
-    top_p: float | None = None
-    seed: int = 0
-    stop_token_ids: tuple[int, ...] = ()
-
-    def check(self, vocab_size: int) -> None:
-        if not isinstance(self.max_new_tokens, (int, np.integer)) or self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k is not None and not 1 <= self.top_k <= vocab_size:
-            raise ValueError(f"top_k must be in [1, {vocab_size}], got {self.top_k}")
-        bad = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
-        if bad:
-            raise ValueError(f"stop token id {bad[0]} outside the vocabulary [0, {vocab_size})")
 
 
 @dataclasses.dataclass
@@ -147,17 +128,23 @@ def decode_chunk(graphdef, state, ds: DecodeState, sampling_static, temperature,
 # --- The driver -----------------------------------------------------------------------------------
 
 
-def generate_ids(llama, prompts: Sequence[Sequence[int]], params: SamplingParams
+def init_cache(graphdef, state, batch: int, max_len: int, mesh=None):
+    """A zero KV cache for `batch` sequences of up to `max_len` tokens, on the mesh when there is one."""
+    return nnx.merge(graphdef, state).init_cache(batch, max_len, sharding=sharding.placement(mesh))
+
+
+def generate_ids(graphdef, state, prompts: Sequence[Sequence[int]], params: SamplingParams, *, mesh=None
                  ) -> Iterator[list[list[int]]]:
     """Yields, chunk by chunk, the new tokens of each prompt (lists, possibly empty per sequence);
-    the first chunk holds each sequence's first token. Stop tokens are included."""
-    cfg = llama.config
+    the first chunk holds each sequence's first token. Stop tokens are included. Prompts are
+    checked already (llama_jax.requests)."""
+    max_len = nnx.merge(graphdef, state).config.max_seq_len
     b = len(prompts)
     lengths = np.array([len(p) for p in prompts], np.int32)
-    t = min(bucket(lengths.max()), cfg.max_seq_len)
+    t = min(bucket(lengths.max()), max_len)
     # The cache holds the padded prompt and every new token; bucketed too, so that compiles stay
     # bounded by the number of (prompt bucket, cache bucket) pairs.
-    s = min(bucket(t + params.max_new_tokens), cfg.max_seq_len)
+    s = min(bucket(t + params.max_new_tokens), max_len)
     tokens = np.zeros((b, t), np.int32)
     for i, p in enumerate(prompts):
         tokens[i, : len(p)] = p
@@ -167,16 +154,32 @@ def generate_ids(llama, prompts: Sequence[Sequence[int]], params: SamplingParams
     top_p = None if params.top_p is None else jnp.float32(params.top_p)
     stop_ids = jnp.asarray(params.stop_token_ids or (-1,), jnp.int32)
     max_new = jnp.int32(params.max_new_tokens)
-    with llama._on_mesh():
-        cache = llama.init_cache(b, s)
-        tokens = jax.device_put(tokens, llama._batch_sharding(2))
-        lengths = jax.device_put(lengths, llama._batch_sharding(1))
-        ds = prefill(llama._graphdef, llama._state, cache, tokens, lengths, jax.random.key(params.seed), static,
+    with sharding.on_mesh(mesh):
+        cache = init_cache(graphdef, state, b, s, mesh)
+        tokens = jax.device_put(tokens, sharding.batch_sharding(mesh, 2))
+        lengths = jax.device_put(lengths, sharding.batch_sharding(mesh, 1))
+        ds = prefill(graphdef, state, cache, tokens, lengths, jax.random.key(params.seed), static,
                      temperature, top_p, stop_ids, max_new)
         first = np.asarray(ds.token)
     yield [[int(x)] for x in first]
     while not bool(np.all(np.asarray(ds.done))):
-        with llama._on_mesh():
-            ds, out = decode_chunk(llama._graphdef, llama._state, ds, static, temperature, top_p, stop_ids, max_new)
+        with sharding.on_mesh(mesh):
+            ds, out = decode_chunk(graphdef, state, ds, static, temperature, top_p, stop_ids, max_new)
             out = np.asarray(out)
         yield [[int(x) for x in row if x >= 0] for row in out]
+
+
+def generate_all(graphdef, state, prompts, params: SamplingParams, *, mesh=None) -> tuple[list[list[int]], dict]:
+    """Every new token of each prompt, and the batch's timings (seconds to the first token and in
+    all, decode tokens/s per sequence; compilation included)."""
+    out = [[] for _ in prompts]
+    t0, ttft = time.perf_counter(), None
+    for chunk in generate_ids(graphdef, state, prompts, params, mesh=mesh):
+        ttft = time.perf_counter() - t0 if ttft is None else ttft
+        for row, new in zip(out, chunk):
+            row += new
+    total = time.perf_counter() - t0
+    steps = max(len(row) for row in out) - 1
+    timings = {"time_to_first_token_s": ttft, "total_s": total,
+               "decode_tokens_per_s": steps / (total - ttft) if steps > 0 and total > ttft else None}
+    return out, timings

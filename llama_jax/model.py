@@ -18,17 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llama_jax import attention
+from llama_jax import ops
 from llama_jax.config import LlamaConfig
 
-
-def _dtype(name: str | None, default: str) -> jnp.dtype:
-    return jnp.dtype(name or default)
-
-
-def default_dtype() -> str:
-    """bfloat16 on accelerators, float32 on CPU (XLA CPU converts bf16 to f32 before each matmul)."""
-    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+# Logical axes of one layer's KV cache [B, S, K, E]; llama_jax.sharding maps them onto a mesh.
+CACHE_AXES = ("batch", "kv_seq", "kv_heads", "head_dim")
 
 
 def _param(rngs: nnx.Rngs, shape, axes, dtype, std):
@@ -55,7 +49,7 @@ class RMSNorm(nnx.Module):
 
     def __call__(self, x, residual=None):
         """Normalizes x, or with `residual`, normalizes h = x + residual and returns (normed, h)."""
-        return attention.rms_norm(x, self.weight[...], residual, eps=self.eps, impl=self.impl)
+        return ops.rms_norm(x, self.weight[...], residual, eps=self.eps, impl=self.impl)
 
 
 # --- RoPE -----------------------------------------------------------------------------------------
@@ -80,10 +74,22 @@ def rope_frequencies(config: LlamaConfig) -> np.ndarray:
     return inv_freq.astype(np.float32)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
-    """Rotates x [B, T, N, E] by angles positions [B, T] * inv_freq [E // 2], split-halves layout."""
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # (B, T, E/2), f32
-    cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]  # (B, T, 1, E/2)
+class Rope(NamedTuple):
+    """cos and sin of the angles positions [B, T] * inv_freq [E // 2], each [B, T, 1, E // 2] f32;
+    computed once per forward and shared by every layer."""
+
+    cos: jax.Array
+    sin: jax.Array
+
+
+def rope_angles(positions: jax.Array, inv_freq: jax.Array) -> Rope:
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # (B, T, E/2), f32 at any position
+    return Rope(jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :])  # (B, T, 1, E/2)
+
+
+def apply_rope(x: jax.Array, rope: Rope) -> jax.Array:
+    """Rotates x [B, T, N, E] by the angles of `rope`, split-halves layout (Hugging Face's)."""
+    cos, sin = rope
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)  # (B, T, N, E/2) each
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
@@ -99,7 +105,7 @@ def _dot(x, w, spec, dtype):
 class Attention(nnx.Module):
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, stack: tuple[int, ...] = ()):
         c, d, h, k, e = config, config.dim, config.n_heads, config.n_kv_heads, config.head_dim
-        pd = _dtype(c.param_dtype, default_dtype())
+        pd = jnp.dtype(c.param_dtype)
         lx = ("layers",) * len(stack)
         std = 1.0 / math.sqrt(d)
         self.wq = _param(rngs, (*stack, d, h * e), (*lx, "embed", "q_heads"), pd, std)
@@ -107,25 +113,26 @@ class Attention(nnx.Module):
         self.wv = _param(rngs, (*stack, d, k * e), (*lx, "embed", "kv_heads"), pd, std)
         self.wo = _param(rngs, (*stack, h * e, d), (*lx, "q_heads", "embed"), pd, 1.0 / math.sqrt(h * e))
         self.n_heads, self.n_kv_heads, self.head_dim = h, k, e
-        self.dtype = _dtype(c.dtype, default_dtype())
+        self.dtype = jnp.dtype(c.dtype)
         self.impl = c.attention_impl
 
-    def __call__(self, x, positions, inv_freq, cache: KVCache | None, lengths):
-        """x [B, T, D]; positions [B, T]. Without a cache: causal self-attention over x. With one:
-        T == 1 is a decode step (each sequence writes at positions[b] and reads its first
-        positions[b] + 1 keys); T > 1 is a prefill writing keys 0..T-1. Returns (out, cache)."""
+    def __call__(self, x, rope: Rope, cache: KVCache | None, lengths, segment_ids, positions):
+        """x [B, T, D]. Without a cache: causal self-attention over x (within each document when
+        segment_ids [B, T] are given). With one: T == 1 is a decode step (each sequence writes at
+        positions[b, 0] and reads its first positions[b, 0] + 1 keys); T > 1 is a prefill writing
+        keys 0..T-1. Returns (out, cache)."""
         b, t, _ = x.shape
         q = _dot(x, self.wq[...], "BTD,DN->BTN", self.dtype).reshape(b, t, self.n_heads, self.head_dim)
         k = _dot(x, self.wk[...], "BTD,DN->BTN", self.dtype).reshape(b, t, self.n_kv_heads, self.head_dim)
         v = _dot(x, self.wv[...], "BTD,DN->BTN", self.dtype).reshape(b, t, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)  # (B, T, H|K, E)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)  # (B, T, H|K, E)
 
         if cache is not None and t == 1:
             pos = positions[:, 0]
             batch = jnp.arange(b)
             cache = KVCache(cache.k.at[batch, pos].set(k[:, 0].astype(cache.k.dtype)),
                             cache.v.at[batch, pos].set(v[:, 0].astype(cache.v.dtype)))
-            out = attention.decode_attention(q[:, 0], cache.k, cache.v, lengths=pos + 1, impl=self.impl)
+            out = ops.decode_attention(q[:, 0], cache.k, cache.v, lengths=pos + 1, impl=self.impl)
             out = out[:, None]  # (B, 1, H, E)
         else:
             if cache is not None:
@@ -133,7 +140,7 @@ class Attention(nnx.Module):
                                 jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), 0, 1))
             # Right padding: a padded key sits after every real query of its row, so the causal
             # mask alone keeps it out; `lengths` only matters to kernels that skip work.
-            out = attention.prefill_attention(q, k, v, lengths=lengths, impl=self.impl)
+            out = ops.prefill_attention(q, k, v, lengths=lengths, segment_ids=segment_ids, impl=self.impl)
         out = out.reshape(b, t, self.n_heads * self.head_dim)  # (B, T, H*E)
         return _dot(out, self.wo[...], "BTN,ND->BTD", self.dtype), cache
 
@@ -143,12 +150,12 @@ class FeedForward(nnx.Module):
 
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, stack: tuple[int, ...] = ()):
         d, f = config.dim, config.ffn_dim
-        pd = _dtype(config.param_dtype, default_dtype())
+        pd = jnp.dtype(config.param_dtype)
         lx = ("layers",) * len(stack)
         self.w1 = _param(rngs, (*stack, d, f), (*lx, "embed", "ffn"), pd, 1.0 / math.sqrt(d))
         self.w3 = _param(rngs, (*stack, d, f), (*lx, "embed", "ffn"), pd, 1.0 / math.sqrt(d))
         self.w2 = _param(rngs, (*stack, f, d), (*lx, "ffn", "embed"), pd, 1.0 / math.sqrt(f))
-        self.dtype = _dtype(config.dtype, default_dtype())
+        self.dtype = jnp.dtype(config.dtype)
 
     def __call__(self, x):
         gate = _dot(x, self.w1[...], "BTD,DF->BTF", self.dtype)
@@ -158,18 +165,36 @@ class FeedForward(nnx.Module):
 
 class TransformerBlock(nnx.Module):
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, stack: tuple[int, ...] = ()):
-        pd = _dtype(config.param_dtype, default_dtype())
+        pd = jnp.dtype(config.param_dtype)
         norm = dict(eps=config.norm_eps, impl=config.norm_impl, dtype=pd, stack=stack)
         self.attention_norm = RMSNorm(config.dim, **norm)
         self.attention = Attention(config, rngs=rngs, stack=stack)
         self.ffn_norm = RMSNorm(config.dim, **norm)
         self.feed_forward = FeedForward(config, rngs=rngs, stack=stack)
 
-    def __call__(self, x, positions, inv_freq, cache, lengths):
+    def __call__(self, x, rope, cache, lengths, segment_ids, positions):
         # Pre-norm residual block; the residual add is fused into the next norm.
-        h, cache = self.attention(self.attention_norm(x), positions, inv_freq, cache, lengths)
+        h, cache = self.attention(self.attention_norm(x), rope, cache, lengths, segment_ids, positions)
         normed, h = self.ffn_norm(h, x)  # h = x + attention(...)
         return h + self.feed_forward(normed), cache
+
+
+def _layer_slice(stacked, i: int):
+    """Layer i of a stacked array, or of its abstract shape (under nnx.eval_shape)."""
+    if isinstance(stacked, jax.ShapeDtypeStruct):
+        sharding = stacked.sharding
+        if isinstance(sharding, jax.sharding.NamedSharding):
+            sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*sharding.spec[1:]))
+        return jax.ShapeDtypeStruct(stacked.shape[1:], stacked.dtype, sharding=sharding)
+    return stacked[i]
+
+
+def _remat(fn, remat):
+    """fn, or fn recomputed in the backward pass (jax.checkpoint) under the named policy."""
+    if not remat:
+        return fn
+    policy = None if remat is True else getattr(jax.checkpoint_policies, remat)
+    return jax.checkpoint(fn, policy=policy)
 
 
 # --- The transformer ------------------------------------------------------------------------------
@@ -177,15 +202,15 @@ class TransformerBlock(nnx.Module):
 
 class Transformer(nnx.Module):
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
-        c = config
-        pd = _dtype(c.param_dtype, default_dtype())
+        c = config.resolved()  # concrete dtypes and kernels from here on
+        pd = jnp.dtype(c.param_dtype)
         self.config = c
         self.tok_embeddings = _param(rngs, (c.vocab_size, c.dim), ("vocab", "embed"), pd, 1.0)
         self.layers = TransformerBlock(c, rngs=rngs, stack=(c.n_layers,))
         self.norm = RMSNorm(c.dim, eps=c.norm_eps, impl=c.norm_impl, dtype=pd)
         if not c.tie_embeddings:
             self.output = _param(rngs, (c.dim, c.vocab_size), ("embed", "vocab"), pd, 1.0 / math.sqrt(c.dim))
-        self.dtype = _dtype(c.dtype, default_dtype())
+        self.dtype = jnp.dtype(c.dtype)
 
     def __call__(self, tokens, positions=None, cache=None, lengths=None, last_only=False):
         """tokens [B, T] int32; positions [B, T] (default 0..T-1); cache: per-layer KVCache list (or
@@ -193,37 +218,47 @@ class Transformer(nnx.Module):
         Returns (logits [B, T, V] float32, cache); with last_only, logits [B, 1, V] of each row's
         last valid token (position lengths - 1): a prefill needs no others, and the output head
         over every prompt position would cost more than the whole prompt's attention."""
+        x, cache = self.hidden(tokens, positions, cache=cache, lengths=lengths)
+        if last_only:
+            x = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)  # (B, 1, D)
+        return self.head(x), cache
+
+    def hidden(self, tokens, positions=None, *, cache=None, lengths=None, segment_ids=None, remat=False):
+        """The final-normed hidden states [B, T, D] and the cache: `__call__` without the output
+        head, for a loss that applies the head in chunks. segment_ids [B, T] (packed documents:
+        attention stays within a document; no cache); remat: False, True (recompute each layer in
+        the backward) or the name of a `jax.checkpoint_policies` policy."""
         b, t = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         x = self.tok_embeddings[...][tokens].astype(self.dtype)  # (B, T, D)
-        inv_freq = jnp.asarray(rope_frequencies(self.config))  # a trace-time constant
+        rope = rope_angles(positions, jnp.asarray(rope_frequencies(self.config)))  # a trace-time constant
+
+        def step(graphdef):  # one layer as a function of its weights, for scan and for remat
+            def body(x, xs):
+                layer_state, c = xs
+                return nnx.merge(graphdef, layer_state)(x, rope, c, lengths, segment_ids, positions)
+            return _remat(body, remat)
 
         if isinstance(self.layers, nnx.List):  # per-layer arrays, a Python loop
             new_cache = []
             for i, layer in enumerate(self.layers):
-                x, c = layer(x, positions, inv_freq, None if cache is None else cache[i], lengths)
+                graphdef, state = nnx.split(layer)
+                x, c = step(graphdef)(x, (state, None if cache is None else cache[i]))
                 new_cache.append(c)
             cache = None if cache is None else new_cache
         else:  # stacked arrays, scanned: compile time flat in depth
             graphdef, state = nnx.split(self.layers)
+            x, cache = jax.lax.scan(step(graphdef), x, (state, cache))
+        return self.norm(x), cache
 
-            def body(x, xs):
-                layer_state, c = xs
-                x, c = nnx.merge(graphdef, layer_state)(x, positions, inv_freq, c, lengths)
-                return x, c
-
-            x, cache = jax.lax.scan(body, x, (state, cache))
-
-        if last_only:
-            x = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)  # (B, 1, D)
-        x = self.norm(x)
+    def head(self, x):
+        """Logits [..., V] float32 of normed hidden states x [..., D]."""
         if self.config.tie_embeddings:  # contract with the embedding as stored: no transposed copy
-            w, spec = self.tok_embeddings[...], "BTD,VD->BTV"
+            w, spec = self.tok_embeddings[...], "...D,VD->...V"
         else:
-            w, spec = self.output[...], "BTD,DV->BTV"
-        logits = jnp.einsum(spec, x, w.astype(self.dtype), preferred_element_type=jnp.float32)
-        return logits, cache
+            w, spec = self.output[...], "...D,DV->...V"
+        return jnp.einsum(spec, x, w.astype(self.dtype), preferred_element_type=jnp.float32)
 
     def unstack_layers(self) -> None:
         """Replaces the stacked layers by a list of per-layer blocks (on CPU this decodes about 1.5x
@@ -239,7 +274,7 @@ class Transformer(nnx.Module):
             stacked = var.get_value()
             axes = var.get_metadata()["out_sharding"][1:]  # drop the 'layers' logical axis
             for i in range(n):
-                v = var.replace(value=stacked[i])
+                v = var.replace(value=_layer_slice(stacked, i))
                 v.set_metadata("out_sharding", axes)
                 per_layer[i].append(v)
             if isinstance(stacked, jax.Array):
@@ -247,16 +282,16 @@ class Transformer(nnx.Module):
         del state, leaves
         self.layers = nnx.List([nnx.merge(graphdef, jax.tree.unflatten(treedef, vs)) for vs in per_layer])
 
-    def init_cache(self, batch: int, max_len: int, dtype=None, device=None) -> list[KVCache] | KVCache:
+    def init_cache(self, batch: int, max_len: int, dtype=None, sharding=None) -> list[KVCache] | KVCache:
         """An all-zero KV cache matching the layer layout: a list of per-layer [B, S, K, E] caches, or
-        one stacked [L, B, S, K, E] cache for scanned layers. device: a device or sharding."""
+        one stacked [L, B, S, K, E] cache for scanned layers. sharding: None, or a function of
+        (logical axes, shape) -> where the arrays go (llama_jax.sharding.placement(mesh))."""
         c = self.config
-        shape = (batch, max_len, c.n_kv_heads, c.head_dim)
-        dtype = dtype or self.dtype
+        shape, axes = (batch, max_len, c.n_kv_heads, c.head_dim), CACHE_AXES
+        if not isinstance(self.layers, nnx.List):
+            shape, axes = (c.n_layers, *shape), ("layers", *axes)
+        device = None if sharding is None else sharding(axes, shape)
+        zeros = lambda: jnp.zeros(shape, dtype or self.dtype, device=device)  # noqa: E731
         if isinstance(self.layers, nnx.List):
-            return [KVCache(jnp.zeros(shape, dtype, device=device), jnp.zeros(shape, dtype, device=device))
-                    for _ in range(c.n_layers)]
-        shape = (c.n_layers, *shape)
-        if device is not None:  # the layer axis comes first
-            device = jax.sharding.NamedSharding(device.mesh, jax.sharding.PartitionSpec(None, *device.spec))
-        return KVCache(jnp.zeros(shape, dtype, device=device), jnp.zeros(shape, dtype, device=device))
+            return [KVCache(zeros(), zeros()) for _ in range(c.n_layers)]
+        return KVCache(zeros(), zeros())

@@ -1,9 +1,11 @@
-"""One function per phase, dispatching to the Pallas kernels or to their pure-jnp references.
+"""The model's compute ops, one function per phase, dispatching to the Pallas kernels or to their
+pure-jnp references: `rms_norm`, `prefill_attention`, `decode_attention`.
 
 `impl` is fixed at load time: "auto" is pallas on GPU and xla elsewhere; on CPU "pallas" runs the
 kernels in interpret mode (slow, for tests). "cudnn" is jax.nn.dot_product_attention's cuDNN path.
 Under a mesh (`jax.set_mesh`), a Pallas kernel runs per device inside `jax.shard_map` over the local
-batch and heads; the XLA paths follow the shardings of their inputs.
+batch and heads (specs from llama_jax.sharding's logical axes); the XLA paths follow the shardings
+of their inputs.
 """
 
 from __future__ import annotations
@@ -11,9 +13,17 @@ from __future__ import annotations
 import functools
 
 import jax
-from jax.sharding import PartitionSpec as P
 
 import pallas_kernels as pk
+from llama_jax import sharding
+
+# Logical axes of what the kernels see.
+_HEADS = ("batch", "seq", "q_heads", "head_dim")  # q and outputs [B, T, H, E]
+_KV = ("batch", "kv_seq", "kv_heads", "head_dim")  # keys, values and the cache [B, S, K, E]
+_ROWS = ("batch", "seq", "embed")  # activations [B, T, D]
+_DECODE_Q = ("batch", "q_heads", "head_dim")  # one query per sequence [B, H, E]
+_PER_ROW = ("batch",)  # lengths [B]
+_TOKENS = ("batch", "seq")  # segment ids [B, T]
 
 
 def resolve(impl: str) -> str:
@@ -24,16 +34,15 @@ def resolve(impl: str) -> str:
     return impl
 
 
-def _per_device(fn, in_specs, out_specs):
-    """fn as is without a mesh; under one, mapped over the local shards (kernels see local shapes)."""
+def _per_device(fn, in_axes: list, out_axes):
+    """fn as is without a mesh; under one, mapped over the local shards (kernels see local shapes).
+    in_axes: the logical axes of each argument; out_axes: of the output, or a list for several."""
     if jax.sharding.get_abstract_mesh().empty:
         return fn
+    in_specs = tuple(sharding.spec(a) for a in in_axes)
+    out_specs = tuple(map(sharding.spec, out_axes)) if isinstance(out_axes, list) else sharding.spec(out_axes)
     # check_vma=False: Pallas calls do not declare how their outputs vary over the mesh.
     return jax.shard_map(fn, in_specs=in_specs, out_specs=out_specs, check_vma=False)
-
-
-_HEADS = P("data", None, "model", None)  # [B, T|S, H|K, E]
-_ROWS = P("data", None, None)  # [B, T, D]
 
 
 def rms_norm(x, weight, residual=None, *, eps, impl="auto"):
@@ -42,23 +51,23 @@ def rms_norm(x, weight, residual=None, *, eps, impl="auto"):
         return pk.rms_norm_reference(x, weight, residual, eps=eps)
     kernel = functools.partial(pk.rms_norm, eps=eps)
     if residual is None:
-        return _per_device(lambda x, w: kernel(x, w), (_ROWS, P(None)), _ROWS)(x, weight)
-    return _per_device(kernel, (_ROWS, P(None), _ROWS), (_ROWS, _ROWS))(x, weight, residual)
+        return _per_device(lambda x, w: kernel(x, w), [_ROWS, ("norm",)], _ROWS)(x, weight)
+    return _per_device(kernel, [_ROWS, ("norm",), _ROWS], [_ROWS, _ROWS])(x, weight, residual)
 
 
-def prefill_attention(q, k, v, *, lengths=None, impl="auto"):
+def prefill_attention(q, k, v, *, lengths=None, segment_ids=None, impl="auto"):
     """Causal attention of q [B, T, H, E] over k, v [B, T, K, E] -> [B, T, H, E]. lengths [B]:
-    valid tokens per (right-padded) row; keys past them are masked."""
+    valid tokens per (right-padded) row; keys past them are masked. segment_ids [B, T]: a query
+    sees only keys of its own segment (packed documents)."""
     impl = resolve(impl)
     if impl == "cudnn":
+        if segment_ids is not None:
+            raise ValueError("attention_impl='cudnn' does not take segment ids here (use 'pallas')")
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
     if impl == "xla":
-        return pk.flash_attention_reference(q, k, v, causal=True, kv_lengths=lengths)
-    if lengths is None:
-        return _per_device(lambda q, k, v: pk.flash_attention(q, k, v, causal=True),
-                           (_HEADS,) * 3, _HEADS)(q, k, v)
-    kernel = lambda q, k, v, n: pk.flash_attention(q, k, v, causal=True, kv_lengths=n)  # noqa: E731
-    return _per_device(kernel, (_HEADS,) * 3 + (P("data"),), _HEADS)(q, k, v, lengths)
+        return pk.flash_attention_reference(q, k, v, causal=True, kv_lengths=lengths, q_segment_ids=segment_ids)
+    kernel = lambda q, k, v, n, seg: pk.flash_attention(q, k, v, causal=True, kv_lengths=n, q_segment_ids=seg)  # noqa: E731
+    return _per_device(kernel, [_HEADS, _KV, _KV, _PER_ROW, _TOKENS], _HEADS)(q, k, v, lengths, segment_ids)
 
 
 def decode_attention(q, k_cache, v_cache, *, lengths, impl="auto"):
@@ -72,5 +81,4 @@ def decode_attention(q, k_cache, v_cache, *, lengths, impl="auto"):
     if impl == "xla":
         return pk.decode_attention_reference(q, k_cache, v_cache, lengths=lengths)
     kernel = lambda q, k, v, n: pk.decode_attention(q, k, v, lengths=n)  # noqa: E731
-    specs = (P("data", "model", None), _HEADS, _HEADS, P("data"))
-    return _per_device(kernel, specs, P("data", "model", None))(q, k_cache, v_cache, lengths)
+    return _per_device(kernel, [_DECODE_Q, _KV, _KV, _PER_ROW], _DECODE_Q)(q, k_cache, v_cache, lengths)

@@ -1,13 +1,15 @@
-"""Sharding over a ('data', 'model') mesh, declared once.
+"""Sharding over a ('data', 'model') mesh, declared once: the only file that names mesh axes.
 
-Every parameter carries logical axis names (llama_jax.model); this table maps them onto the mesh,
-Megatron style: wq, wk, wv, w1, w3 split by output features over 'model', wo and w2 by input
-features, the embedding and output head by vocabulary, norms replicated. The KV cache is split by
-batch over 'data' and by KV heads over 'model'. The model itself knows nothing of this.
+Every parameter, the KV cache and the activations that kernels see carry logical axis names
+(llama_jax.model, llama_jax.ops); this table maps them onto the mesh, Megatron style: wq, wk, wv,
+w1, w3 split by output features over 'model', wo and w2 by input features, the embedding and output
+head by vocabulary, norms replicated. The KV cache and activations are split by batch over 'data'
+and by heads over 'model'. The model itself knows nothing of this.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import jax
@@ -20,14 +22,16 @@ from llama_jax.config import LlamaConfig
 AXIS_RULES: dict[str, str | None] = {
     "batch": "data",
     "vocab": "model",
-    "q_heads": "model",
-    "kv_heads": "model",
+    "q_heads": "model",  # wq's and wo's H*E features; the H axis of queries and outputs
+    "kv_heads": "model",  # wk's and wv's K*E features; the K axis of keys, values and the cache
     "ffn": "model",
     "embed": None,
     "norm": None,
     "layers": None,
+    "seq": None,  # the T axis of activations
+    "kv_seq": None,  # the S axis of keys and the cache
+    "head_dim": None,
 }
-CACHE_SPEC = P("data", None, "model", None)  # [B, S, K, E]
 
 
 def make_mesh(dp: int = 1, tp: int | None = None) -> Mesh:
@@ -43,14 +47,55 @@ def make_mesh(dp: int = 1, tp: int | None = None) -> Mesh:
                          devices=jax.devices()[: dp * tp])
 
 
+def _mesh_axis(name: str | None) -> str | None:
+    if name is not None and name not in AXIS_RULES:
+        raise ValueError(f"no sharding rule for logical axis {name!r}")
+    return None if name is None else AXIS_RULES[name]
+
+
+def spec(axes: tuple[str | None, ...], mesh=None) -> P:
+    """The PartitionSpec of an activation with these logical axes on `mesh` (default: the active
+    one); mesh axes the mesh lacks are left out."""
+    mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+    return P(*(a if a in mesh.axis_names else None for a in map(_mesh_axis, axes)))
+
+
+def axis_size(name: str, mesh: Mesh) -> int:
+    """How many ways the mesh splits the logical axis `name` (1 when it is not split)."""
+    target = _mesh_axis(name)
+    return 1 if target is None or target not in mesh.axis_names else mesh.shape[target]
+
+
+def on_mesh(mesh: Mesh | None):
+    """The context jitted calls run in: the mesh, or nothing."""
+    return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
+
+
+def placement(mesh: Mesh | None):
+    """None without a mesh; else a function (logical axes, shape) -> NamedSharding, for arrays the
+    model creates (the KV cache)."""
+    if mesh is None:
+        return None
+    return lambda axes, shape: NamedSharding(mesh, logical_to_mesh(tuple(axes), tuple(shape), mesh))
+
+
+def batch_sharding(mesh: Mesh | None, ndim: int):
+    """Where a host batch [B, ...] goes: split by batch on the mesh, or the default device."""
+    return None if mesh is None else NamedSharding(mesh, spec(("batch",) + (None,) * (ndim - 1), mesh))
+
+
+def check_batch(mesh: Mesh | None, b: int) -> None:
+    n = 1 if mesh is None else axis_size("batch", mesh)
+    if b % n:
+        raise ValueError(f"batch of {b} is not divisible by the mesh's data axis (dp={n})")
+
+
 def logical_to_mesh(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh) -> P:
     """The mesh PartitionSpec for logical axes; an axis the mesh axis does not divide is replicated
     (e.g. a 49152 vocabulary over tp=9)."""
     out, used = [], set()
     for name, size in zip(axes, shape):
-        target = AXIS_RULES.get(name) if name is not None else None
-        if name is not None and name not in AXIS_RULES:
-            raise ValueError(f"no sharding rule for logical axis {name!r}")
+        target = _mesh_axis(name)
         if target is not None and target in used:
             raise ValueError(f"logical axes {axes} put two axes on mesh axis {target!r}")
         if target is not None and size % mesh.shape[target] == 0:
@@ -62,9 +107,9 @@ def logical_to_mesh(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: 
 
 
 def kv_replication(config: LlamaConfig, tp: int) -> int:
-    """How many times each KV head is repeated so that tp devices each hold whole heads: 1 when tp
-    divides n_kv_heads, tp // n_kv_heads when n_kv_heads divides tp. Anything else is refused,
-    naming the tp values that work."""
+    """How many times each KV head is repeated so that tp devices (axis_size("kv_heads", mesh))
+    each hold whole heads: 1 when tp divides n_kv_heads, tp // n_kv_heads when n_kv_heads divides
+    tp. Anything else is refused, naming the tp values that work."""
     h, k = config.n_heads, config.n_kv_heads
     if h % tp == 0 and k % tp == 0:
         return 1
@@ -92,6 +137,15 @@ def replicate_kv_heads(config: LlamaConfig, params: dict, r: int) -> tuple[Llama
                 wv=rep(params["layers"]["attention"]["wv"]))
     params = dict(params, layers=dict(params["layers"], attention=attn))
     return dataclasses.replace(config, n_kv_heads=config.n_kv_heads * r), params
+
+
+def param_shardings(model: nnx.Module, mesh: Mesh) -> dict:
+    """The NamedSharding of every parameter of a (possibly abstract) model, from its logical axes,
+    as a nested dict like nnx.to_pure_dict's."""
+    specs = nnx.to_pure_dict(nnx.get_partition_spec(nnx.state(model)))
+    shapes = nnx.to_pure_dict(nnx.state(model))
+    return jax.tree.map(lambda spec, a: NamedSharding(mesh, logical_to_mesh(tuple(spec), a.shape, mesh)),
+                        specs, shapes, is_leaf=lambda x: isinstance(x, P))
 
 
 def place(model: nnx.Module, mesh: Mesh | None) -> None:

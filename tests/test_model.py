@@ -12,7 +12,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 import llama_jax
-from llama_jax.model import apply_rope, rope_frequencies
+from llama_jax.model import apply_rope, rope_angles, rope_frequencies
 
 from tiny_models import SEQ, TINY, make_hf_model
 
@@ -221,7 +221,7 @@ def test_rope_angles_by_hand(j, pos, angle):
     inv = rope_frequencies(llama_jax.LLAMA3_1_8B)
     x = np.zeros((1, 1, 1, 128), np.float32)
     x[..., j] = 1.0  # (cos, sin) of the angle land at j and j + 64 (split halves)
-    out = np.asarray(apply_rope(x, np.array([[pos]]), inv))
+    out = np.asarray(apply_rope(x, rope_angles(np.array([[pos]]), inv)))
     # f32 angles: the error is about pos * 6e-8 radians.
     tol = 1e-6 + pos * 2e-7
     np.testing.assert_allclose(out[0, 0, 0, j], math.cos(angle), atol=tol, rtol=0)
