@@ -137,7 +137,7 @@ def _load(args):
 
 def cmd_convert(args: argparse.Namespace) -> int:
     """llama-jax convert SRC DST [--dtype] [--force] [--allow-extra]"""
-    # The one place the library reaches up into checkpoints_tools (DESIGN.md's layering).
+    # The command line and default_model reach up into checkpoints_tools; the library proper never does.
     from checkpoints_tools import convert
 
     return convert.run(args)

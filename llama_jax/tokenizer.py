@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import abc
 import base64
-import hashlib
 import json
 import os
 import re
-import struct
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -97,8 +94,6 @@ LLAMA3_SPECIAL_TOKENS = _LLAMA3_NAMED_SPECIALS + [
 TIKTOKEN_MAX_ENCODE_CHARS = 400_000
 # ...and slows down on very long runs without a split point (openai/tiktoken#195).
 MAX_NO_WHITESPACES_CHARS = 25_000
-
-LLAMA3_TOKENIZER_SHA256 = "82e9d31979e92ab929cd544440f129d9ecd797b69e327f80f17e1c50d5551b55"
 
 
 def _split_whitespaces_or_nonwhitespaces(s: str, max_len: int) -> Iterator[str]:
@@ -198,42 +193,6 @@ class Llama3Tokenizer(Tokenizer):
     def decode(self, ids: Sequence[int]) -> str:
         # errors="replace": a prefix of a generation can end inside a multi-byte character.
         return self._enc.decode(list(ids))
-
-
-def build_llama3_tokenizer_model(dst: str | os.PathLike) -> Path:
-    """Writes Meta's Llama 3 `tokenizer.model` rebuilt from the vocab bundled with `quicktok-v1`.
-
-    A test/demo utility: Meta's file is gated, quicktok ships the same 128000 ranks. Checks the
-    sha256 published for Meta's file and writes atomically (temp file + rename). Returns `dst`.
-    """
-    from importlib.resources import files
-
-    data = files("quicktok").joinpath("data/llama3.vocab").read_bytes()
-    (count,) = struct.unpack_from("<I", data, 0)
-    lines, offset = [], 4
-    for _ in range(count):  # u16 length, the bytes, u32 rank
-        (length,) = struct.unpack_from("<H", data, offset)
-        token = data[offset + 2 : offset + 2 + length]
-        (rank,) = struct.unpack_from("<I", data, offset + 2 + length)
-        offset += 2 + length + 4
-        lines.append((rank, base64.b64encode(token) + b" %d\n" % rank))
-    lines.sort()
-    content = b"".join(line for _, line in lines)
-    digest = hashlib.sha256(content).hexdigest()
-    if digest != LLAMA3_TOKENIZER_SHA256:
-        raise ValueError(f"rebuilt tokenizer.model has sha256 {digest}, not Meta's")
-
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=dst.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(content)
-        os.replace(tmp, dst)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return dst
 
 
 # ---------------------------------------------------------------------------------------------

@@ -90,7 +90,7 @@ def smollm2_hf_tokenizer(smollm2_dir):
 @pytest.fixture(scope="session")
 def llama3_model_path(tmp_path_factory) -> pathlib.Path:
     """Meta's Llama 3 tokenizer.model, rebuilt from quicktok's bundled vocab (sha256 checked)."""
-    from llama_jax.tokenizer import build_llama3_tokenizer_model
+    from llama3_tokenizer import build_llama3_tokenizer_model
 
     path = tmp_path_factory.getbasetemp() / "llama3_tokenizer" / "tokenizer.model"
     if not path.exists():

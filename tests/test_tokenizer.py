@@ -8,8 +8,8 @@ import shutil
 import pytest
 import quicktok
 
+from llama3_tokenizer import LLAMA3_TOKENIZER_SHA256
 from llama_jax.tokenizer import (
-    LLAMA3_TOKENIZER_SHA256,
     MAX_NO_WHITESPACES_CHARS,
     TIKTOKEN_MAX_ENCODE_CHARS,
     HFTokenizer,
