@@ -1,0 +1,741 @@
+"""Compile every Pallas kernel and the whole Llama programs for an H100, on a CPU-only host.
+
+    python benchmarks/gpu_compile.py [--quick] [--out docs/GPU_COMPILE.md] [--no-fail]
+
+Needs the `gpu-check` extra (jax-cuda12-plugin/pjrt matching jaxlib, and nvidia-cuda-nvcc-cu12 for
+ptxas); `make gpu-check` installs it into its own venv. With an H100 target description
+(benchmarks/gpu/h100_sxm.txtpb), `jit(f).trace(...).lower().compile()` runs the whole XLA GPU
+pipeline here: Pallas -> Triton -> PTX -> cubin through the real ptxas (FACTS.md, issue 15).
+
+Per kernel: registers, spills and stack (`ptxas -v` on each dumped PTX), grid, warps and shared
+memory per launch (the thunk sequence XLA dumps). Per program: compile time, kernels launched per
+decode step, collectives in the decode loop, FLOPs and bytes of one decode step from XLA's HLO cost
+analysis, the H100 roofline, and bytes against the minimum (weights + KV cache). Failures (one line
+each) make the exit status 1; with --expected FILE, failures listed there do not, but a listed one
+that no longer happens does, so the list only shrinks (`make gpu-check` passes
+benchmarks/gpu/expected_failures.txt).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["JAX_PLATFORMS"] = "cpu"  # the CUDA plugin would otherwise look for a GPU and fail loudly
+
+import argparse
+import collections
+import contextlib
+import dataclasses
+import datetime
+import glob
+import importlib.metadata
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax._src.lib import _jax  # XLA's HLO cost analysis: a private API, pinned by the gpu-check extra
+from jax.experimental import topologies
+from jaxlib import _hlo
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSharding
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout
+
+import llama_jax  # noqa: E402
+import pallas_kernels as pk  # noqa: E402
+from llama_jax import generate, sharding  # noqa: E402
+from llama_jax.model import KVCache, Transformer, TransformerBlock  # noqa: E402
+
+TARGET = ROOT / "benchmarks" / "gpu" / "h100_sxm.txtpb"
+OUR_KERNELS = ("flash_attention_fwd", "flash_attention_dq", "flash_attention_dkv", "decode_attention",
+               "rms_norm_fwd", "rms_norm_bwd")
+H100_FLOPS, H100_BYTES_PER_S = 989e12, 3.35e12  # dense bf16, HBM3
+BYTES_SLACK = 1.05  # a decode step may read 5% more than weights + KV cache
+Failure = collections.namedtuple("Failure", "key detail")
+
+
+# --- The target ------------------------------------------------------------------------------------
+
+
+def h100(n_gpus: int = 1):
+    """The H100 topology (one host with n_gpus); its .devices are compile targets, not devices."""
+    return topologies.get_topology_desc(platform="cuda", target_config=TARGET.read_text(),
+                                        topology=f"1x1x{n_gpus}")
+
+
+def compile_for(fn, args, dump_dir):
+    """jit(fn) compiled for the target the args' shardings name. Returns (compiled, seconds)."""
+    t0 = time.perf_counter()
+    compiled = jax.jit(fn).trace(*args).lower().compile(
+        compiler_options={"xla_dump_to": str(dump_dir), "xla_dump_hlo_as_text": True})
+    return compiled, time.perf_counter() - t0
+
+
+def _error_line(e: Exception) -> str:
+    """The line of a compile error that says what went wrong (e.g. the shared-memory limit)."""
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()] or [""]
+    status = r"RESOURCE_EXHAUSTED|INTERNAL|INVALID_ARGUMENT|UNIMPLEMENTED"
+    line = next((l for l in lines if re.search(status, l)), lines[0])
+    return (line if type(e).__name__ == "JaxRuntimeError" else f"{type(e).__name__}: {line}")[:300]
+
+
+# --- ptxas and the thunk sequence ------------------------------------------------------------------
+
+
+def ptxas_path() -> str:
+    """The ptxas of the nvidia-cuda-nvcc-cu12 wheel (XLA uses the same one)."""
+    import nvidia.cuda_nvcc
+    for base in nvidia.cuda_nvcc.__path__:
+        if os.path.isfile(p := os.path.join(base, "bin", "ptxas")):
+            return p
+    raise FileNotFoundError("ptxas not found: install the gpu-check extra (nvidia-cuda-nvcc-cu12)")
+
+
+def ptxas_version() -> str:
+    out = subprocess.run([ptxas_path(), "--version"], capture_output=True, text=True).stdout
+    return (re.findall(r"release ([\d.]+), (V[\d.]+)", out) or [("?", "?")])[0][1]
+
+
+def ptxas_stats(dump_dir, names=OUR_KERNELS) -> dict:
+    """{kernel: {registers, spill_stores, spill_loads, stack}} for each dumped PTX whose entry
+    function starts with one of `names`, from `ptxas -v -arch=sm_90a`."""
+    stats = {}
+    for ptx in sorted(glob.glob(os.path.join(dump_dir, "*.ptx"))):
+        entries = re.findall(r"\.entry\s+(\w+)\s*\(", Path(ptx).read_text())
+        if not any(e.startswith(names) for e in entries):
+            continue
+        out = subprocess.run([ptxas_path(), "-v", "-arch=sm_90a", ptx, "-o", os.devnull],
+                             capture_output=True, text=True).stderr
+        for fn, body in re.findall(r"Compiling entry function '(\w+)'.*?\n(.*?Used \d+ registers)", out, re.S):
+            (stack, st, ld), = re.findall(
+                r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", body)
+            regs, = re.findall(r"Used (\d+) registers", body)
+            stats[fn] = dict(registers=int(regs), spill_stores=int(st), spill_loads=int(ld), stack=int(stack))
+    return stats
+
+
+@dataclasses.dataclass
+class Thunk:
+    id: int
+    kind: str
+    name: str  # kernel name for kernel thunks
+    grid: tuple = ()
+    threads: tuple = ()
+    smem: int = 0
+    children: list = dataclasses.field(default_factory=list)  # nested thunks (e.g. a slice's copy)
+    cond: list = dataclasses.field(default_factory=list)  # kWhile only
+    body: list = dataclasses.field(default_factory=list)
+
+
+_THUNK = re.compile(r"^(\s*)(\d+): (\w+)\s+\[[^\]]*\]\s*(\S*)(.*)$")
+
+
+def read_thunks(dump_dir) -> tuple[list[Thunk], dict]:
+    """The thunk tree of the (only) module in dump_dir, and {thunk id: HLO instruction name}."""
+    text = Path(glob.glob(os.path.join(dump_dir, "*.thunk_sequence.txt"))[0]).read_text()
+    root: list[Thunk] = []
+    stack = [(-1, root)]  # (indent, list that thunks at a deeper indent go into)
+    last_while, open_conds = None, []
+    for line in text.splitlines():
+        marker = line.strip()
+        if marker in ("condition:", "body:"):
+            w, indent = last_while if marker == "condition:" else open_conds.pop()
+            if marker == "condition:":
+                open_conds.append((w, indent))
+            while stack[-1][0] > indent:
+                stack.pop()
+            stack[-1] = (indent, w.cond if marker == "condition:" else w.body)
+            continue
+        m = _THUNK.match(line)
+        if not m:
+            continue
+        indent, tid, kind, name, rest = len(m[1]), int(m[2]), m[3], m[4], m[5]
+        smem = re.findall(r"shared_memory: (\d+)", rest)
+        t = Thunk(tid, kind, name, _dims3("grid", rest), _dims3("threads", rest), int(smem[0]) if smem else 0)
+        while stack[-1][0] >= indent:
+            stack.pop()
+        stack[-1][1].append(t)
+        stack.append((indent, t.children))
+        if kind == "kWhile":
+            last_while = (t, indent)
+    meta = Path(glob.glob(os.path.join(dump_dir, "*.thunk_metadata.txt"))[0]).read_text()
+    names = {int(i): a for a, i in re.findall(r'profile_annotation: "([^"]+)"\s+thunk_id: (\d+)', meta)}
+    return root, names
+
+
+def _dims3(key: str, text: str) -> tuple:
+    """'grid: [8, 2, 32]' -> (8, 2, 32)."""
+    m = re.search(key + r": \[([^\]]*)\]", text)
+    return tuple(int(x) for x in re.findall(r"\d+", m[1])) if m else ()
+
+
+def launches(thunks, trip_count=lambda t: 1) -> collections.Counter:
+    """Launches per run of `thunks`, by kind ('kernel', 'copy', 'collective') and by kernel name
+    (('kernel', name)); a while loop counts its body trip_count(thunk) times (its condition once more)."""
+    c = collections.Counter()
+    for t in thunks:
+        if t.kind == "kWhile":
+            n = trip_count(t)
+            for k, v in launches(t.body, trip_count).items():
+                c[k] += n * v
+            for k, v in launches(t.cond, trip_count).items():
+                c[k] += (n + 1) * v
+        elif t.children:
+            c.update(launches(t.children, trip_count))
+        elif t.kind in ("kCustomKernel", "kKernel", "kGemm", "kCublasLtMatmul", "kCuDnn", "kTriton"):
+            c["kernel"] += 1
+            c[("kernel", t.name if t.kind != "kGemm" else "cublas_gemm")] += 1
+        elif t.kind in ("kCopy", "kMemset32BitValue", "kMemzero"):
+            c["copy"] += 1
+        elif re.match(r"k(All|Reduce|Collective|Nccl|Ragged)", t.kind):
+            c["collective"] += 1
+    return c
+
+
+# --- Optimized HLO: computations, bytes, and XLA's cost analysis -----------------------------------
+
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
+                "f32": 4, "s64": 8, "u64": 8, "f64": 8, "f8e4m3fn": 1, "f8e5m2": 1}
+_COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "collective-permute", "all-to-all",
+                "ragged-all-to-all")
+# Instructions that only move or reformat data; one of these writing a whole weight or KV cache per
+# step is a copy the decode step should not make.
+_MOVES = {"copy", "pad", "transpose", "concatenate", "broadcast", "slice", "dynamic-slice", "convert",
+          "reverse", "gather"}
+_VIEWS = {"parameter", "constant", "bitcast", "reshape", "get-tuple-element", "tuple", "iota"}
+
+
+def shape_bytes(shape: str) -> int:
+    return sum(_DTYPE_BYTES.get(dt, 4) * int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
+               for dt, dims in re.findall(r"\b([a-z]+\d*[a-z0-9]*)\[([\d,]*)\]", shape))
+
+
+def _split_shape(text: str) -> tuple[str, str]:
+    """'(f32[2], s32[]) tuple(...)' -> ('(f32[2], s32[])', 'tuple(...)'): a shape may be a tuple."""
+    if not text.startswith("("):
+        shape, _, rest = text.partition(" ")
+        return shape, rest
+    depth = 0
+    for i, ch in enumerate(text):
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if depth == 0:
+            return text[: i + 1], text[i + 2:]
+    return text, ""
+
+
+def _dims(shape: str) -> tuple:
+    arrays = re.findall(r"\b[a-z]+\d*[a-z0-9]*\[([\d,]*)\]", shape)
+    return tuple(int(d) for d in arrays[-1].split(",") if d) if arrays else ()
+
+
+@dataclasses.dataclass
+class Instr:
+    name: str
+    shape: str
+    opcode: str
+    line: str
+
+    def called(self, attr: str) -> list[str]:
+        return re.findall(attr + r"=\{?%?([\w.\-]+)", self.line) + (
+            re.findall(r"%([\w.\-]+)", (re.findall(attr + r"=\{([^}]*)\}", self.line) or [""])[0]))
+
+    @property
+    def trip_count(self) -> int | None:
+        n = re.findall(r'"known_trip_count":\{"n":"(\d+)"', self.line)
+        return int(n[0]) if n else None
+
+
+class Hlo:
+    """The optimized HLO of a compiled program, cut into computations (text and instructions)."""
+
+    def __init__(self, compiled):
+        opts = _hlo.HloPrintOptions()
+        opts.print_metadata = False
+        opts.print_large_constants = True  # so that a computation cut out of it parses again
+        self.text = compiled.runtime_executable().hlo_modules()[0].to_string(opts)
+        self.comps, self.instrs, self.entry = {}, {}, None
+        current = None
+        for line in self.text.splitlines():
+            if m := re.match(r"^(ENTRY )?%?([\w.\-]+) .*\{$", line):
+                current = m[2]
+                self.comps[current] = [line[len(m[1] or ""):]]
+                self.instrs[current] = []
+                self.entry = current if m[1] else self.entry
+            elif current is not None:
+                self.comps[current].append(line)
+                if m := re.match(r"^\s+(?:ROOT )?%?([\w.\-]+) = ", line):
+                    shape, rest = _split_shape(line[m.end():])
+                    self.instrs[current].append(Instr(m[1], shape, re.match(r"[\w\-]*", rest)[0], line))
+                if line == "}":
+                    current = None
+        self.by_name = {i.name: i for instrs in self.instrs.values() for i in instrs}
+
+    def callees(self, comp: str) -> set[str]:
+        """Every computation comp calls, transitively (fusions, reducers, loop bodies)."""
+        out, todo = set(), [comp]
+        while todo:
+            for i in self.instrs[todo.pop()]:
+                for attr in ("calls", "to_apply", "body", "condition", "branch_computations", "called_computations"):
+                    for c in i.called(attr):
+                        if c in self.comps and c not in out:
+                            out.add(c)
+                            todo.append(c)
+        return out
+
+    def flat_cost(self, comp: str) -> dict:
+        """XLA's HloCostAnalysis of `comp` cut out as a module of its own. Like the analysis of a
+        whole module, it counts each while loop's body and condition once."""
+        keep = self.callees(comp)
+        parts = ["\n".join(self.comps[c]) for c in self.comps if c in keep]
+        text = "HloModule cut\n\n" + "\n\n".join(parts + ["ENTRY " + "\n".join(self.comps[comp])]) + "\n"
+        module = _hlo.hlo_module_from_text(text)
+        cost = _jax.hlo_module_cost_analysis(jax.devices("cpu")[0].client, module)
+        return {"flops": cost.get("flops", 0.0), "bytes": cost.get("bytes accessed", 0.0)}
+
+    def cost(self, comp: str) -> dict:
+        """flat_cost with each while loop counted its known trip count (1 when unknown)."""
+        total = dict(self.flat_cost(comp))
+        for w in (i for i in self.instrs[comp] if i.opcode == "while"):
+            n = w.trip_count or 1
+            for part in w.called("body") + w.called("condition"):
+                flat, full = self.flat_cost(part), self.cost(part)
+                for k in total:
+                    total[k] += n * full[k] - flat[k]
+        return total
+
+    def walk(self, comp: str, mult: int = 1):
+        """(instruction, executions per run of comp) for comp and the loops it runs (not fusions)."""
+        for i in self.instrs[comp]:
+            yield i, mult
+            if i.opcode == "while":
+                n = i.trip_count or 1
+                for part in i.called("body"):
+                    yield from self.walk(part, mult * n)
+
+    def fused_opcodes(self, i: Instr) -> set[str]:
+        return {j.opcode for c in i.called("calls") for j in self.instrs.get(c, [])} - _VIEWS
+
+
+# --- Kernels --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class KernelCase:
+    label: str  # e.g. "bwd E128 G4 causal T8192 B2"
+    fn: object
+    args: list  # ShapeDtypeStructs without sharding
+
+
+def _sds(*shape, dtype=jnp.bfloat16):
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def _grad(f, n):
+    """The gradient of sum(f(...)) in f32 with respect to its first n arguments."""
+    def loss(*a):
+        out = f(*a)
+        return sum(jnp.sum(o.astype(jnp.float32)) for o in (out if isinstance(out, tuple) else (out,)))
+    return jax.grad(loss, argnums=tuple(range(n)))
+
+
+def flash_case(e, g, causal, t, b=2, grad=False, block_sizes=None) -> KernelCase:
+    """Flash attention with 32 query heads, 32 // g KV heads, head dim e, sequence t, bf16."""
+    f = lambda q, k, v: pk.flash_attention(q, k, v, causal=causal, block_sizes=block_sizes)  # noqa: E731
+    label = f"{'bwd' if grad else 'fwd'} E{e} G{g} {'causal' if causal else 'full'} T{t} B{b}"
+    q, kv = _sds(b, t, 32, e), _sds(b, t, 32 // g, e)  # (B, T, H, E), (B, S, K, E)
+    return KernelCase(label, _grad(f, 3) if grad else f, [q, kv, kv])
+
+
+def decode_case(e, g, s, b) -> KernelCase:
+    f = lambda q, k, v, n: pk.decode_attention(q, k, v, lengths=n)  # noqa: E731
+    return KernelCase(f"decode E{e} G{g} S{s} B{b}", f,
+                      [_sds(b, 32, e), _sds(b, s, 32 // g, e), _sds(b, s, 32 // g, e), _sds(b, dtype=jnp.int32)])
+
+
+def rms_case(n, d, residual) -> KernelCase:
+    if residual:
+        f, args = (lambda x, w, r: pk.rms_norm(x, w, r)), [_sds(n, d), _sds(d), _sds(n, d)]
+    else:
+        f, args = (lambda x, w: pk.rms_norm(x, w)), [_sds(n, d), _sds(d)]
+    return KernelCase(f"rms [{n}, {d}]{' +residual' if residual else ''} fwd+bwd", _grad(f, len(args)), args)
+
+
+def kernel_cases(quick=False) -> list[KernelCase]:
+    """Head dims 64 and 128, GQA groups 1/4/8, causal and not, 1K-128K; decode 1K-128K at batch 1
+    and 8; RMSNorm at [8192, 4096] and [8192, 576] (SmolLM2's width), with and without residual."""
+    if quick:
+        return [flash_case(128, 4, True, 1024), flash_case(128, 8, True, 1024, grad=True),
+                decode_case(128, 4, 8192, 8), rms_case(8192, 4096, True)]
+    cases = [flash_case(e, g, c, 8192) for e in (64, 128) for c in (True, False) for g in (1, 4, 8)]
+    cases += [flash_case(e, 4, True, t, b=2 if t <= 8192 else 1) for e in (64, 128) for t in (1024, 32768, 131072)]
+    cases += [flash_case(e, g, c, 1024, grad=True) for e in (64, 128) for c in (True, False) for g in (1, 8)]
+    cases += [flash_case(e, 4, True, t, b=2 if t <= 8192 else 1, grad=True) for e in (64, 128) for t in (8192, 32768)]
+    cases += [decode_case(128, 4, s, b) for s in (1024, 8192, 32768, 131072) for b in (1, 8)]
+    cases += [decode_case(64, 4, s, b) for s in (8192, 131072) for b in (1, 8)]
+    cases += [decode_case(128, g, 8192, 8) for g in (1, 8)]
+    cases += [rms_case(8192, d, r) for d in (4096, 576) for r in (False, True)]
+    return cases
+
+
+def check_kernel(case: KernelCase, device, dump_root) -> tuple[list[dict], list[Failure]]:
+    """Compiles one case; a row per launch of our kernels, and the failures (compile error, spill)."""
+    dump = Path(dump_root) / re.sub(r"\W+", "_", case.label)
+    args = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=SingleDeviceSharding(device)) for a in case.args]
+    try:
+        _, secs = compile_for(case.fn, args, dump)
+    except Exception as e:  # noqa: BLE001 -- any compile error is a finding
+        return [], [Failure(f"compile: {case.label}", _error_line(e))]
+    stats = ptxas_stats(dump)
+    thunks, _ = read_thunks(dump)
+    rows, fails = [], []
+    for t in _flatten(thunks):
+        if not t.name.startswith(OUR_KERNELS):
+            continue
+        s = stats.get(t.name, {})
+        rows.append(dict(kernel=t.name, case=case.label, grid=t.grid, warps=int(np.prod(t.threads)) // 32,
+                         smem=t.smem, seconds=secs, **s))
+        if s.get("spill_stores") or s.get("spill_loads"):
+            fails.append(Failure(f"spill: {_base(t.name)} in {case.label}", _spills(s)))
+    return rows, fails
+
+
+def _spills(s: dict) -> str:
+    return f"{s['registers']} registers, {s['spill_stores']} B spill stores, {s['spill_loads']} B spill loads"
+
+
+def _flatten(thunks):
+    for t in thunks:
+        yield t
+        yield from _flatten(t.children + t.cond + t.body)
+
+
+def _base(name: str) -> str:
+    return re.sub(r"_+\d+$", "", name)
+
+
+# --- Whole programs -------------------------------------------------------------------------------
+
+
+def programs(config, where, *, batch=1, context=4096, prompt=2048, layout="layers"):
+    """The jitted prefill and decode loop of `config` in bf16 with the Pallas kernels, from abstract
+    parameters. where: a Device (one GPU) or a ('data', 'model') Mesh. layout: "layers" (a list of
+    per-layer blocks, what `Llama` runs by default) or "scan" (stacked layers under lax.scan).
+    Returns [(name, jitted_fn, abstract_args, meta)]; meta["min_bytes"] = (weight bytes, KV bytes)
+    one decode step must read per device, at a full cache of `context` tokens.
+
+    Written against today's API (llama_jax.generate.prefill / decode_chunk). `unstack_layers()`
+    fails under nnx.eval_shape, so the "layers" layout builds per-layer blocks directly."""
+    mesh = where if isinstance(where, Mesh) else None
+    cfg = dataclasses.replace(config, param_dtype="bfloat16", dtype="bfloat16", attention_impl="pallas",
+                              norm_impl="pallas")
+    if mesh is not None:  # as load(): KV heads repeated so that each device holds whole heads
+        cfg = dataclasses.replace(cfg, n_kv_heads=cfg.n_kv_heads * sharding.kv_replication(cfg, mesh.shape["model"]))
+
+    def build():
+        model = Transformer(cfg, rngs=nnx.Rngs(0))
+        if layout == "layers":
+            model.layers = nnx.List([TransformerBlock(cfg, rngs=nnx.Rngs(0)) for _ in range(cfg.n_layers)])
+        return model
+
+    def placed(shape, dtype, spec=None):
+        s = SingleDeviceSharding(where) if mesh is None else NamedSharding(mesh, spec if spec is not None else P())
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=s)
+
+    # Outside any mesh, so that the parameters keep logical axis names (as api._stacked_shardings).
+    graphdef, state = nnx.split(nnx.eval_shape(build))
+    specs = nnx.to_pure_dict(nnx.get_partition_spec(state))
+    def param(spec, a):
+        spec = None if mesh is None else sharding.logical_to_mesh(tuple(spec), a.shape, mesh)
+        return placed(a.shape, a.dtype, spec)
+
+    params = jax.tree.map(param, specs, nnx.to_pure_dict(state), is_leaf=lambda x: isinstance(x, P))
+    nnx.replace_by_pure_dict(state, params)
+
+    b, L, K, E = batch, cfg.n_layers, cfg.n_kv_heads, cfg.head_dim
+    if layout == "scan":
+        kv = placed((L, b, context, K, E), jnp.bfloat16, P(None, *sharding.CACHE_SPEC))
+        cache = KVCache(kv, kv)
+    else:
+        cache = [KVCache(*[placed((b, context, K, E), jnp.bfloat16, sharding.CACHE_SPEC)] * 2) for _ in range(L)]
+    key_type = jax.eval_shape(lambda: jax.random.key(0))
+    key = placed(key_type.shape, key_type.dtype)
+    rows = lambda *shape: placed(shape, jnp.int32, P("data", *(None,) * (len(shape) - 1)))  # noqa: E731
+    sampling = ((True, None), placed((), jnp.float32), None, placed((1,), jnp.int32), placed((), jnp.int32))
+    ds = generate.DecodeState(cache, placed((b,), jnp.int32), rows(b), rows(b), placed((b,), jnp.bool_), key)
+
+    per_device = lambda x: int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize  # noqa: E731
+    weights = sum(per_device(x) for x in jax.tree.leaves(params))
+    if not cfg.tie_embeddings:  # the input embedding is a lookup: a step reads b rows of it
+        emb = params["tok_embeddings"]
+        weights += b * cfg.dim * emb.dtype.itemsize - per_device(emb)
+    meta = dict(config=cfg, batch=b, context=context, layout=layout, mesh=mesh, params=params,
+                min_bytes=(weights, sum(per_device(x) for x in jax.tree.leaves(cache))))
+    # (greedy, top_k), temperature, top_p, stop ids, max_new_tokens: as generate_ids passes them.
+    prefill_args = (graphdef, state, cache, rows(b, prompt), rows(b), key, *sampling)
+    decode_args = (graphdef, state, ds, sampling[0], *sampling[1:])
+    return [("prefill", generate.prefill, prefill_args, dict(meta, kind="prefill", prompt=prompt)),
+            ("decode", generate.decode_chunk, decode_args, dict(meta, kind="decode"))]
+
+
+def analyse_program(name, fn, args, meta, dump) -> tuple[dict, list[Failure]]:
+    """Compiles one program and reads its figures; for a decode loop, those of one step (the body
+    of the entry computation's while loop), with the loops inside it counted their trip counts.
+    Returns (row for the report, failures)."""
+    try:
+        t0 = time.perf_counter()
+        with (jax.set_mesh(meta["mesh"]) if meta["mesh"] is not None else contextlib.nullcontext()):
+            compiled = fn.trace(*args).lower().compile(
+                compiler_options={"xla_dump_to": str(dump), "xla_dump_hlo_as_text": True})
+        secs = time.perf_counter() - t0
+    except Exception as e:  # noqa: BLE001
+        return dict(name=name, error=_error_line(e)), [Failure(f"compile: {name}", _error_line(e))]
+    hlo = Hlo(compiled)
+    thunks, thunk_names = read_thunks(dump)
+    trip = lambda t: hlo.by_name.get(thunk_names.get(t.id, ""), Instr("", "", "", "")).trip_count or 1  # noqa: E731
+    fails = [Failure(f"spill: {_base(k)} in {name}", _spills(s))
+             for k, s in ptxas_stats(dump).items() if s["spill_stores"] or s["spill_loads"]]
+    row = dict(name=name, seconds=secs, kind=meta["kind"], layers=meta["config"].n_layers,
+               **{k: meta.get(k) for k in ("batch", "context", "prompt")})
+    if meta["kind"] != "decode":
+        cost, count = hlo.cost(hlo.entry), launches(thunks, trip)
+        row.update(cost=cost, launches=count)
+        return row, fails
+
+    loop = next(i for i in hlo.instrs[hlo.entry] if i.opcode == "while")
+    body, cond = loop.called("body")[0], loop.called("condition")[0]
+    cost = {k: hlo.cost(body)[k] + hlo.cost(cond)[k] for k in ("flops", "bytes")}
+    loop_thunk = next(t for t in thunks if t.kind == "kWhile" and thunk_names.get(t.id) == loop.name)
+    count = launches(loop_thunk.body, trip) + launches(loop_thunk.cond, trip)
+    w_bytes, kv_bytes = meta["min_bytes"]
+    minimum = w_bytes + kv_bytes
+    row.update(cost=cost, launches=count, minimum=minimum, ratio=cost["bytes"] / minimum)
+    if row["ratio"] > BYTES_SLACK:
+        fails.append(Failure(f"bytes: {name}", f"{_gb(cost['bytes'])} per step, minimum {_gb(minimum)} (weights "
+                             f"{_gb(w_bytes)} + KV {_gb(kv_bytes)}): {row['ratio']:.2f}x > {BYTES_SLACK}x"))
+
+    # Thresholds: a whole weight matrix (full size, for collectives; per device, for copies) or one
+    # layer's K (or V) cache per device.
+    stacked = meta["layout"] == "scan"  # then the parameters under "layers" lead with the layer axis
+    mats = [(x.shape[1:], x.sharding.shard_shape(x.shape)[1:], x.dtype) if stacked and path.startswith("layers")
+            else (x.shape, x.sharding.shard_shape(x.shape), x.dtype) for path, x in _named_leaves(meta["params"])]
+    full_min = min(int(np.prod(full)) * dt.itemsize for full, _, dt in mats if len(full) >= 2)
+    shard_min = min(int(np.prod(shard)) * dt.itemsize for full, shard, dt in mats if len(full) >= 2)
+    layer_kv = kv_bytes // (2 * meta["config"].n_layers)
+    # {(what, op, shape, bytes): executions per step} of collectives, copies and other large writes.
+    found = row["found"] = collections.Counter()
+    for i, n in hlo.walk(body):
+        op = i.opcode.removesuffix("-start")
+        if op in _COLLECTIVES:
+            out = re.findall(r"[a-z]+\d*\[[\d,]*\]", i.shape)[-1]  # an all-gather-start's shape ends with its output
+            found[("collective", op, out, shape_bytes(out))] += n
+            continue
+        size = shape_bytes(i.shape)
+        if i.opcode in _VIEWS | {"while", "custom-call"} or i.opcode.endswith("-done"):
+            continue
+        if size < min(shard_min, layer_kv):
+            continue
+        fused = hlo.fused_opcodes(i) if i.opcode == "fusion" else {i.opcode}
+        if fused & {"dynamic-update-slice", "scatter"}:
+            continue  # written in place: only the update moves
+        label = i.opcode if i.opcode != "fusion" else "fusion{" + ",".join(sorted(fused)) + "}"
+        found[("copy" if fused <= _MOVES else "large write", label, re.sub(r"\{[\d,]*\}", "", i.shape), size)] += n
+
+    for (what, op, shape, size), n in found.items():
+        if what == "collective" and size >= full_min:
+            dims = tuple(d for d in _dims(shape) if d > 1)
+            match = [p for p, x in _named_leaves(meta["params"]) if tuple(x.shape[-len(dims):]) == dims]
+            whole = f" (the whole {match[0]})" if match else ""
+            fails.append(Failure(f"collective: {name}: {op} {shape}", f"{size / 1e6:.1f} MB, {n} per step{whole}"))
+        elif what == "copy":
+            fails.append(Failure(f"copy: {name}: {op} {shape}", f"{size / 1e6:.1f} MB, {n} per step"))
+    return row, fails
+
+
+def _named_leaves(tree):
+    """[(path like 'layers/0/attention/wq', leaf)]."""
+    return [("/".join(str(getattr(k, "key", k)) for k in path), x)
+            for path, x in jax.tree_util.tree_leaves_with_path(tree)]
+
+
+def program_specs(quick=False):
+    """(label, config, n_gpus, layout, which) for each program compiled; 'which' picks prefill/decode.
+    The decode checks apply to the "layers" layout (what `Llama` runs); the opt-in scanned layout
+    (`unstack_layers=False`) is compiled and reported, checked only for compile errors and spills."""
+    one, eight = llama_jax.LLAMA3_2_1B, llama_jax.LLAMA3_1_8B
+    specs = [("Llama 3.2 1B", one, 1, "layers", ("prefill", "decode"))]
+    if quick:
+        return specs
+    return specs + [("Llama 3.2 1B", one, 1, "scan", ("decode",)),
+                    ("Llama 3.1 8B", eight, 1, "layers", ("prefill", "decode")),
+                    ("Llama 3.1 8B", eight, 1, "scan", ("decode",)),
+                    ("Llama 3.1 8B tp=8", eight, 8, "layers", ("prefill", "decode")),
+                    ("Llama 3.1 8B tp=8", eight, 8, "scan", ("decode",))]
+
+
+# --- The report -----------------------------------------------------------------------------------
+
+
+def _gb(x):
+    return f"{x / 1e9:.3f} GB"
+
+
+def report(kernel_rows, program_rows, failures, expected, args, total_s) -> str:
+    versions = ", ".join(f"{p} {_version(p)}" for p in ("jax", "jaxlib", "jax-cuda12-plugin", "flax"))
+    cmd = " ".join(["python benchmarks/gpu_compile.py"] + [f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+                                                           for k, v in vars(args).items() if v and k != "dump_dir"])
+    out = ["# Compiled for an H100, without a GPU", "",
+           f"Generated by `{cmd}` (`make gpu-check`) on {datetime.date.today()}: {versions}, ptxas "
+           f"{ptxas_version()}; target `benchmarks/gpu/h100_sxm.txtpb` (sm_90a). Compile and analysis took "
+           f"{total_s:.0f} s on this host. Do not edit by hand.", ""]
+    out += [f"## Failures ({len(failures)})", ""]
+    out += [f"- {f.key}: {f.detail}" + (" *(known: listed in --expected)*" if f.key in expected else "")
+            for f in failures] or ["None."]
+    first = lambda key: next((r[key] for r in program_rows if r.get(key)), "?")  # noqa: E731
+    out += ["", "## Programs", "",
+            f"bf16, Pallas kernels, batch {first('batch')}, a KV cache of {first('context')} tokens, prefill of "
+            f"{first('prompt')} tokens. Decode rows: one step "
+            "(the decode loop's body); prefill rows: the whole program. *layers*: a list of per-layer "
+            "blocks (what `Llama` runs by default); *scan*: stacked layers under `lax.scan`.", "",
+            "| program | compile s | kernels (per layer) | memcpys | collectives | GFLOP | bytes accessed | "
+            "roofline ms | minimum bytes | bytes / minimum |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in program_rows:
+        if "error" in r:
+            out.append(f"| {r['name']} | error | | | | | | | | |")
+            continue
+        c, n = r["cost"], r["launches"]
+        roof = max(c["flops"] / H100_FLOPS, c["bytes"] / H100_BYTES_PER_S) * 1e3
+        mins = (_gb(r["minimum"]), f"{r['ratio']:.3f}") if "minimum" in r else ("", "")
+        moved = sum(k[3] * m for k, m in r.get("found", {}).items() if k[0] == "collective")
+        coll = f"{n['collective']}" + (f" ({moved / 1e6:.1f} MB)" if moved else "")
+        kernels = f"{n['kernel']} ({n['kernel'] / r['layers']:.1f})"
+        out.append(f"| {r['name']} | {r['seconds']:.1f} | {kernels} | {n['copy']} | {coll} | {c['flops'] / 1e9:.1f} | "
+                   f"{_gb(c['bytes'])} | {roof:.3f} | {mins[0]} | {mins[1]} |")
+    for r in program_rows:
+        if r.get("found"):
+            note = "" if r["checked"] else " (reported, not checked)"
+            out += ["", f"**{r['name']}**, per decode step{note}:"]
+            for what in ("collective", "copy", "large write"):
+                top = sorted(((k, n) for k, n in r["found"].items() if k[0] == what), key=lambda e: -e[0][3] * e[1])
+                out += [f"- {what}: {op} {s}, {b / 1e6:.3f} MB, {n} per step" for (_, op, s, b), n in top[:6]]
+    out += ["", "## Kernels", "",
+            "Every launch of our Pallas kernels in each compiled case (bwd cases run the forward too). "
+            "Registers, spills and stack from `ptxas -v -arch=sm_90a`; grid, warps and dynamic shared "
+            "memory from XLA's thunk sequence.", "",
+            "| kernel | case | registers | spill st/ld B | stack B | shared KB | grid | warps | compile s |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for r in kernel_rows:
+        out.append(f"| {_base(r['kernel'])} | {r['case']} | {r.get('registers', '?')} | {r.get('spill_stores', '?')}/"
+                   f"{r.get('spill_loads', '?')} | {r.get('stack', '?')} | {r['smem'] / 1024:.1f} | "
+                   f"{'x'.join(map(str, r['grid']))} | {r['warps']} | {r['seconds']:.2f} |")
+    out += ["", "## Method", "", METHOD]
+    return "\n".join(out) + "\n"
+
+
+METHOD = """\
+- **Target.** `jax.experimental.topologies.get_topology_desc(platform="cuda", target_config=...,
+  topology="1x1x1")` (or `"1x1x8"`: one host, 8 GPUs, a `(1, 8)` `('data', 'model')` mesh) with the
+  project's `GpuTargetConfigProto` of an H100 SXM. Arguments are `ShapeDtypeStruct`s sharded on its
+  devices; `jit(f).trace(...).lower().compile(compiler_options={"xla_dump_to": ...})` runs XLA's GPU
+  pipeline; the kernels pick their compiled branch through `lax.platform_dependent`. XLA cannot
+  autotune without a GPU, so its GEMM tilings are defaults.
+- **Kernels.** `ptxas -v -arch=sm_90a` on each dumped PTX whose entry is one of ours; the thunk
+  sequence gives each launch's grid, threads (warps = threads / 32) and dynamic shared memory.
+- **Bytes and FLOPs** come from XLA's HloCostAnalysis (`_jax.hlo_module_cost_analysis`
+  on the compiled, per-device module; `compiled.cost_analysis()` is unimplemented for this target).
+  It counts a while loop's body once, a Pallas call as its operand and output bytes with 0 FLOPs,
+  and a dynamic-update-slice as the update only. To get one decode step, the decode loop's body
+  (and condition) is cut out of the optimized HLO as a module of its own and analysed; each loop
+  inside it (the layer scan) is then counted its known trip count: cost = flat cost + (n - 1) x
+  body cost. Prefill: the whole module, loops counted the same way.
+- **Minimum bytes of a decode step, per device**: every parameter shard (of an untied input
+  embedding only the looked-up rows) plus the whole KV cache shard (K and V, every layer) at the
+  cache length, which the decode kernel reads as an operand. Roofline = max(FLOPs / 989 TFLOP/s,
+  bytes / 3.35 TB/s).
+- **Kernels per step**: launches in the decode loop's thunks (kernels, memcpys, collectives), loops
+  inside counted their trip counts; per layer = step / layers.
+- **Checks**: a compile error; any spill in our kernels (kernel cases and programs); a decode step
+  reading more than 5% over the minimum; a collective in the decode step whose output is as large as
+  a whole weight matrix; an instruction in the decode step that only moves data (copy, pad,
+  broadcast, slice, convert, ...) writing at least a weight shard or one layer's KV cache shard.
+  *Large writes* list other big per-step outputs (e.g. f32 products of a matrix-vector multiply)."""
+
+
+def _version(pkg):
+    try:
+        return importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+        return "?"
+
+
+def read_expected(path) -> set[str]:
+    """The failure keys listed in path, one a line ('#' starts a comment)."""
+    return {l.strip() for l in Path(path).read_text().splitlines() if l.strip() and not l.startswith("#")}
+
+
+def _progress(line: str, fails) -> None:
+    print(line + "".join(f"\n  FAIL {f.key}: {f.detail}" for f in fails), flush=True)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="a few kernels and the 1B programs only")
+    ap.add_argument("--out", help="write the markdown report here (e.g. docs/GPU_COMPILE.md)")
+    ap.add_argument("--no-fail", action="store_true", help="exit 0 even with failures (still listed)")
+    ap.add_argument("--expected", help="a file of known failure keys (e.g. benchmarks/gpu/expected_failures.txt): "
+                    "those do not fail the run, but one that no longer happens does")
+    ap.add_argument("--dump-dir", help="keep XLA's dumps here (default: a temporary directory)")
+    args = ap.parse_args(argv)
+    t_start = time.perf_counter()
+    dump_root = Path(args.dump_dir or tempfile.mkdtemp(prefix="gpu_compile_"))
+    failures, kernel_rows, program_rows = [], [], []
+
+    device = h100(1).devices[0]
+    for case in kernel_cases(args.quick):
+        rows, fails = check_kernel(case, device, dump_root / "kernels")
+        kernel_rows += rows
+        failures += fails
+        _progress(f"kernel {case.label}: {rows[0]['seconds'] if rows else 0:.2f} s", fails)
+
+    for label, config, n_gpus, layout, which in program_specs(args.quick):
+        topo = h100(n_gpus)
+        where = topo.devices[0] if n_gpus == 1 else Mesh(np.array(topo.devices).reshape(1, n_gpus), ("data", "model"))
+        for kind, fn, fargs, meta in programs(config, where, layout=layout):
+            if kind not in which:
+                continue
+            name = f"{label} {kind} ({layout})"
+            row, fails = analyse_program(name, fn, fargs, meta, dump_root / "programs" / re.sub(r"\W+", "_", name))
+            row["checked"] = layout == "layers"
+            if not row["checked"]:
+                fails = [f for f in fails if f.key.startswith(("compile", "spill"))]
+            program_rows.append(row)
+            failures += fails
+            _progress(f"program {name}: {row.get('seconds', 0):.1f} s", fails)
+
+    total = time.perf_counter() - t_start
+    if not args.dump_dir:
+        shutil.rmtree(dump_root, ignore_errors=True)
+    expected = read_expected(args.expected) if args.expected else set()
+    if args.out:
+        Path(args.out).write_text(report(kernel_rows, program_rows, failures, expected, args, total))
+    seen = {f.key for f in failures}
+    unexpected = [f for f in failures if f.key not in expected]
+    fixed = sorted(expected - seen) if not args.quick else []
+    print(f"\n{len(kernel_rows)} kernel launches, {len(program_rows)} programs, {total:.0f} s; "
+          f"{len(failures)} failures ({len(failures) - len(unexpected)} expected)")
+    for f in unexpected:
+        print(f"FAIL {f.key}: {f.detail}")
+    for k in fixed:
+        print(f"FIXED (remove it from {args.expected}): {k}")
+    return 0 if args.no_fail or not (unexpected or fixed) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
