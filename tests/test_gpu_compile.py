@@ -1,0 +1,90 @@
+"""The H100 compile check (`make gpu-check`, benchmarks/gpu_compile.py) can fail, and reads what it
+claims to: registers and spills from ptxas, launches from the thunk sequence, and the bytes of one
+decode step from XLA's cost analysis.
+
+Needs the gpu-check extra (jax-cuda12-plugin and ptxas), so plain `make test` skips this file;
+`make gpu-check` runs it alone in its own venv.
+"""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # before jax starts: the CUDA plugin would look for a GPU
+
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+pytest.importorskip("jax_cuda12_plugin")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import gpu_compile  # noqa: E402
+import pallas_kernels as pk  # noqa: E402
+from llama_jax import LlamaConfig  # noqa: E402
+
+# Small and prime-ish where the kernels allow it (head dim 32: Triton tiles are powers of two).
+TINY = LlamaConfig(vocab_size=509, dim=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=352, max_seq_len=256)
+TOO_BIG = pk.FlashBlockSizes(block_q=512, block_k=512, num_warps=8)  # 512x128 bf16 tiles, pipelined
+
+
+@pytest.fixture(scope="module")
+def h100():
+    return gpu_compile.h100(1).devices[0]
+
+
+def test_tiles_that_do_not_fit_fail_the_check(monkeypatch, capsys, tmp_path):
+    bad = gpu_compile.flash_case(128, 4, True, 1024, block_sizes=TOO_BIG)
+    monkeypatch.setattr(gpu_compile, "kernel_cases", lambda quick: [bad])
+    monkeypatch.setattr(gpu_compile, "program_specs", lambda quick: [])
+    out = tmp_path / "report.md"
+
+    assert gpu_compile.main(["--quick", "--out", str(out), "--dump-dir", str(tmp_path / "dump")]) == 1
+    fails = [l for l in capsys.readouterr().out.splitlines() if l.startswith("FAIL")]
+    assert len(fails) == 1, fails
+    assert fails[0].startswith(f"FAIL compile: {bad.label}: RESOURCE_EXHAUSTED: Shared memory size limit exceeded")
+    assert "## Failures (1)" in out.read_text()
+    # Known (listed) failures do not fail the run.
+    known = tmp_path / "expected.txt"
+    known.write_text(f"# known\ncompile: {bad.label}\n")
+    assert gpu_compile.main(["--quick", "--expected", str(known), "--dump-dir", str(tmp_path / "dump2")]) == 0
+
+
+def test_a_small_kernel_compiles_with_registers_and_no_spills(h100, tmp_path):
+    case = gpu_compile.flash_case(64, 4, True, 1024)
+    rows, fails = gpu_compile.check_kernel(case, h100, tmp_path)
+    assert fails == []
+    [row] = rows
+    assert row["kernel"] == "flash_attention_fwd"
+    assert 0 < row["registers"] <= 255
+    assert row["spill_stores"] == row["spill_loads"] == 0
+    assert row["warps"] >= 1 and row["smem"] > 0 and row["grid"][1:] == (2, 32)  # (q blocks, B, H)
+
+
+def test_a_tiny_program_gets_its_decode_figures(h100, tmp_path):
+    [prefill, decode] = gpu_compile.programs(TINY, h100, batch=1, context=256, prompt=64)
+    name, fn, args, meta = decode
+    assert name == "decode"
+    # Minimum bytes, by hand: every weight (of the untied input embedding, one row) and the cache.
+    d, f, kv, v, L = 128, 352, 2 * 32, 509, 2
+    per_layer = 2 * d * d + 2 * d * kv + 3 * d * f + 2 * d
+    assert meta["min_bytes"] == (2 * (L * per_layer + d + d * v + d), 2 * (L * 2 * 256 * kv))
+
+    row, fails = gpu_compile.analyse_program("tiny decode", fn, args, meta, tmp_path / "decode")
+    assert not [f for f in fails if f.key.startswith(("compile", "spill"))], fails
+    assert 1.0 <= row["ratio"] < 5, row["ratio"]  # the step reads at least the weights and the cache
+    assert row["cost"]["flops"] >= meta["min_bytes"][0]  # a multiply-add (2 FLOPs) per bf16 weight (2 bytes)
+    kernels = row["launches"]
+    assert kernels["kernel"] > 0
+    attention = sum(n for k, n in kernels.items() if isinstance(k, tuple) and k[1].startswith("decode_attention"))
+    assert attention == TINY.n_layers  # one decode-attention launch per layer and step
+
+
+def test_a_scanned_decode_counts_every_layer(h100, tmp_path):
+    # HLO cost analysis counts a while loop's body once; the harness multiplies the layer scan by
+    # its trip count, so one step still reads every layer's weights.
+    [_, (_, fn, args, meta)] = gpu_compile.programs(TINY, h100, batch=1, context=256, prompt=64, layout="scan")
+    row, _ = gpu_compile.analyse_program("tiny decode (scan)", fn, args, meta, tmp_path / "scan")
+    assert row["cost"]["bytes"] >= meta["min_bytes"][0]
+    attention = sum(n for k, n in row["launches"].items() if isinstance(k, tuple) and k[1].startswith("decode_attention"))
+    assert attention == TINY.n_layers
