@@ -44,7 +44,7 @@ from flax import nnx
 from jax._src.lib import _jax  # XLA's HLO cost analysis: a private API, pinned by the gpu-check extra
 from jax.experimental import topologies
 from jaxlib import _hlo
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSharding
+from jax.sharding import Mesh, PartitionSpec as P, SingleDeviceSharding
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout
@@ -52,7 +52,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout
 import llama_jax  # noqa: E402
 import pallas_kernels as pk  # noqa: E402
 from llama_jax import generate, sharding  # noqa: E402
-from llama_jax.model import KVCache, Transformer, TransformerBlock  # noqa: E402
+from llama_jax.model import CACHE_AXES, KVCache, Transformer  # noqa: E402
 
 TARGET = ROOT / "benchmarks" / "gpu" / "h100_sxm.txtpb"
 OUR_KERNELS = ("flash_attention_fwd", "flash_attention_dq", "flash_attention_dkv", "decode_attention",
@@ -426,50 +426,46 @@ def _base(name: str) -> str:
 
 def programs(config, where, *, batch=1, context=4096, prompt=2048, layout="layers"):
     """The jitted prefill and decode loop of `config` in bf16 with the Pallas kernels, from abstract
-    parameters. where: a Device (one GPU) or a ('data', 'model') Mesh. layout: "layers" (a list of
-    per-layer blocks, what `Llama` runs by default) or "scan" (stacked layers under lax.scan).
-    Returns [(name, jitted_fn, abstract_args, meta)]; meta["min_bytes"] = (weight bytes, KV bytes)
-    one decode step must read per device, at a full cache of `context` tokens.
+    parameters. where: a Device (one GPU) or a ('data', 'model') Mesh. layout: "layers" (per-layer
+    arrays after `unstack_layers()`, what `Llama` runs by default) or "scan" (stacked layers under
+    lax.scan). Returns [(name, jitted_fn, abstract_args, meta)]; meta["min_bytes"] = (weight bytes,
+    KV bytes) one decode step must read per device, with a full cache of `context` tokens.
 
-    Written against today's API (llama_jax.generate.prefill / decode_chunk). `unstack_layers()`
-    fails under nnx.eval_shape, so the "layers" layout builds per-layer blocks directly."""
+    The one place that knows the generation API (llama_jax.generate.prefill / decode_chunk, as
+    generate_ids calls them): change it with that API."""
     mesh = where if isinstance(where, Mesh) else None
     cfg = dataclasses.replace(config, param_dtype="bfloat16", dtype="bfloat16", attention_impl="pallas",
                               norm_impl="pallas")
     if mesh is not None:  # as load(): KV heads repeated so that each device holds whole heads
-        cfg = dataclasses.replace(cfg, n_kv_heads=cfg.n_kv_heads * sharding.kv_replication(cfg, mesh.shape["model"]))
+        r = sharding.kv_replication(cfg, sharding.axis_size("kv_heads", mesh))
+        cfg = dataclasses.replace(cfg, n_kv_heads=cfg.n_kv_heads * r)
+    place = (lambda axes, shape: SingleDeviceSharding(where)) if mesh is None else sharding.placement(mesh)
 
-    def build():
-        model = Transformer(cfg, rngs=nnx.Rngs(0))
-        if layout == "layers":
-            model.layers = nnx.List([TransformerBlock(cfg, rngs=nnx.Rngs(0)) for _ in range(cfg.n_layers)])
-        return model
+    def sds(shape, dtype, axes=None):  # an abstract array on the target, from logical axes
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=place(axes or (None,) * len(shape), shape))
 
-    def placed(shape, dtype, spec=None):
-        s = SingleDeviceSharding(where) if mesh is None else NamedSharding(mesh, spec if spec is not None else P())
-        return jax.ShapeDtypeStruct(shape, dtype, sharding=s)
-
-    # Outside any mesh, so that the parameters keep logical axis names (as api._stacked_shardings).
-    graphdef, state = nnx.split(nnx.eval_shape(build))
+    model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    if layout == "layers":
+        model.unstack_layers()
+    graphdef, state = nnx.split(model)
     specs = nnx.to_pure_dict(nnx.get_partition_spec(state))
-    def param(spec, a):
-        spec = None if mesh is None else sharding.logical_to_mesh(tuple(spec), a.shape, mesh)
-        return placed(a.shape, a.dtype, spec)
-
-    params = jax.tree.map(param, specs, nnx.to_pure_dict(state), is_leaf=lambda x: isinstance(x, P))
+    params = jax.tree.map(lambda spec, a: sds(a.shape, a.dtype, tuple(spec)), specs, nnx.to_pure_dict(state),
+                          is_leaf=lambda x: isinstance(x, P))
     nnx.replace_by_pure_dict(state, params)
 
     b, L, K, E = batch, cfg.n_layers, cfg.n_kv_heads, cfg.head_dim
     if layout == "scan":
-        kv = placed((L, b, context, K, E), jnp.bfloat16, P(None, *sharding.CACHE_SPEC))
+        kv = sds((L, b, context, K, E), jnp.bfloat16, ("layers", *CACHE_AXES))
         cache = KVCache(kv, kv)
     else:
-        cache = [KVCache(*[placed((b, context, K, E), jnp.bfloat16, sharding.CACHE_SPEC)] * 2) for _ in range(L)]
+        kv = sds((b, context, K, E), jnp.bfloat16, CACHE_AXES)
+        cache = [KVCache(kv, kv) for _ in range(L)]
     key_type = jax.eval_shape(lambda: jax.random.key(0))
-    key = placed(key_type.shape, key_type.dtype)
-    rows = lambda *shape: placed(shape, jnp.int32, P("data", *(None,) * (len(shape) - 1)))  # noqa: E731
-    sampling = ((True, None), placed((), jnp.float32), None, placed((1,), jnp.int32), placed((), jnp.int32))
-    ds = generate.DecodeState(cache, placed((b,), jnp.int32), rows(b), rows(b), placed((b,), jnp.bool_), key)
+    key = sds(key_type.shape, key_type.dtype)
+    rows = lambda *shape: sds(shape, jnp.int32, ("batch", *(None,) * (len(shape) - 1)))  # noqa: E731
+    # (greedy, top_k), temperature, top_p, stop ids, max_new_tokens: as generate_ids passes them.
+    sampling = ((True, None), sds((), jnp.float32), None, sds((1,), jnp.int32), sds((), jnp.int32))
+    ds = generate.DecodeState(cache, sds((b,), jnp.int32), rows(b), rows(b), sds((b,), jnp.bool_), key)
 
     per_device = lambda x: int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize  # noqa: E731
     weights = sum(per_device(x) for x in jax.tree.leaves(params))
@@ -478,9 +474,8 @@ def programs(config, where, *, batch=1, context=4096, prompt=2048, layout="layer
         weights += b * cfg.dim * emb.dtype.itemsize - per_device(emb)
     meta = dict(config=cfg, batch=b, context=context, layout=layout, mesh=mesh, params=params,
                 min_bytes=(weights, sum(per_device(x) for x in jax.tree.leaves(cache))))
-    # (greedy, top_k), temperature, top_p, stop ids, max_new_tokens: as generate_ids passes them.
     prefill_args = (graphdef, state, cache, rows(b, prompt), rows(b), key, *sampling)
-    decode_args = (graphdef, state, ds, sampling[0], *sampling[1:])
+    decode_args = (graphdef, state, ds, *sampling)
     return [("prefill", generate.prefill, prefill_args, dict(meta, kind="prefill", prompt=prompt)),
             ("decode", generate.decode_chunk, decode_args, dict(meta, kind="decode"))]
 
@@ -707,7 +702,13 @@ def main(argv=None) -> int:
     for label, config, n_gpus, layout, which in program_specs(args.quick):
         topo = h100(n_gpus)
         where = topo.devices[0] if n_gpus == 1 else Mesh(np.array(topo.devices).reshape(1, n_gpus), ("data", "model"))
-        for kind, fn, fargs, meta in programs(config, where, layout=layout):
+        try:
+            built = programs(config, where, layout=layout)
+        except Exception as e:  # noqa: BLE001 -- e.g. the generation API changed under programs()
+            failures.append(Failure(f"build: {label} ({layout})", _error_line(e)))
+            _progress(f"program {label} ({layout}): not built", failures[-1:])
+            continue
+        for kind, fn, fargs, meta in built:
             if kind not in which:
                 continue
             name = f"{label} {kind} ({layout})"
