@@ -48,7 +48,7 @@ class Llama:
 
     def init_cache(self, batch: int, max_len: int):
         """A zero KV cache for `batch` sequences of up to `max_len` tokens, on the mesh when sharded
-        (batch over 'data', KV heads over 'model')."""
+        (split by batch and KV heads, as llama_jax.sharding says)."""
         return gen.init_cache(self.graphdef, self.state, batch, max_len, self.mesh)
 
     @property
