@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo clean
+.PHONY: install test demo gpu-check clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -28,5 +28,23 @@ demo: $(STAMP)
 	$(VENV)/bin/llama-jax generate --prompt "The capital of France is" --max-new-tokens 24
 	printf 'What is the capital of France? Answer in one sentence.\n' | $(VENV)/bin/llama-jax chat
 
+# Compile every kernel and the Llama programs for an H100, with no GPU (benchmarks/gpu_compile.py),
+# and regenerate docs/GPU_COMPILE.md. Its own venv: with the CUDA plugin installed, every plain
+# `import jax` prints an "Unable to load CUDA" traceback before falling back to the CPU.
+GPU_VENV ?= .venv-gpu-check
+GPU_PY := $(GPU_VENV)/bin/python
+GPU_STAMP := $(GPU_VENV)/.installed
+
+$(GPU_STAMP): pyproject.toml
+	python3 -m venv $(GPU_VENV)
+	$(GPU_PY) -m pip install -q --upgrade pip
+	$(GPU_PY) -m pip install -q -e '.[gpu-check]'
+	touch $(GPU_STAMP)
+
+gpu-check: $(GPU_STAMP)
+	JAX_PLATFORMS=cpu $(GPU_PY) -m pytest -q -p no:cacheprovider tests/test_gpu_compile.py
+	JAX_PLATFORMS=cpu $(GPU_PY) benchmarks/gpu_compile.py --out docs/GPU_COMPILE.md \
+		--expected benchmarks/gpu/expected_failures.txt $(GPU_CHECK_ARGS)
+
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(GPU_VENV)
