@@ -131,7 +131,7 @@ class Llama:
 
 
 def load(path: str | os.PathLike, *, dtype=None, mesh=None, attention_impl: str = "auto",
-         norm_impl: str = "auto", unstack_layers: bool = True) -> Llama:
+         norm_impl: str = "auto", prefill_chunk: int | None = None, unstack_layers: bool = True) -> Llama:
     """Loads a model directory: a Hugging Face one (config.json with model.safetensors, or shards
     with model.safetensors.index.json) or one made by `llama-jax convert` (Orbax).
 
@@ -139,13 +139,14 @@ def load(path: str | os.PathLike, *, dtype=None, mesh=None, attention_impl: str 
     bfloat16 on GPU. mesh: a ('data', 'model') mesh from `make_mesh`; each parameter goes straight
     onto its sharding (from Orbax each device reads only its shard). attention_impl ("auto", "xla",
     "pallas", "cudnn") and norm_impl ("auto", "xla", "pallas") choose the kernels; "auto" is pallas
-    on GPU and xla on CPU."""
+    on GPU and xla on CPU. prefill_chunk: prompt tokens per prefill step (a multiple of 16; None:
+    512 on CPU, 2048 on GPU); a longer prompt is prefilled chunk by chunk at bounded memory."""
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: no such model directory")
     dtype = jnp.dtype(dtype or default_dtype()).name
     tp = 1 if mesh is None else sharding.axis_size("kv_heads", mesh)
-    impls = dict(attention_impl=attention_impl, norm_impl=norm_impl)
+    impls = dict(attention_impl=attention_impl, norm_impl=norm_impl, prefill_chunk=prefill_chunk)
     if orbax_io.is_converted(path):
         config = dataclasses.replace(orbax_io.read_config(path), param_dtype=dtype, dtype=dtype, **impls)
         r = sharding.kv_replication(config, tp)

@@ -19,6 +19,13 @@ def default_dtype() -> str:
     return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
+def default_prefill_chunk() -> int:
+    """Prompt tokens per prefill chunk: 512 on CPU, 2048 on accelerators (see docs/PERFORMANCE.md)."""
+    import jax
+
+    return 512 if jax.default_backend() == "cpu" else 2048
+
+
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
     """Llama 3.1 frequency scaling ("rope_type": "llama3")."""
@@ -51,6 +58,8 @@ class LlamaConfig:
     # Kernel choice, fixed at load time: "auto" is pallas on GPU and xla on CPU.
     attention_impl: str = "auto"
     norm_impl: str = "auto"
+    # Prompt tokens per prefill chunk (a multiple of 16); None picks the backend's default.
+    prefill_chunk: int | None = None
 
     def __post_init__(self):
         if self.head_dim is None:
@@ -72,13 +81,18 @@ class LlamaConfig:
                 raise ValueError(f"LlamaConfig.{name} must be one of {_DTYPES}, got {getattr(self, name)!r}")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
+        if self.prefill_chunk is not None and (not isinstance(self.prefill_chunk, int) or self.prefill_chunk < 16
+                                               or self.prefill_chunk % 16):
+            raise ValueError(f"prefill_chunk must be a positive multiple of 16 (the kernels' smallest tile), "
+                             f"got {self.prefill_chunk!r}")
         if self.norm_impl not in NORM_IMPLS:
             raise ValueError(f"norm_impl must be one of {NORM_IMPLS}, got {self.norm_impl!r}")
 
     def resolved(self) -> "LlamaConfig":
-        """This config with concrete dtypes: None becomes the backend's default."""
+        """This config with concrete dtypes and prefill chunk: None becomes the backend's default."""
         return dataclasses.replace(self, param_dtype=self.param_dtype or default_dtype(),
-                                   dtype=self.dtype or default_dtype())
+                                   dtype=self.dtype or default_dtype(),
+                                   prefill_chunk=self.prefill_chunk or default_prefill_chunk())
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -79,20 +79,57 @@ class DecodeState(NamedTuple):
     key: jax.Array
 
 
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=(2, 6))
+def prefill_chunk(graphdef, state, cache, tokens, start, lengths, last):
+    """One chunk of a chunked prefill: tokens [B, C] at positions start..start+C-1 (start a traced
+    int32 scalar, so every chunk of a prompt runs the same program) write their keys and values
+    into the cache and attend to everything before them. last [B, D]: each row's final hidden
+    state at its last prompt token (position lengths - 1), taken from this chunk where it falls in
+    it. Returns (cache, last)."""
+    b, c = tokens.shape
+    positions = start + jnp.broadcast_to(jnp.arange(c, dtype=jnp.int32), (b, c))
+    x, cache = nnx.merge(graphdef, state).hidden(tokens, positions, cache=cache)  # (B, C, D)
+    i = lengths - 1 - start  # (B,): each row's last prompt token, within this chunk
+    x_last = jnp.take_along_axis(x, jnp.clip(i, 0, c - 1)[:, None, None], axis=1)[:, 0]  # (B, D)
+    return cache, jnp.where(((i >= 0) & (i < c))[:, None], x_last, last)
+
+
 @functools.partial(jax.jit, static_argnums=(0, 6), donate_argnums=(2,))
-def prefill(graphdef, state, cache, tokens, lengths, key, sampling_static, temperature, top_p, stop_ids,
-            max_new_tokens):
-    """Runs the padded prompts tokens [B, T] (valid lengths [B]) through the model, filling the
-    cache, and samples each sequence's first token. Returns a DecodeState."""
+def first_token(graphdef, state, cache, last, lengths, key, sampling_static, temperature, top_p, stop_ids,
+                max_new_tokens):
+    """Samples each sequence's first token from the hidden states `last` [B, D] of its last prompt
+    token; returns the DecodeState that decode_chunk continues from."""
     greedy, top_k = sampling_static
-    logits, cache = nnx.merge(graphdef, state)(tokens, cache=cache, lengths=lengths, last_only=True)
-    last = logits[:, 0]  # (B, V): each row's last prompt token
+    logits = nnx.merge(graphdef, state).head(last)  # (B, V)
     key, sub = jax.random.split(key)
-    token = sample(last, sub, temperature, top_p, greedy=greedy, top_k=top_k)
+    token = sample(logits, sub, temperature, top_p, greedy=greedy, top_k=top_k)
     n = jnp.ones_like(lengths)
     done = jnp.isin(token, stop_ids) | (n >= max_new_tokens)
     # Replicated, so that every process of a multi-host mesh can read what Python needs.
     return DecodeState(cache, replicated(token), lengths, n, replicated(done), key)
+
+
+def prefill(graphdef, state, cache, prompts: Sequence[Sequence[int]], chunk: int, mesh=None):
+    """Writes the prompts into the cache chunk by chunk (right-padded, chunks of `chunk` tokens)
+    and returns (cache, last hidden state [B, D] of each prompt, lengths [B] on the device).
+    Activation memory is bounded by the chunk, not by the prompt."""
+    b = len(prompts)
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    n_chunks = -(-int(lengths.max()) // chunk)
+    cache_len = jax.tree.leaves(cache)[0].shape[-3]  # [..., S, K, E]
+    if n_chunks * chunk > cache_len:  # a chunk's write would be clamped into the wrong place
+        raise ValueError(f"{n_chunks} chunks of {chunk} tokens do not fit a cache of {cache_len}")
+    tokens = np.zeros((b, n_chunks * chunk), np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = p
+    config = nnx.merge(graphdef, state).config
+    rows = sharding.batch_sharding(mesh, 2)
+    lengths = jax.device_put(lengths, sharding.batch_sharding(mesh, 1))
+    last = jax.device_put(np.zeros((b, config.dim), jnp.dtype(config.dtype)), rows)
+    for c in range(n_chunks):
+        part = jax.device_put(tokens[:, c * chunk:(c + 1) * chunk], rows)
+        cache, last = prefill_chunk(graphdef, state, cache, part, jnp.int32(c * chunk), lengths, last)
+    return cache, last, lengths
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3), donate_argnums=(2,))
@@ -133,21 +170,23 @@ def init_cache(graphdef, state, batch: int, max_len: int, mesh=None):
     return nnx.merge(graphdef, state).init_cache(batch, max_len, sharding=sharding.placement(mesh))
 
 
+def plan(longest: int, max_new_tokens: int, config) -> tuple[int, int]:
+    """(prefill chunk, cache length) for a batch whose longest prompt has `longest` tokens. The
+    chunk is config.prefill_chunk, or the prompt's length bucket when that is shorter; the cache
+    holds the chunk-padded prompt and every new token, bucketed too. So compiled programs are
+    bounded by the (chunk, cache) bucket pairs. Past the context only padding is ever written."""
+    chunk = min(bucket(longest), config.prefill_chunk)
+    padded = -(-longest // chunk) * chunk
+    return chunk, max(min(bucket(padded + max_new_tokens), config.max_seq_len), padded)
+
+
 def generate_ids(graphdef, state, prompts: Sequence[Sequence[int]], params: SamplingParams, *, mesh=None
                  ) -> Iterator[list[list[int]]]:
     """Yields, chunk by chunk, the new tokens of each prompt (lists, possibly empty per sequence);
     the first chunk holds each sequence's first token. Stop tokens are included. Prompts are
     checked already (llama_jax.requests)."""
-    max_len = nnx.merge(graphdef, state).config.max_seq_len
-    b = len(prompts)
-    lengths = np.array([len(p) for p in prompts], np.int32)
-    t = min(bucket(lengths.max()), max_len)
-    # The cache holds the padded prompt and every new token; bucketed too, so that compiles stay
-    # bounded by the number of (prompt bucket, cache bucket) pairs.
-    s = min(bucket(t + params.max_new_tokens), max_len)
-    tokens = np.zeros((b, t), np.int32)
-    for i, p in enumerate(prompts):
-        tokens[i, : len(p)] = p
+    config = nnx.merge(graphdef, state).config
+    chunk, s = plan(max(len(p) for p in prompts), params.max_new_tokens, config)
 
     static = (params.temperature == 0.0, params.top_k)
     temperature = jnp.float32(params.temperature or 1.0)
@@ -155,11 +194,10 @@ def generate_ids(graphdef, state, prompts: Sequence[Sequence[int]], params: Samp
     stop_ids = jnp.asarray(params.stop_token_ids or (-1,), jnp.int32)
     max_new = jnp.int32(params.max_new_tokens)
     with sharding.on_mesh(mesh):
-        cache = init_cache(graphdef, state, b, s, mesh)
-        tokens = jax.device_put(tokens, sharding.batch_sharding(mesh, 2))
-        lengths = jax.device_put(lengths, sharding.batch_sharding(mesh, 1))
-        ds = prefill(graphdef, state, cache, tokens, lengths, jax.random.key(params.seed), static,
-                     temperature, top_p, stop_ids, max_new)
+        cache = init_cache(graphdef, state, len(prompts), s, mesh)
+        cache, last, lengths = prefill(graphdef, state, cache, prompts, chunk, mesh)
+        ds = first_token(graphdef, state, cache, last, lengths, jax.random.key(params.seed), static,
+                         temperature, top_p, stop_ids, max_new)
         first = np.asarray(ds.token)
     yield [[int(x)] for x in first]
     while not bool(np.all(np.asarray(ds.done))):

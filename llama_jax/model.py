@@ -116,18 +116,21 @@ class Attention(nnx.Module):
         self.dtype = jnp.dtype(c.dtype)
         self.impl = c.attention_impl
 
-    def __call__(self, x, rope: Rope, cache: KVCache | None, lengths, segment_ids, positions):
+    def __call__(self, x, rope: Rope, cache: KVCache | None, segment_ids, positions):
         """x [B, T, D]. Without a cache: causal self-attention over x (within each document when
         segment_ids [B, T] are given). With one: T == 1 is a decode step (each sequence writes at
-        positions[b, 0] and reads its first positions[b, 0] + 1 keys); T > 1 is a prefill writing
-        keys 0..T-1. Returns (out, cache)."""
+        positions[b, 0] and reads its first positions[b, 0] + 1 keys); T > 1 is a prefill chunk:
+        every row writes its keys at start..start+T-1, start = positions[0, 0], and attends to the
+        cached keys before them and to its own (chunked prefill). Returns (out, cache)."""
         b, t, _ = x.shape
         q = _dot(x, self.wq[...], "BTD,DN->BTN", self.dtype).reshape(b, t, self.n_heads, self.head_dim)
         k = _dot(x, self.wk[...], "BTD,DN->BTN", self.dtype).reshape(b, t, self.n_kv_heads, self.head_dim)
         v = _dot(x, self.wv[...], "BTD,DN->BTN", self.dtype).reshape(b, t, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, rope), apply_rope(k, rope)  # (B, T, H|K, E)
 
-        if cache is not None and t == 1:
+        if cache is None:
+            out = ops.prefill_attention(q, k, v, segment_ids=segment_ids, impl=self.impl)
+        elif t == 1:
             pos = positions[:, 0]
             batch = jnp.arange(b)
             cache = KVCache(cache.k.at[batch, pos].set(k[:, 0].astype(cache.k.dtype)),
@@ -135,12 +138,12 @@ class Attention(nnx.Module):
             out = ops.decode_attention(q[:, 0], cache.k, cache.v, lengths=pos + 1, impl=self.impl)
             out = out[:, None]  # (B, 1, H, E)
         else:
-            if cache is not None:
-                cache = KVCache(jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), 0, 1),
-                                jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), 0, 1))
-            # Right padding: a padded key sits after every real query of its row, so the causal
-            # mask alone keeps it out; `lengths` only matters to kernels that skip work.
-            out = ops.prefill_attention(q, k, v, lengths=lengths, segment_ids=segment_ids, impl=self.impl)
+            start = positions[0, 0]
+            cache = KVCache(jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), start, 1),
+                            jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), start, 1))
+            # Query i sits at key start + i and sees the keys up to it. Right padding needs no mask:
+            # a padded key sits after every real query of its row.
+            out = ops.prefill_attention(q, cache.k, cache.v, q_offset=start, kv_length=start + t, impl=self.impl)
         out = out.reshape(b, t, self.n_heads * self.head_dim)  # (B, T, H*E)
         return _dot(out, self.wo[...], "BTN,ND->BTD", self.dtype), cache
 
@@ -172,9 +175,9 @@ class TransformerBlock(nnx.Module):
         self.ffn_norm = RMSNorm(config.dim, **norm)
         self.feed_forward = FeedForward(config, rngs=rngs, stack=stack)
 
-    def __call__(self, x, rope, cache, lengths, segment_ids, positions):
+    def __call__(self, x, rope, cache, segment_ids, positions):
         # Pre-norm residual block; the residual add is fused into the next norm.
-        h, cache = self.attention(self.attention_norm(x), rope, cache, lengths, segment_ids, positions)
+        h, cache = self.attention(self.attention_norm(x), rope, cache, segment_ids, positions)
         normed, h = self.ffn_norm(h, x)  # h = x + attention(...)
         return h + self.feed_forward(normed), cache
 
@@ -212,18 +215,14 @@ class Transformer(nnx.Module):
             self.output = _param(rngs, (c.dim, c.vocab_size), ("embed", "vocab"), pd, 1.0 / math.sqrt(c.dim))
         self.dtype = jnp.dtype(c.dtype)
 
-    def __call__(self, tokens, positions=None, cache=None, lengths=None, last_only=False):
+    def __call__(self, tokens, positions=None, cache=None):
         """tokens [B, T] int32; positions [B, T] (default 0..T-1); cache: per-layer KVCache list (or
-        one stacked KVCache) to fill or extend; lengths [B]: valid prompt lengths (prefill).
-        Returns (logits [B, T, V] float32, cache); with last_only, logits [B, 1, V] of each row's
-        last valid token (position lengths - 1): a prefill needs no others, and the output head
-        over every prompt position would cost more than the whole prompt's attention."""
-        x, cache = self.hidden(tokens, positions, cache=cache, lengths=lengths)
-        if last_only:
-            x = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)  # (B, 1, D)
+        one stacked KVCache) to fill or extend (see `Attention`). Returns (logits [B, T, V] float32,
+        cache)."""
+        x, cache = self.hidden(tokens, positions, cache=cache)
         return self.head(x), cache
 
-    def hidden(self, tokens, positions=None, *, cache=None, lengths=None, segment_ids=None, remat=False):
+    def hidden(self, tokens, positions=None, *, cache=None, segment_ids=None, remat=False):
         """The final-normed hidden states [B, T, D] and the cache: `__call__` without the output
         head, for a loss that applies the head in chunks. segment_ids [B, T] (packed documents:
         attention stays within a document; no cache); remat: False, True (recompute each layer in
@@ -237,7 +236,7 @@ class Transformer(nnx.Module):
         def step(graphdef):  # one layer as a function of its weights, for scan and for remat
             def body(x, xs):
                 layer_state, c = xs
-                return nnx.merge(graphdef, layer_state)(x, rope, c, lengths, segment_ids, positions)
+                return nnx.merge(graphdef, layer_state)(x, rope, c, segment_ids, positions)
             return _remat(body, remat)
 
         if isinstance(self.layers, nnx.List):  # per-layer arrays, a Python loop

@@ -2,7 +2,9 @@
 pure-jnp references: `rms_norm`, `prefill_attention`, `decode_attention`.
 
 `impl` is fixed at load time: "auto" is pallas on GPU and xla elsewhere; on CPU "pallas" runs the
-kernels in interpret mode (slow, for tests). "cudnn" is jax.nn.dot_product_attention's cuDNN path.
+kernels in interpret mode (slow, for tests). "xla" is the memory-bounded blocked attention in plain
+JAX (pallas_kernels/blocked_attention.py); the naive references stay as the tests' yardstick.
+"cudnn" is jax.nn.dot_product_attention's cuDNN path.
 Under a mesh (`jax.set_mesh`), a Pallas kernel runs per device inside `jax.shard_map` over the local
 batch and heads (specs from llama_jax.sharding's logical axes); the XLA paths follow the shardings
 of their inputs.
@@ -13,6 +15,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 
 import pallas_kernels as pk
 from llama_jax import sharding
@@ -55,19 +58,26 @@ def rms_norm(x, weight, residual=None, *, eps, impl="auto"):
     return _per_device(kernel, [_ROWS, ("norm",), _ROWS], [_ROWS, _ROWS])(x, weight, residual)
 
 
-def prefill_attention(q, k, v, *, lengths=None, segment_ids=None, impl="auto"):
-    """Causal attention of q [B, T, H, E] over k, v [B, T, K, E] -> [B, T, H, E]. lengths [B]:
-    valid tokens per (right-padded) row; keys past them are masked. segment_ids [B, T]: a query
-    sees only keys of its own segment (packed documents)."""
+def prefill_attention(q, k, v, *, q_offset=None, kv_length=None, segment_ids=None, impl="auto"):
+    """Causal attention of q [B, T, H, E] over k, v [B, S, K, E] -> [B, T, H, E]. Query i sits at
+    key q_offset + i (a scalar, default 0) and sees the keys up to it, and only the first
+    kv_length keys (a scalar, default S: a cache's unwritten tail is never read). segment_ids
+    [B, T] (T == S): a query sees only keys of its own segment (packed documents)."""
     impl = resolve(impl)
-    if impl == "cudnn":
-        if segment_ids is not None:
-            raise ValueError("attention_impl='cudnn' does not take segment ids here (use 'pallas')")
+    b, s = q.shape[0], k.shape[1]
+    if impl == "cudnn" and q_offset is None and segment_ids is None:
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+    # Per-row arrays, so that a shard_map splits them with the batch.
+    q_off = jnp.broadcast_to(jnp.asarray(0 if q_offset is None else q_offset, jnp.int32), (b,))
+    kv_len = jnp.broadcast_to(jnp.asarray(s if kv_length is None else kv_length, jnp.int32), (b,))
     if impl == "xla":
-        return pk.flash_attention_reference(q, k, v, causal=True, kv_lengths=lengths, q_segment_ids=segment_ids)
-    kernel = lambda q, k, v, n, seg: pk.flash_attention(q, k, v, causal=True, kv_lengths=n, q_segment_ids=seg)  # noqa: E731
-    return _per_device(kernel, [_HEADS, _KV, _KV, _PER_ROW, _TOKENS], _HEADS)(q, k, v, lengths, segment_ids)
+        return pk.blocked_attention(q, k, v, causal=True, q_offset=q_off, kv_lengths=kv_len,
+                                    q_segment_ids=segment_ids)
+    # "pallas", and "cudnn" for what jax's cuDNN attention does not take (a query offset, segments).
+    def kernel(q, k, v, off, n, seg):
+        return pk.flash_attention(q, k, v, causal=True, q_offset=off, kv_lengths=n, q_segment_ids=seg)
+    axes = [_HEADS, _KV, _KV, _PER_ROW, _PER_ROW, _TOKENS]
+    return _per_device(kernel, axes, _HEADS)(q, k, v, q_off, kv_len, segment_ids)
 
 
 def decode_attention(q, k_cache, v_cache, *, lengths, impl="auto"):
@@ -79,6 +89,6 @@ def decode_attention(q, k_cache, v_cache, *, lengths, impl="auto"):
                                            implementation="cudnn")
         return out[:, 0]
     if impl == "xla":
-        return pk.decode_attention_reference(q, k_cache, v_cache, lengths=lengths)
+        return pk.blocked_decode_attention(q, k_cache, v_cache, lengths=lengths)
     kernel = lambda q, k, v, n: pk.decode_attention(q, k, v, lengths=n)  # noqa: E731
     return _per_device(kernel, [_DECODE_Q, _KV, _KV, _PER_ROW], _DECODE_Q)(q, k_cache, v_cache, lengths)

@@ -1,9 +1,11 @@
 """Hand-written Pallas (Triton) GPU kernels for Llama, each with a plain-jnp reference.
 
-Every kernel also runs on CPU in interpret mode; its reference is the model's XLA fallback.
+Every kernel also runs on CPU in interpret mode. The model's XLA path is the memory-bounded
+`blocked_attention` (plain JAX); each kernel's naive reference is what tests compare against.
 pallas_kernels imports nothing from llama_jax.
 """
 
+from pallas_kernels.blocked_attention import blocked_attention, blocked_decode_attention
 from pallas_kernels.decode_attention import BlockSizes as DecodeBlockSizes
 from pallas_kernels.decode_attention import decode_attention, decode_attention_reference
 from pallas_kernels.flash_attention import BlockSizes as FlashBlockSizes
@@ -12,6 +14,8 @@ from pallas_kernels.rms_norm import BlockSizes as RMSNormBlockSizes
 from pallas_kernels.rms_norm import rms_norm, rms_norm_reference
 
 __all__ = [
+    "blocked_attention",
+    "blocked_decode_attention",
     "DecodeBlockSizes",
     "FlashBlockSizes",
     "RMSNormBlockSizes",

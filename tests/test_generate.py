@@ -36,7 +36,7 @@ def test_cached_decode_equals_full_forward(tiny):
     for i, p in enumerate(prompts):
         tokens[i, : len(p)] = p
     cache = model.init_cache(len(prompts), 32)
-    logits, cache = model(jnp.asarray(tokens), cache=cache, lengths=jnp.asarray(lengths))
+    logits, cache = model(jnp.asarray(tokens), cache=cache)
     got = [[np.asarray(logits[i, n - 1])] for i, n in enumerate(lengths)]
     for s in range(steps):
         pos = jnp.asarray(lengths + s)[:, None]
@@ -85,17 +85,16 @@ def test_default_stop_is_checkpoint_eos(tiny):
 
 
 def test_bounded_compiles(tiny):
-    """20 prompts of 20 different lengths compile prefill once per length bucket they touch, and the
-    decode loop once per cache bucket (all here: one)."""
+    """20 prompts of 20 different lengths compile a prefill chunk once per (chunk, cache) bucket pair
+    they touch, and the decode loop once per cache bucket."""
     _, lm = tiny
     lengths = list(range(1, 61, 3))  # 20 lengths: buckets 16, 32, 64
-    buckets = {gen.bucket(n) for n in lengths}
-    caches = {gen.bucket(gen.bucket(n) + 8) for n in lengths}
+    pairs = {gen.plan(n, 8, lm.config) for n in lengths}
     jax.clear_caches()
     for i, n in enumerate(lengths):
         lm.generate([np.random.RandomState(i).randint(3, 211, n).tolist()], max_new_tokens=8, stop_token_ids=[])
-    assert gen.prefill._cache_size() == len(buckets) == 3
-    assert gen.decode_chunk._cache_size() <= len(caches)
+    assert gen.prefill_chunk._cache_size() == len(pairs) == 3
+    assert gen.decode_chunk._cache_size() == len({s for _, s in pairs})
 
 
 # --- Sampling -------------------------------------------------------------------------------------
@@ -174,7 +173,7 @@ def test_bad_input_fails_before_compiling(tiny, prompts, kw, match):
     jax.clear_caches()
     with pytest.raises(ValueError, match=match):
         lm.generate(prompts, **{"max_new_tokens": 8, **kw})
-    assert gen.prefill._cache_size() == 0 and gen.decode_chunk._cache_size() == 0
+    assert gen.prefill_chunk._cache_size() == 0 and gen.decode_chunk._cache_size() == 0
 
 
 # --- The real model -------------------------------------------------------------------------------
