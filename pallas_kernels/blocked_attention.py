@@ -7,16 +7,17 @@ causal mask throws away. This module computes the same function the way FlashAtt
 the scores of one (query block, key block) pair per (batch, head) at a time, and never
 computing a key block that every query of the block has masked (above the causal diagonal,
 past the longest kv length in the batch, outside the block's documents). q_offset and
-kv_lengths are traced values, so each query block runs a `lax.fori_loop` with dynamic bounds:
-first the key blocks every query sees whole (no mask), then the ragged ones (masked).
+kv_lengths are traced values, so a `fori_loop` over query blocks runs, per block, two
+`fori_loop`s with dynamic bounds: the key blocks every query of the block sees whole (no mask),
+then the ragged ones (masked).
 
 Layout: the G query heads of a kv head are stacked as rows, q -> (B, K, T * G, E) with rows in
 (t, g) order, so one query block is a (B, K, block_q * G, E) slice, GQA costs no copy of K/V,
 and each step is two batched matmuls over the K kv heads. Key blocks are sliced from the
 [B, S, K, E] cache as it is (no whole-cache transpose: a chunk attending to a long cache reads
-only the blocks it needs). The query blocks form a static Python loop, so a ragged last block
-needs no padding. The backward is blocked the same way and recomputes the probabilities from
-the saved log-sum-exp; one pass per (query block, key block) updates dq, dk and dv together.
+only the blocks it needs). T is padded to whole query blocks; padding rows see no key. The
+backward is blocked the same way and recomputes the probabilities from the saved log-sum-exp;
+one pass per (query block, key block) updates dq, dk and dv together.
 
 Masked logits are MASK_VALUE while the running max starts at _M_INIT, far above it: a masked
 probability is exp(MASK_VALUE - m) = 0 with no second select, and a row that sees no key ends
@@ -27,6 +28,7 @@ forward, min of 5, under load from other jobs):  TODO figures.
 """
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -72,52 +74,79 @@ def _key_block(x, j, bk):
     return lax.dynamic_slice_in_dim(x, start, bk, 1).transpose(0, 2, 1, 3), start
 
 
+def _to_rows(x, K, Tp):
+    """[B, T, H, E] -> (B, K, Tp * G, E): the G query heads of kv head k as rows, in (t, g)
+    order, zero-padded to Tp query positions."""
+    B, T, H, E = x.shape
+    x = x.reshape(B, T, K, H // K, E).transpose(0, 2, 1, 3, 4)  # (B, K, T, G, E)
+    x = jnp.pad(x, ((0, 0), (0, 0), (0, Tp - T), (0, 0), (0, 0)))  # (B, K, Tp, G, E)
+    return x.reshape(B, K, Tp * (H // K), E)
+
+
+def _from_rows(x, T, G):
+    """(B, K, Tp * G, E) -> [B, T, H, E]."""
+    B, K, _, E = x.shape
+    x = x[:, :, :T * G].reshape(B, K, T, G, E).transpose(0, 2, 1, 3, 4)  # (B, T, K, G, E)
+    return x.reshape(B, T, K * G, E)
+
+
 def _rows(x, G):
     """(B, tb) per query position -> (B, 1, tb * G, 1) per row of a query block."""
     B, tb = x.shape
     return jnp.broadcast_to(x[:, :, None], (B, tb, G)).reshape(B, 1, tb * G, 1)
 
 
-def _query_blocks(q_off, kv_len, q_seg, kv_seg, *, T, S, G, causal, bq, bk):
-    """Static list of query blocks: (t0, tb, mask_fn, lo, n_full, n_blocks). Key blocks
-    [lo, n_full) need no mask, [n_full, n_blocks) do; blocks outside [lo, n_blocks) are
-    masked for every query of the block, in every sequence of the batch."""
+class _Masks(NamedTuple):
+    q_off: jax.Array  # [B]
+    kv_len: jax.Array  # [B]
+    q_seg: jax.Array | None  # [B, Tp], edge-padded
+    kv_seg: jax.Array | None  # [B, S]
+    k_min: jax.Array | None  # [B, nk]: each key block's smallest and largest segment id
+    k_max: jax.Array | None
+
+
+def _masks(q_off, kv_len, q_seg, kv_seg, Tp, bk):
+    if q_seg is None:
+        return _Masks(q_off, kv_len, None, None, None, None)
+    S = kv_seg.shape[1]
     nk = -(-S // bk)
-    if q_seg is not None:  # each key block's id range, to skip blocks of other documents
-        pad = nk * bk - S
-        ks = jnp.pad(kv_seg, ((0, 0), (0, pad)), mode="edge").reshape(-1, nk, bk)  # (B, nk, bk)
-        k_min, k_max = ks.min(-1), ks.max(-1)  # (B, nk)
-    blocks = []
-    for t0 in range(0, T, bq):
-        tb = min(bq, T - t0)
-        lim = jnp.broadcast_to(kv_len[:, None], (kv_len.shape[0], tb))  # (B, tb): keys < lim
-        if causal:
-            lim = jnp.minimum(lim, q_off[:, None] + t0 + jnp.arange(tb) + 1)
-        n_blocks = _cdiv(jnp.maximum(jnp.max(lim), 0), bk)
-        n_full = jnp.clip(lax.div(jnp.maximum(jnp.min(lim), 0), bk), 0, n_blocks)
-        lo = 0
-        seg_rows = None
-        if q_seg is not None:
-            qs = q_seg[:, t0:t0 + tb]
-            hit = jnp.any((k_min <= qs.max(-1, keepdims=True))
-                          & (k_max >= qs.min(-1, keepdims=True)), axis=0)  # (nk,)
-            lo = jnp.where(jnp.any(hit), jnp.argmax(hit), n_blocks)
-            n_blocks = jnp.minimum(n_blocks, nk - jnp.argmax(hit[::-1]))
-            n_full = lo  # every block compares segment ids
-            seg_rows = _rows(qs, G)
-        lim_rows = _rows(lim, G)
+    q_seg = jnp.pad(q_seg, ((0, 0), (0, Tp - q_seg.shape[1])), mode="edge")
+    ks = jnp.pad(kv_seg, ((0, 0), (0, nk * bk - S)), mode="edge").reshape(-1, nk, bk)
+    return _Masks(q_off, kv_len, q_seg, kv_seg, ks.min(-1), ks.max(-1))  # (B, nk)
 
-        def mask_fn(j, start, lim_rows=lim_rows, seg_rows=seg_rows):
-            """(B, 1, R, bk) bool: row r sees key start + c."""
-            col = start + jnp.arange(bk)
-            mask = (col >= j * bk) & (col < lim_rows)
-            if seg_rows is not None:
-                kv_seg_blk = lax.dynamic_slice_in_dim(kv_seg, start, bk, 1)  # (B, bk)
-                mask = mask & (seg_rows == kv_seg_blk[:, None, None, :])
-            return mask
 
-        blocks.append((t0, tb, mask_fn, lo, n_full, n_blocks))
-    return blocks
+def _plan(t0, tb, mk, *, T, G, causal, bk):
+    """The key blocks that query block [t0, t0 + tb) visits (t0 traced):
+    (mask_fn, lo, n_full, n_blocks). Blocks [lo, n_full) need no mask, [n_full, n_blocks) do;
+    the others are masked for every query of the block in every sequence: never computed."""
+    pos = t0 + jnp.arange(tb)
+    lim = jnp.broadcast_to(mk.kv_len[:, None], (mk.kv_len.shape[0], tb))  # (B, tb): keys < lim
+    if causal:
+        lim = jnp.minimum(lim, mk.q_off[:, None] + pos + 1)
+    lim = jnp.where(pos < T, lim, 0)  # padding rows see nothing
+    n_blocks = _cdiv(jnp.maximum(jnp.max(lim), 0), bk)
+    n_full = jnp.clip(lax.div(jnp.maximum(jnp.min(lim), 0), bk), 0, n_blocks)
+    lo, seg_rows = 0, None
+    if mk.q_seg is not None:  # skip key blocks whose id range misses the block's id range
+        qs = lax.dynamic_slice_in_dim(mk.q_seg, t0, tb, 1)  # (B, tb)
+        hit = jnp.any((mk.k_min <= qs.max(-1, keepdims=True))
+                      & (mk.k_max >= qs.min(-1, keepdims=True)), axis=0)  # (nk,)
+        lo = jnp.where(jnp.any(hit), jnp.argmax(hit), n_blocks)
+        n_blocks = jnp.minimum(n_blocks, hit.shape[0] - jnp.argmax(hit[::-1]))
+        n_full = lo  # every block compares segment ids
+        seg_rows = _rows(qs, G)
+    lim_rows = _rows(lim, G)
+
+    def mask_fn(j, start):
+        """(B, 1, tb * G, bk) bool: row r sees key start + c."""
+        col = start + jnp.arange(bk)
+        mask = (col >= j * bk) & (col < lim_rows)
+        if seg_rows is not None:
+            kv_seg = lax.dynamic_slice_in_dim(mk.kv_seg, start, bk, 1)  # (B, bk)
+            mask = mask & (seg_rows == kv_seg[:, None, None, :])
+        return mask
+
+    return mask_fn, lo, n_full, n_blocks
 
 
 def _logits(qb, kb):
@@ -125,19 +154,21 @@ def _logits(qb, kb):
 
 
 def _fwd(q, k, v, q_off, kv_len, q_seg, kv_seg, causal, sm_scale, bq, bk):
-    """(out [B, T, H, E], lse (B, K, T * G) f32 natural log; +big for a row with no key)."""
+    """(out [B, T, H, E], lse (B, K, Tp * G) f32, natural log; +big for a row with no key)."""
     B, T, H, E = q.shape
-    S, K = k.shape[1], k.shape[2]
+    K = k.shape[2]
     G = H // K
-    qs = (q.astype(jnp.float32) * sm_scale).reshape(B, T, K, G, E)  # (B, T, K, G, E)
-    qs = qs.transpose(0, 2, 1, 3, 4).reshape(B, K, T * G, E)  # (B, K, T*G, E), rows (t, g)
-    outs, lses = [], []
-    for t0, tb, mask_fn, lo, n_full, n_blocks in _query_blocks(
-            q_off, kv_len, q_seg, kv_seg, T=T, S=S, G=G, causal=causal, bq=bq, bk=bk):
-        R = tb * G
-        qb = qs[:, :, t0 * G:(t0 + tb) * G]  # (B, K, R, E)
+    nq = -(-T // bq)
+    mk = _masks(q_off, kv_len, q_seg, kv_seg, nq * bq, bk)
+    qs = _to_rows(q.astype(jnp.float32) * sm_scale, K, nq * bq)  # (B, K, Tp * G, E)
 
-        def body(j, carry, masked, qb=qb, mask_fn=mask_fn):
+    def step(i, carry):
+        o, lse = carry
+        t0, R = i * bq, bq * G
+        qb = lax.dynamic_slice_in_dim(qs, t0 * G, R, 2)  # (B, K, R, E)
+        mask_fn, lo, n_full, n_blocks = _plan(t0, bq, mk, T=T, G=G, causal=causal, bk=bk)
+
+        def body(j, carry, masked):
             acc, m, l = carry
             kb, start = _key_block(k, j, bk)  # (B, K, bk, E)
             s = _logits(qb, kb)  # (B, K, R, bk) f32
@@ -151,17 +182,19 @@ def _fwd(q, k, v, q_off, kv_len, q_seg, kv_seg, causal, sm_scale, bq, bk):
                             preferred_element_type=jnp.float32)
             return acc * alpha[..., None] + pv, m_new, l * alpha + jnp.sum(p, axis=-1)
 
-        carry = (jnp.zeros((B, K, R, E), jnp.float32), jnp.full((B, K, R), _M_INIT, jnp.float32),
-                 jnp.zeros((B, K, R), jnp.float32))
-        carry = lax.fori_loop(lo, n_full, functools.partial(body, masked=False), carry)
-        acc, m, l = lax.fori_loop(n_full, n_blocks, functools.partial(body, masked=True), carry)
+        init = (jnp.zeros((B, K, R, E), jnp.float32), jnp.full((B, K, R), _M_INIT, jnp.float32),
+                jnp.zeros((B, K, R), jnp.float32))
+        acc_ml = lax.fori_loop(lo, n_full, functools.partial(body, masked=False), init)
+        acc, m, l = lax.fori_loop(n_full, n_blocks, functools.partial(body, masked=True), acc_ml)
         empty = l == 0.0
-        outs.append(acc / jnp.where(empty, 1.0, l)[..., None])
+        o = lax.dynamic_update_slice_in_dim(o, acc / jnp.where(empty, 1.0, l)[..., None], t0 * G, 2)
         # A row that saw no key: an lse that makes every recomputed p exactly 0.
-        lses.append(jnp.where(empty, -MASK_VALUE, m + jnp.log(l)))
-    o = jnp.concatenate(outs, axis=2).reshape(B, K, T, G, E)  # (B, K, T, G, E)
-    o = o.transpose(0, 2, 1, 3, 4).reshape(B, T, H, E).astype(q.dtype)
-    return o, jnp.concatenate(lses, axis=2)
+        lse_b = jnp.where(empty, -MASK_VALUE, m + jnp.log(l))
+        return o, lax.dynamic_update_slice_in_dim(lse, lse_b, t0 * G, 2)
+
+    o, lse = lax.fori_loop(0, nq, step, (jnp.zeros(qs.shape, jnp.float32),
+                                         jnp.zeros(qs.shape[:3], jnp.float32)))
+    return _from_rows(o, T, G).astype(q.dtype), lse
 
 
 def _bwd(q, k, v, q_off, kv_len, q_seg, kv_seg, o, lse, do, causal, sm_scale, bq, bk):
@@ -170,26 +203,23 @@ def _bwd(q, k, v, q_off, kv_len, q_seg, kv_seg, o, lse, do, causal, sm_scale, bq
     B, T, H, E = q.shape
     S, K = k.shape[1], k.shape[2]
     G = H // K
+    nq = -(-T // bq)
+    mk = _masks(q_off, kv_len, q_seg, kv_seg, nq * bq, bk)
+    qs = _to_rows(q.astype(jnp.float32) * sm_scale, K, nq * bq)  # (B, K, Tp * G, E)
+    do_r = _to_rows(do.astype(jnp.float32), K, nq * bq)
+    delta = jnp.sum(_to_rows(o.astype(jnp.float32), K, nq * bq) * do_r, axis=-1)  # (B, K, Tp*G)
 
-    def rows(x):  # [B, T, H, E] -> (B, K, T*G, E), rows (t, g)
-        return x.reshape(B, T, K, G, E).transpose(0, 2, 1, 3, 4).reshape(B, K, T * G, E)
+    def step(i, carry):
+        dq, dk, dv = carry
+        t0, R = i * bq, bq * G
+        qb = lax.dynamic_slice_in_dim(qs, t0 * G, R, 2)  # (B, K, R, E)
+        dob = lax.dynamic_slice_in_dim(do_r, t0 * G, R, 2)
+        lse_b = lax.dynamic_slice_in_dim(lse, t0 * G, R, 2)[..., None]  # (B, K, R, 1)
+        delta_b = lax.dynamic_slice_in_dim(delta, t0 * G, R, 2)[..., None]
+        mask_fn, lo, n_full, n_blocks = _plan(t0, bq, mk, T=T, G=G, causal=causal, bk=bk)
 
-    qs = rows(q.astype(jnp.float32) * sm_scale)
-    do_r = rows(do)
-    delta = jnp.sum(rows(o).astype(jnp.float32) * do_r.astype(jnp.float32), axis=-1)  # (B,K,TG)
-    dk = jnp.zeros((B, K, S, E), jnp.float32)
-    dv = jnp.zeros((B, K, S, E), jnp.float32)
-    dqs = []
-    for t0, tb, mask_fn, lo, n_full, n_blocks in _query_blocks(
-            q_off, kv_len, q_seg, kv_seg, T=T, S=S, G=G, causal=causal, bq=bq, bk=bk):
-        R = tb * G
-        rs = slice(t0 * G, (t0 + tb) * G)
-        qb, dob = qs[:, :, rs], do_r[:, :, rs]  # (B, K, R, E)
-        lse_b, delta_b = lse[:, :, rs, None], delta[:, :, rs, None]  # (B, K, R, 1)
-
-        def body(j, carry, masked, qb=qb, dob=dob, lse_b=lse_b, delta_b=delta_b,
-                 mask_fn=mask_fn):
-            dq, dk, dv = carry
+        def body(j, carry, masked):
+            dq_b, dk, dv = carry
             kb, start = _key_block(k, j, bk)  # (B, K, bk, E)
             vb, _ = _key_block(v, j, bk)
             s = _logits(qb, kb)  # (B, K, R, bk)
@@ -198,24 +228,26 @@ def _bwd(q, k, v, q_off, kv_len, q_seg, kv_seg, o, lse, do, causal, sm_scale, bq
             p = jnp.exp(s - lse_b)
             dp = jnp.einsum("BKRE,BKCE->BKRC", dob, vb, preferred_element_type=jnp.float32)
             ds = p * (dp - delta_b)
-            dq = dq + jnp.einsum("BKRC,BKCE->BKRE", ds, kb, preferred_element_type=jnp.float32)
-            dk_blk = jnp.einsum("BKRC,BKRE->BKCE", ds, qb, preferred_element_type=jnp.float32)
-            dv_blk = jnp.einsum("BKRC,BKRE->BKCE", p, dob, preferred_element_type=jnp.float32)
+            dq_b = dq_b + jnp.einsum("BKRC,BKCE->BKRE", ds, kb,
+                                     preferred_element_type=jnp.float32)
+            dk_b = jnp.einsum("BKRC,BKRE->BKCE", ds, qb, preferred_element_type=jnp.float32)
+            dv_b = jnp.einsum("BKRC,BKRE->BKCE", p, dob, preferred_element_type=jnp.float32)
             dk = lax.dynamic_update_slice_in_dim(
-                dk, lax.dynamic_slice_in_dim(dk, start, bk, 2) + dk_blk, start, 2)
+                dk, lax.dynamic_slice_in_dim(dk, start, bk, 2) + dk_b, start, 2)
             dv = lax.dynamic_update_slice_in_dim(
-                dv, lax.dynamic_slice_in_dim(dv, start, bk, 2) + dv_blk, start, 2)
-            return dq, dk, dv
+                dv, lax.dynamic_slice_in_dim(dv, start, bk, 2) + dv_b, start, 2)
+            return dq_b, dk, dv
 
         carry = (jnp.zeros((B, K, R, E), jnp.float32), dk, dv)
         carry = lax.fori_loop(lo, n_full, functools.partial(body, masked=False), carry)
-        dq, dk, dv = lax.fori_loop(n_full, n_blocks, functools.partial(body, masked=True), carry)
-        dqs.append(dq)
-    dq = jnp.concatenate(dqs, axis=2).reshape(B, K, T, G, E)  # (B, K, T, G, E)
-    dq = (dq.transpose(0, 2, 1, 3, 4) * sm_scale).reshape(B, T, H, E).astype(q.dtype)
-    dk = dk.transpose(0, 2, 1, 3).astype(k.dtype)  # (B, S, K, E)
-    dv = dv.transpose(0, 2, 1, 3).astype(v.dtype)
-    return dq, dk, dv
+        dq_b, dk, dv = lax.fori_loop(n_full, n_blocks, functools.partial(body, masked=True),
+                                     carry)
+        return lax.dynamic_update_slice_in_dim(dq, dq_b, t0 * G, 2), dk, dv
+
+    zeros_kv = jnp.zeros((B, K, S, E), jnp.float32)  # (B, K, S, E)
+    dq, dk, dv = lax.fori_loop(0, nq, step, (jnp.zeros(qs.shape, jnp.float32), zeros_kv, zeros_kv))
+    dq = (_from_rows(dq, T, G) * sm_scale).astype(q.dtype)
+    return dq, dk.transpose(0, 2, 1, 3).astype(k.dtype), dv.transpose(0, 2, 1, 3).astype(v.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
