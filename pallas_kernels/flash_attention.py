@@ -187,12 +187,14 @@ class BlockSizes:
     num_warps: int = 4
     num_warps_bwd: int = 4
     num_stages: int = 2
+    num_stages_bwd: int = 2
 
     @classmethod
-    def get_default(cls, head_dim: int) -> "BlockSizes":
-        # Triton-tutorial-like tiles; 128-wide heads get 8 warps in the forward to hold the
-        # (128, 128) f32 accumulator. Not tuned on hardware.
-        return cls(num_warps=8 if head_dim > 64 else 4)
+    def get_default(cls, head_dim: int, *, causal: bool = True, seq_len: int = 4096) -> "BlockSizes":
+        """The tiles for (head dim, causal, key length), from `_TABLE`."""
+        wide = head_dim > 64
+        short = causal and seq_len <= 2048
+        return _TABLE[(wide, short)]
 
     def clamp(self, q_len: int, kv_len: int) -> "BlockSizes":
         """Shrinks tiles to short sequences (no 128-row tile for a 17-token prompt)."""
@@ -201,6 +203,23 @@ class BlockSizes:
             self, block_q=min(self.block_q, tq), block_k=min(self.block_k, tk),
             block_q_dq=min(self.block_q_dq, tq), block_k_dq=min(self.block_k_dq, tk),
             block_q_dkv=min(self.block_q_dkv, tq), block_k_dkv=min(self.block_k_dkv, tk))
+
+
+# (head dim > 64, causal with at most 2048 keys) -> tiles. Within the limits `make gpu-check`
+# reports for an H100 (docs/GPU_COMPILE.md: registers, spills, shared memory), guided by published
+# H100-tuned Triton flash-attention settings (openxla/tokamax autotuning tables: head dim 128, causal,
+# T <= 2048: 64x64, 3 stages, 4 warps; T >= 4096 and non-causal: 128x128, 3 stages, 8 warps; head
+# dim 64: 128x64, 3 stages, 4 warps; backward: 64x64, 2 stages). The dk/dv kernel at head dim 128
+# holds two (64, 128) f32 accumulators: with 4 warps it hit the 255-register cap and spilled; with
+# 8 warps and 2 stages it compiles to about 232 registers, no spill. Not yet timed on a GPU.
+_BWD_64 = dict(block_q_dq=64, block_k_dq=64, block_q_dkv=64, block_k_dkv=64, num_warps_bwd=4, num_stages_bwd=2)
+_BWD_128 = dict(_BWD_64, num_warps_bwd=8)
+_TABLE = {
+    (False, True): BlockSizes(block_q=64, block_k=64, num_warps=4, num_stages=3, **_BWD_64),
+    (False, False): BlockSizes(block_q=128, block_k=64, num_warps=4, num_stages=3, **_BWD_64),
+    (True, True): BlockSizes(block_q=64, block_k=64, num_warps=4, num_stages=3, **_BWD_128),
+    (True, False): BlockSizes(block_q=128, block_k=128, num_warps=8, num_stages=3, **_BWD_128),
+}
 
 
 def _per_batch_specs(order):
@@ -247,7 +266,7 @@ def _bwd(q, k, v, q_off, kv_len, q_seg, kv_seg, o, lse, do, causal, sm_scale, bs
     segmented = q_seg is not None
     # delta_i = sum_e o_ie * do_ie, the softmax-Jacobian term; one fused XLA reduction.
     delta = jnp.einsum("BTHE,BTHE->BHT", o.astype(jnp.float32), do.astype(jnp.float32))
-    params = triton_params(bs.num_warps_bwd, bs.num_stages)
+    params = triton_params(bs.num_warps_bwd, bs.num_stages_bwd)
     kw = dict(sm_scale=sm_scale, causal=causal, segmented=segmented)
 
     nq = T // bs.block_q_dq
@@ -345,7 +364,7 @@ def flash_attention(q, k, v, *, causal=True, q_offset=None, kv_lengths=None, q_s
       q_segment_ids, kv_segment_ids: optional int32 [B, T] and [B, S]; a query sees only keys
         of its own segment. With T == S, q_segment_ids alone serves for both.
       sm_scale: logit scale, default 1 / sqrt(E).
-      block_sizes: a `BlockSizes`; default `BlockSizes.get_default(E)`.
+      block_sizes: a `BlockSizes`; default `BlockSizes.get_default(E, causal=causal, seq_len=S)`.
       interpret: run the Pallas interpreter; None: the interpreter when lowered for CPU, the
         compiled kernel when lowered for a GPU.
 
@@ -359,7 +378,7 @@ def flash_attention(q, k, v, *, causal=True, q_offset=None, kv_lengths=None, q_s
     sm_scale = sm_scale_or_default(sm_scale, E)
     q_off, kv_len, q_seg, kv_seg = _normalize_masks(
         B, T, S, q_offset, kv_lengths, q_segment_ids, kv_segment_ids)
-    bs = (block_sizes or BlockSizes.get_default(E)).clamp(T, S)
+    bs = (block_sizes or BlockSizes.get_default(E, causal=causal, seq_len=S)).clamp(T, S)
 
     # Pad T and S to whole blocks (masked via kv_len, sliced off below) and E to a power of
     # two (zero lanes change no dot product): Triton tiles are powers of two.

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels.flash_attention import _TABLE as _FLASH_TABLE
 from pallas_kernels import (DecodeBlockSizes, FlashBlockSizes, decode_attention,
                             decode_attention_reference, flash_attention,
                             flash_attention_reference, rms_norm, rms_norm_reference)
@@ -93,6 +94,8 @@ FLASH_CASES = {
     "g2_int_offset_t_lt_s": (1, 17, 100, 4, 2, 64, dict(q_offset=40)),
     "g4_one_query": (3, 1, 100, 8, 2, 64, {}),
     "g2_empty_rows": (2, 40, 30, 4, 2, 64, dict(kv_lengths=np.array([0, 5], np.int32))),
+    "table_e64": (1, 200, 200, 4, 2, 64, dict(kv_lengths=np.array([190], np.int32))),
+    "table_e128": (1, 200, 200, 4, 1, 128, dict(segments=2)),
     "g2_noncausal_ragged_segments": (2, 17, 33, 4, 2, 64, dict(
         causal=False, segments=2, kv_lengths=np.array([33, 20], np.int32))),
 }
@@ -168,6 +171,13 @@ FLASH_F32 = {
 @pytest.mark.parametrize("case", list(FLASH_F32))
 def test_flash_attention_f32(case):
     check_flash(case, jnp.float32, FLASH_F32[case])
+
+
+@pytest.mark.parametrize("key", list(_FLASH_TABLE), ids=lambda k: f"e{128 if k[0] else 64}_{'short' if k[1] else 'long'}")
+def test_flash_attention_block_size_table(key):
+    """Every entry of the kernel's block-size table, forward and backward, on sequences longer
+    than its tiles."""
+    check_flash("table_e128" if key[0] else "table_e64", jnp.float32, _FLASH_TABLE[key])
 
 
 @pytest.mark.parametrize("case", ["g2_int_offset_t_lt_s", "g4_one_query"])
