@@ -230,7 +230,7 @@ class Transformer(nnx.Module):
         b, t = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        x = self.tok_embeddings[...][tokens].astype(self.dtype)  # (B, T, D)
+        x = ops.embed(self.tok_embeddings[...], tokens).astype(self.dtype)  # (B, T, D)
         rope = rope_angles(positions, jnp.asarray(rope_frequencies(self.config)))  # a trace-time constant
 
         def step(graphdef):  # one layer as a function of its weights, for scan and for remat
