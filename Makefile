@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo gpu-check clean
+.PHONY: install test demo finetune gpu-check clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -27,6 +27,11 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/llama-jax generate --prompt "The capital of France is" --max-new-tokens 24
 	printf 'What is the capital of France? Answer in one sentence.\n' | $(VENV)/bin/llama-jax chat
+
+# Fine-tune the default model for a few minutes on the Python docs (pydoc_data.topics): held-out loss
+# before and after, then a generation from the result (examples/finetune.py; FINETUNE_ARGS=--steps N).
+finetune: $(STAMP)
+	$(PY) examples/finetune.py $(FINETUNE_ARGS)
 
 # Compile every kernel and the Llama programs for an H100, with no GPU (benchmarks/gpu_compile.py),
 # and regenerate docs/GPU_COMPILE.md. Its own venv: with the CUDA plugin installed, every plain
