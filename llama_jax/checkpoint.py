@@ -187,3 +187,71 @@ def unflatten(flat: dict[tuple[str, ...], np.ndarray]) -> dict:
             node = node.setdefault(key, {})
         node[path[-1]] = a
     return tree
+
+
+def to_hf_state_dict(tree: dict, config: LlamaConfig) -> dict[str, np.ndarray]:
+    """Hugging Face names and layouts ([out, in], one tensor per layer) of any parameter-shaped tree:
+    weights, gradients or optimizer moments, as a nested dict like `read_hf_params` returns (layers
+    stacked on axis 0; numpy or jax arrays; an nnx.State's pure dict works too). Returns numpy
+    arrays in the tree's dtype; a tied model has no lm_head.weight (transformers ties it itself)."""
+    shapes = param_shapes(config)
+    flat = {}
+    for path, shape in shapes.items():
+        node = tree
+        try:
+            for key in path:
+                node = node[key]
+        except (KeyError, TypeError):
+            raise CheckpointError(f"to_hf_state_dict: the tree has no {'/'.join(path)}") from None
+        a = np.asarray(node)
+        if a.shape != shape:
+            raise CheckpointError(f"to_hf_state_dict: {'/'.join(path)} has shape {a.shape}, expected {shape}")
+        flat[path] = a
+    out = {}
+    for path, (name, fn) in GLOBAL_TABLE.items():
+        if path in flat:  # _T is its own inverse
+            a = flat[path]
+            out[name] = np.ascontiguousarray(fn(a) if fn is not None else a)
+    for path, (name, fn) in LAYER_TABLE.items():
+        stacked = flat[("layers", *path)]
+        for i in range(config.n_layers):
+            a = stacked[i]
+            out[name.format(i=i)] = np.ascontiguousarray(fn(a) if fn is not None else a)
+    return out
+
+
+def hf_config_dict(config: LlamaConfig, *, dtype: str = "float32") -> dict:
+    """A transformers `config.json` (LlamaForCausalLM) for `config`; `LlamaConfig.from_hf` reads it back."""
+    c = config
+    rope = {"rope_type": "default", "rope_theta": c.rope_theta}
+    if c.rope_scaling is not None:
+        s = c.rope_scaling
+        rope = {"rope_type": "llama3", "rope_theta": c.rope_theta, "factor": s.factor,
+                "low_freq_factor": s.low_freq_factor, "high_freq_factor": s.high_freq_factor,
+                "original_max_position_embeddings": s.original_max_position_embeddings}
+    eos = list(c.eos_ids)
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": c.vocab_size,
+        "hidden_size": c.dim,
+        "intermediate_size": c.ffn_dim,
+        "num_hidden_layers": c.n_layers,
+        "num_attention_heads": c.n_heads,
+        "num_key_value_heads": c.n_kv_heads,
+        "head_dim": c.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": c.max_seq_len,
+        "rms_norm_eps": c.norm_eps,
+        # transformers 5 reads rope_parameters; older versions rope_theta and rope_scaling.
+        "rope_parameters": rope,
+        "rope_theta": c.rope_theta,
+        "rope_scaling": None if c.rope_scaling is None else {k: v for k, v in rope.items() if k != "rope_theta"},
+        "tie_word_embeddings": c.tie_embeddings,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "bos_token_id": c.bos_id,
+        "eos_token_id": None if not eos else eos[0] if len(eos) == 1 else eos,
+        "torch_dtype": dtype,
+        "dtype": dtype,
+    }

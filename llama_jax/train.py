@@ -1,0 +1,709 @@
+"""Training, top to bottom: config, loss, optimizer, the jitted step, and the Trainer (checkpoints,
+evaluation, export).
+
+The recipe is Llama 3's (Meta, "The Llama 3 Herd of Models", 2024): AdamW (b1 0.9, b2 0.95, eps 1e-8,
+weight decay 0.1 on embeddings and projections, none on norm scales), linear warmup from 0 then
+cosine decay to min_lr_ratio * peak_lr, global-norm clipping at 1.0, and documents packed into rows
+with attention kept inside each document (llama_jax.data).
+
+It matches PyTorch step for step (tests/test_train.py): the loss is transformers' `labels=` loss,
+the schedule is a LambdaLR of the same formula (so the first step, at lr 0, changes nothing, as with
+transformers' `get_cosine_schedule_with_warmup`), and clipping divides by (norm + 1e-6) as
+`torch.nn.utils.clip_grad_norm_` does (optax's `clip_by_global_norm` does not add the 1e-6).
+
+Master weights and optimizer state are float32 whatever the model was loaded in; `compute_dtype`
+"bfloat16" runs the forward and backward in bfloat16 (weights cast inside each matmul, f32
+accumulation, f32 loss). The model's layers are scanned (stacked weights: compile time flat in
+depth) with optional remat per layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from typing import Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from llama_jax import sharding
+from llama_jax.config import LlamaConfig, default_dtype
+from llama_jax.data import pack_documents  # noqa: F401  (part of this module's API: llama_jax.train.pack_documents)
+from llama_jax.model import Transformer
+
+# Policies that jax.checkpoint takes as they are (the others in jax.checkpoint_policies are factories).
+REMAT_POLICIES = ("everything_saveable", "nothing_saveable", "dots_saveable", "checkpoint_dots",
+                  "dots_with_no_batch_dims_saveable", "checkpoint_dots_with_no_batch_dims")
+_COMPUTE_DTYPES = ("float32", "bfloat16")
+# The fields of LlamaConfig that make two models the same network (not how they are computed).
+_ARCH_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "head_dim", "norm_eps",
+                "rope_theta", "rope_scaling", "tie_embeddings")
+RUN_FILE = "trainer.json"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient norm was NaN or infinite; the step's update was not applied."""
+
+
+# --- Config -----------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides the updates. batch_size: rows per micro-batch; a step takes
+    grad_accum * batch_size rows of seq_len tokens. remat: False, True (recompute each layer in the
+    backward) or a policy name from REMAT_POLICIES. compute_dtype: None (float32 on CPU, bfloat16 on
+    GPU), "float32" or "bfloat16". loss_chunk: tokens per chunk of the output head in the loss."""
+
+    peak_lr: float = 3e-4
+    warmup_steps: int = 100
+    total_steps: int = 1000
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float | None = 1.0
+    grad_accum: int = 1
+    remat: bool | str = False
+    compute_dtype: str | None = None
+    seq_len: int = 512
+    batch_size: int = 8
+    seed: int = 0
+    loss_chunk: int = 1024
+
+    def __post_init__(self):
+        def need(ok, msg):
+            if not ok:
+                raise ValueError(f"TrainConfig: {msg}")
+
+        need(isinstance(self.peak_lr, (int, float)) and math.isfinite(self.peak_lr) and self.peak_lr > 0,
+             f"peak_lr must be a positive number, got {self.peak_lr}")
+        need(self.total_steps >= 1, f"total_steps must be >= 1, got {self.total_steps}")
+        need(0 <= self.warmup_steps <= self.total_steps,
+             f"warmup_steps ({self.warmup_steps}) must be between 0 and total_steps ({self.total_steps})")
+        need(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        need(0 <= self.b1 < 1 and 0 <= self.b2 < 1, f"b1 and b2 must be in [0, 1), got {self.b1}, {self.b2}")
+        need(self.eps > 0, f"eps must be > 0, got {self.eps}")
+        need(self.grad_clip is None or self.grad_clip > 0, f"grad_clip must be > 0 or None, got {self.grad_clip}")
+        need(self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}")
+        need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        need(self.seq_len >= 2, f"seq_len must be >= 2 (one input and one target), got {self.seq_len}")
+        need(self.loss_chunk >= 1, f"loss_chunk must be >= 1, got {self.loss_chunk}")
+        need(self.remat in (False, True) or self.remat in REMAT_POLICIES,
+             f"remat must be False, True or one of {REMAT_POLICIES}, got {self.remat!r}")
+        need(self.compute_dtype in (None, *_COMPUTE_DTYPES),
+             f"compute_dtype must be None or one of {_COMPUTE_DTYPES}, got {self.compute_dtype!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --- Schedule and optimizer -------------------------------------------------------------------------
+
+
+def lr_at(config: TrainConfig, step: int) -> float:
+    """The learning rate of optimizer step `step` (0-based): linear warmup from 0 to peak_lr over
+    warmup_steps, then cosine decay to min_lr_ratio * peak_lr at total_steps (held after). Computed on
+    the host in float64, like the torch LambdaLR it is tested against."""
+    peak, w, total, r = config.peak_lr, config.warmup_steps, config.total_steps, config.min_lr_ratio
+    if step < w:
+        return peak * step / w
+    progress = min(1.0, (step - w) / max(total - w, 1))
+    return peak * (r + (1 - r) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def clip_by_global_norm_like_torch(max_norm) -> optax.GradientTransformation:
+    """Scales the updates by min(1, max_norm / (norm + 1e-6)), as torch.nn.utils.clip_grad_norm_ does."""
+
+    def update(updates, state, params=None):
+        del params
+        scale = jnp.minimum(1.0, max_norm / (optax.global_norm(updates) + 1e-6))
+        return jax.tree.map(lambda g: (g * scale).astype(g.dtype), updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def decay_mask(params: dict) -> dict:
+    """True for the weights AdamW decays (embeddings, projections, the output head), False for norm
+    scales; params is a nested dict of our parameter names."""
+    def mask(path, _):
+        return not any(str(getattr(k, "key", k)).endswith("norm") for k in path)
+    return jax.tree_util.tree_map_with_path(mask, params)
+
+
+def _clipped_adamw(learning_rate, b1, b2, eps, weight_decay, max_norm, clip: bool):
+    adamw = optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask)
+    return optax.chain(clip_by_global_norm_like_torch(max_norm), adamw) if clip else adamw
+
+
+def optimizer(config: TrainConfig, learning_rate: float = 0.0) -> optax.GradientTransformation:
+    """Clipping (torch's rule) then AdamW with weight decay off the norm scales. Its numbers live in
+    the optimizer state (optax.inject_hyperparams), so one compiled step serves every setting: the
+    Trainer writes each step's learning rate (`lr_at`) into `state.hyperparams["learning_rate"]`."""
+    clip = config.grad_clip is not None
+    return _injected(clip)(learning_rate=learning_rate, b1=config.b1, b2=config.b2, eps=config.eps,
+                           weight_decay=config.weight_decay, max_norm=config.grad_clip if clip else 0.0)
+
+
+@functools.lru_cache(maxsize=None)
+def _injected(clip: bool):
+    return optax.inject_hyperparams(functools.partial(_clipped_adamw, clip=clip))
+
+
+# --- Loss -------------------------------------------------------------------------------------------
+
+
+def _targets(tokens, segment_ids):
+    """Next-token targets [B, T-1] and their weights: 1 where token t+1 follows t in the same document,
+    0 across a document boundary, on padding (segment 0), and for unpacked rows never."""
+    targets = tokens[:, 1:]
+    if segment_ids is None:
+        return targets, jnp.ones(targets.shape, jnp.float32)
+    same = (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] != 0)
+    return targets, same.astype(jnp.float32)
+
+
+def loss_sums(model: Transformer, tokens, segment_ids=None, positions=None, *, remat=False, chunk: int = 1024):
+    """(sum of next-token cross-entropies over the target tokens, their count), both f32, of one batch
+    [B, T]. The output head runs over `chunk` tokens at a time and is recomputed in the backward
+    (jax.checkpoint), so the full [B, T, V] f32 logits never exist."""
+    h, _ = model.hidden(tokens, positions, segment_ids=segment_ids, remat=remat)  # (B, T, D)
+    targets, weights = _targets(tokens, segment_ids)  # (B, T-1)
+    d = h.shape[-1]
+    h = h[:, :-1].reshape(-1, d)  # (N, D), N = B * (T-1)
+    targets, weights = targets.reshape(-1), weights.reshape(-1)
+    n = h.shape[0]
+    chunk = min(chunk, n)
+    pad = -n % chunk
+    if pad:  # zero-weight rows to a whole number of chunks
+        h = jnp.pad(h, ((0, pad), (0, 0)))
+        targets, weights = jnp.pad(targets, (0, pad)), jnp.pad(weights, (0, pad))
+    h = h.reshape(-1, chunk, d)  # (n_chunks, C, D)
+    targets, weights = targets.reshape(-1, chunk), weights.reshape(-1, chunk)
+
+    @jax.checkpoint
+    def chunk_loss(total, xs):
+        hc, tc, wc = xs
+        logits = model.head(hc)  # (C, V) f32
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        picked = jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
+        return total + jnp.sum(wc * (lse - picked)), None
+
+    total, _ = jax.lax.scan(chunk_loss, jnp.zeros((), jnp.float32), (h, targets, weights))
+    return total, jnp.sum(weights)
+
+
+# --- The jitted step --------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Program:
+    """What a compiled step depends on (a static jit argument): two Trainers with equal programs share
+    the compiled functions; learning rate, betas, decay and the clip norm are traced values."""
+
+    model: LlamaConfig  # the training model: float32 parameters, the compute dtype
+    grad_accum: int
+    remat: bool | str
+    loss_chunk: int
+    clip: bool
+
+    @classmethod
+    def of(cls, model: LlamaConfig, config: TrainConfig) -> "_Program":
+        return cls(model, config.grad_accum, config.remat, config.loss_chunk, config.grad_clip is not None)
+
+
+@functools.lru_cache(maxsize=None)
+def _split_model(config: LlamaConfig):
+    """(graphdef, abstract state) of a stacked Transformer of `config`, with no arrays."""
+    return nnx.split(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))))
+
+
+def _merge(config: LlamaConfig, params: dict) -> Transformer:
+    """The model whose weights are `params` (a nested dict like nnx.to_pure_dict's)."""
+    graphdef, abstract = _split_model(config)
+    state = jax.tree.map(lambda x: x, abstract)  # a fresh State to fill
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)
+
+
+def _batch_sums(prog: _Program, params, batch):
+    return loss_sums(_merge(prog.model, params), batch["tokens"], batch["segment_ids"], batch["positions"],
+                     remat=prog.remat, chunk=prog.loss_chunk)
+
+
+def _grad_sums(prog: _Program, params, batch):
+    """(loss sum, target count, gradient of the loss sum) over the micro-batches of one step; the
+    micro-batches run one after another (lax.scan), accumulating in f32."""
+    grad_fn = jax.value_and_grad(functools.partial(_batch_sums, prog), has_aux=True)
+    k = prog.grad_accum
+    if k == 1:
+        (s, n), g = grad_fn(params, batch)
+        return s, n, g
+    micro = jax.tree.map(lambda a: a.reshape(k, a.shape[0] // k, *a.shape[1:]), batch)  # (k, B/k, T)
+
+    def body(carry, mb):
+        s, n, g = carry
+        (s1, n1), g1 = grad_fn(params, mb)
+        return (s + s1, n + n1, jax.tree.map(jnp.add, g, g1)), None
+
+    zero = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+    (s, n, g), _ = jax.lax.scan(body, zero, micro)
+    return s, n, g
+
+
+def _mean_loss_and_grads(prog: _Program, params, batch):
+    """(mean loss, its gradient): the sums over all micro-batches divided by the target count, so
+    accumulation gives the update of one large batch."""
+    s, n, g = _grad_sums(prog, params, batch)
+    n = jnp.maximum(n, 1.0)
+    return s / n, jax.tree.map(lambda x: x / n, g)
+
+
+_loss_and_grads = jax.jit(_mean_loss_and_grads, static_argnums=0)
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=(1, 2))
+def _apply_update(clip: bool, params, opt_state, grads, loss, lr):
+    """The optimizer update at learning rate `lr`, with the step's gradient and loss. A NaN or
+    infinite loss or gradient leaves params and opt_state as they were (the caller stops the run),
+    so a diverged step never reaches a checkpoint. A separate program from the gradient, so
+    `loss_and_grads` and `step` share one compiled forward and backward."""
+    grad_norm = optax.global_norm(grads)
+    opt_state.hyperparams["learning_rate"] = jnp.asarray(lr, jnp.float32)
+    tx = _injected(clip)(learning_rate=0.0, b1=0.0, b2=0.0, eps=0.0, weight_decay=0.0, max_norm=0.0)
+    updates, new_opt = tx.update(grads, opt_state, params)  # reads its numbers from opt_state
+    new_params = optax.apply_updates(params, updates)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(ok, new, old))
+    return keep(new_params, params), keep(new_opt, opt_state), grad_norm
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _eval_sums(prog: _Program, params, batch):
+    return _batch_sums(dataclasses.replace(prog, remat=False), params, batch)
+
+
+# --- Parameters in and out --------------------------------------------------------------------------
+
+
+def _stacked_params(llama) -> dict:
+    """The Llama's weights as a nested dict with layers stacked on axis 0, float32, in new buffers
+    (the step donates them; the Llama keeps its own)."""
+    pure = nnx.to_pure_dict(llama.state)
+    layers = pure["layers"]
+    if all(isinstance(k, int) for k in layers):  # per-layer arrays (unstack_layers=True): restack
+        per_layer = [layers[i] for i in range(len(layers))]
+        pure["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs).astype(jnp.float32), *per_layer)
+    return jax.tree.map(lambda x: jnp.array(x, dtype=jnp.float32, copy=True), pure)
+
+
+def _architecture(config: LlamaConfig) -> dict:
+    d = config.to_dict()
+    return {k: d[k] for k in _ARCH_FIELDS}
+
+
+def _differences(a: dict, b: dict) -> list[str]:
+    return [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def _write_json_atomic(path: str, obj) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+# --- The Trainer ------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Trains a `Llama` (from `llama_jax.load` or `from_config`) with `TrainConfig`.
+
+    `step(batch)` takes one optimizer step; `loss_and_grads(batch)` computes without updating;
+    `save(dir)` writes a checkpoint (weights, optimizer state, step, data position) and
+    `Trainer(model, config, resume_from=dir)` continues from the latest one; `export(dir)` writes
+    Hugging Face safetensors or our format; `llama()` is a Llama on the current weights.
+
+    A batch is a dict of integer numpy arrays: `tokens` [B, T] and, optionally, `segment_ids` and
+    `positions` [B, T] (as llama_jax.data packs them; positions default to restarting at each
+    segment, or 0..T-1 without segments). B must be a multiple of grad_accum: a step runs B /
+    grad_accum rows at a time and updates once."""
+
+    def __init__(self, model, config: TrainConfig, *, resume_from: str | os.PathLike | None = None,
+                 keep_checkpoints: int = 3):
+        mc = model.config
+        if config.seq_len > mc.max_seq_len:
+            raise ValueError(f"seq_len {config.seq_len} is past the model's context ({mc.max_seq_len} tokens)")
+        self.config = config
+        self.keep_checkpoints = keep_checkpoints
+        self.mesh = model.mesh
+        self._source = model
+        compute = config.compute_dtype or default_dtype()
+        self.model_config: LlamaConfig = dataclasses.replace(mc, param_dtype="float32", dtype=compute).resolved()
+        self._prog = _Program.of(self.model_config, config)
+        self._shardings = None
+        if self.mesh is not None:
+            with sharding.on_mesh(self.mesh):
+                abstract = nnx.eval_shape(lambda: Transformer(self.model_config, rngs=nnx.Rngs(0)))
+            self._shardings = sharding.param_shardings(abstract, self.mesh)
+        self.params: dict = self._place(_stacked_params(model))
+        with sharding.on_mesh(self.mesh):
+            self.opt_state = jax.jit(optimizer(config).init)(self.params)
+        self.step_count = 0
+        self.data_state: dict | None = None  # the data position restored from a checkpoint
+        if resume_from is not None:
+            self.restore(resume_from)
+
+    # --- placement and batches
+
+    def _place(self, params: dict) -> dict:
+        if self._shardings is None:
+            return jax.device_put(params)
+        return jax.tree.map(jax.device_put, params, self._shardings)
+
+    def _batch(self, batch: dict, *, micro: int) -> dict:
+        """Checks a host batch and puts it on the device(s); fills positions from segment_ids."""
+        if not isinstance(batch, dict) or "tokens" not in batch:
+            raise ValueError("a batch is a dict with 'tokens' [B, T] (and optionally 'segment_ids', 'positions')")
+        unknown = set(batch) - {"tokens", "segment_ids", "positions"}
+        if unknown:
+            raise ValueError(f"unknown batch keys {sorted(unknown)}")
+        out = {}
+        for key, a in batch.items():
+            if a is None:
+                continue
+            a = np.asarray(a)
+            if a.ndim != 2 or not np.issubdtype(a.dtype, np.integer):
+                raise ValueError(f"batch[{key!r}] must be a 2-D integer array [B, T], got {a.dtype} {a.shape}")
+            out[key] = a.astype(np.int32)
+        tokens = out["tokens"]
+        b, t = tokens.shape
+        for key, a in out.items():
+            if a.shape != (b, t):
+                raise ValueError(f"batch[{key!r}] has shape {a.shape}, tokens {tokens.shape}")
+        if t < 2:
+            raise ValueError(f"rows of {t} token(s) hold no next-token target")
+        if t > self.model_config.max_seq_len:
+            raise ValueError(f"rows of {t} tokens are past the model's context ({self.model_config.max_seq_len})")
+        if tokens.min() < 0 or tokens.max() >= self.model_config.vocab_size:
+            raise ValueError(f"token ids must be in [0, {self.model_config.vocab_size})")
+        if b % micro:
+            raise ValueError(f"batch of {b} rows is not a multiple of grad_accum ({micro})")
+        # Always both, so packed and unpacked batches share one compiled step: one segment per row
+        # masks nothing, and positions restart at each segment.
+        if "segment_ids" not in out:
+            out["segment_ids"] = np.ones((b, t), np.int32)
+        if "positions" not in out:
+            out["positions"] = _positions_from_segments(out["segment_ids"])
+        if self.mesh is not None:
+            sharding.check_batch(self.mesh, b // micro)
+            put = lambda a: jax.device_put(a, sharding.batch_sharding(self.mesh, 2))  # noqa: E731
+        else:
+            put = jax.device_put
+        return {k: put(v) for k, v in out.items()}
+
+    # --- computing
+
+    def loss_and_grads(self, batch: dict) -> tuple[float, dict]:
+        """(mean loss over the batch's target tokens, its gradient as a nested dict of float32 arrays
+        shaped like the params, layers stacked), accumulated over grad_accum micro-batches, without
+        clipping or updating. `llama_jax.checkpoint.to_hf_state_dict` maps the gradient to HF names."""
+        b = self._batch(batch, micro=self.config.grad_accum)
+        with sharding.on_mesh(self.mesh):
+            loss, grads = _loss_and_grads(self._prog, self.params, b)
+        return float(loss), grads
+
+    def lr(self, step: int | None = None) -> float:
+        """The learning rate of optimizer step `step` (0-based; default: the next one)."""
+        return lr_at(self.config, self.step_count if step is None else step)
+
+    def step(self, batch: dict) -> dict:
+        """One optimizer step on `batch`. Returns dict(loss, grad_norm (before clipping), lr (of this
+        step), tokens_per_s (non-padding tokens over the step's wall time), step (steps done)).
+        Raises TrainingDiverged, leaving the weights as they were, if the loss or gradient is not finite."""
+        start = time.perf_counter()
+        b = self._batch(batch, micro=self.config.grad_accum)
+        n_tokens = int(np.count_nonzero(np.asarray(batch["segment_ids"]))) if batch.get("segment_ids") is not None \
+            else int(np.size(batch["tokens"]))
+        lr = self.lr()
+        with sharding.on_mesh(self.mesh):
+            loss, grads = _loss_and_grads(self._prog, self.params, b)
+            # The weights and the count change together (a Ctrl-C while we wait below finds them agreeing).
+            self.params, self.opt_state, grad_norm = _apply_update(self._prog.clip, self.params, self.opt_state,
+                                                                   grads, loss, np.float32(lr))
+            self.step_count += 1
+        loss, grad_norm = float(loss), float(grad_norm)
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            self.step_count -= 1  # _apply_update kept the weights as they were
+            raise TrainingDiverged(f"step {self.step_count + 1}: the loss is {loss} (gradient norm {grad_norm}); "
+                                   f"the update was not applied: the weights are those after step {self.step_count}. "
+                                   "Lower the learning rate or check the data")
+        elapsed = time.perf_counter() - start
+        return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "tokens_per_s": n_tokens / elapsed,
+                "step": self.step_count}
+
+    def evaluate(self, batches: Iterable[dict]) -> float:
+        """The mean next-token loss over all target tokens of `batches` (no update)."""
+        total = count = 0.0
+        for batch in batches:
+            b = self._batch(batch, micro=1)
+            with sharding.on_mesh(self.mesh):
+                s, n = _eval_sums(self._prog, self.params, b)
+            total, count = total + float(s), count + float(n)
+        if count == 0:
+            raise ValueError("evaluate: the batches hold no target tokens")
+        return total / count
+
+    # --- checkpoints
+
+    def _run_info(self) -> dict:
+        return {"model": _architecture(self.model_config), "train": self.config.to_dict()}
+
+    def _check_run(self, directory: str, *, resuming: bool) -> None:
+        """Refuses a directory holding checkpoints of another model or another TrainConfig."""
+        path = os.path.join(directory, RUN_FILE)
+        if not os.path.isfile(path):
+            if resuming:
+                raise FileNotFoundError(f"{directory}: no training checkpoint here (no {RUN_FILE})")
+            if os.path.isdir(directory) and os.listdir(directory):
+                raise ValueError(f"{directory}: not empty and not a training checkpoint directory (no {RUN_FILE}); "
+                                 "nothing was written")
+            return
+        with open(path) as f:
+            theirs = json.load(f)
+        mine = self._run_info()
+        diff = _differences(theirs.get("model", {}), mine["model"])
+        if diff:
+            raise ValueError(f"{directory}: holds checkpoints of another model ({'; '.join(diff[:3])}); "
+                             "nothing was written")
+        diff = _differences(theirs.get("train", {}), mine["train"])
+        if diff:
+            raise ValueError(f"{directory}: holds checkpoints of a run with another TrainConfig "
+                             f"({'; '.join(diff[:3])}); a resumed run must use the same settings")
+
+    def _manager(self, directory: str, *, create: bool):
+        import orbax.checkpoint as ocp
+
+        options = ocp.CheckpointManagerOptions(max_to_keep=self.keep_checkpoints, create=create,
+                                               enable_async_checkpointing=False)
+        return ocp.CheckpointManager(directory, options=options)
+
+    def save(self, directory: str | os.PathLike, *, data_state: dict | None = None) -> str:
+        """Writes a checkpoint of the current step into `directory` (Orbax CheckpointManager: one
+        subdirectory per step, the last `keep_checkpoints` kept). Orbax writes each step into a
+        temporary directory and renames it when complete, so a process killed mid-save leaves the
+        previous checkpoints intact. data_state: the data iterator's position (Batches.state()).
+        Returns the step's directory."""
+        import orbax.checkpoint as ocp
+
+        directory = os.path.abspath(os.fspath(directory))
+        self._check_run(directory, resuming=False)
+        os.makedirs(directory, exist_ok=True)
+        if not os.path.isfile(os.path.join(directory, RUN_FILE)):
+            _write_json_atomic(os.path.join(directory, RUN_FILE), self._run_info())
+        meta = {"step": self.step_count, "data_state": data_state, "seed": self.config.seed,
+                "model_config": self.model_config.to_dict(), "time": time.time()}
+        with self._manager(directory, create=True) as mngr:
+            mngr.save(self.step_count, force=True, args=ocp.args.Composite(
+                params=ocp.args.StandardSave(self.params), opt_state=ocp.args.StandardSave(self.opt_state),
+                meta=ocp.args.JsonSave(meta)))
+            mngr.wait_until_finished()
+        return os.path.join(directory, str(self.step_count))
+
+    def restore(self, directory: str | os.PathLike, step: int | None = None) -> None:
+        """Loads weights, optimizer state, step and data position from the checkpoint `directory`
+        (its latest step, or `step`); refuses one of another model or TrainConfig."""
+        import orbax.checkpoint as ocp
+
+        directory = os.path.abspath(os.fspath(directory))
+        self._check_run(directory, resuming=True)
+        with self._manager(directory, create=False) as mngr:
+            step = mngr.latest_step() if step is None else step
+            if step is None:
+                raise FileNotFoundError(f"{directory}: no complete checkpoint to resume from")
+            abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, (self.params, self.opt_state))
+            r = mngr.restore(step, args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(abstract[0]), opt_state=ocp.args.StandardRestore(abstract[1]),
+                meta=ocp.args.JsonRestore()))
+        # Restore into our own tree structure (optax's named tuples), leaf for leaf.
+        self.params = jax.tree.unflatten(jax.tree.structure(self.params), jax.tree.leaves(r.params))
+        self.opt_state = jax.tree.unflatten(jax.tree.structure(self.opt_state), jax.tree.leaves(r.opt_state))
+        self.step_count = int(r.meta["step"])
+        self.data_state = r.meta.get("data_state")
+
+    # --- results
+
+    def llama(self):
+        """A `Llama` on the current weights, in the dtype and layout the source model had (generate
+        from it; it holds its own copy, so training can go on)."""
+        from llama_jax.api import Llama, _build
+
+        src = self._source
+        dtype = jnp.dtype(src.config.dtype)
+        params = jax.tree.map(lambda p: jnp.array(p, dtype=dtype, copy=True), self.params)
+        unstacked = isinstance(src.model.layers, nnx.List)
+        return Llama(_build(src.config, params), tokenizer=src.tokenizer, chat_format=src.chat_format,
+                     mesh=src.mesh, unstack_layers=unstacked)
+
+    def export(self, directory: str | os.PathLike, format: str = "hf", *, tokenizer_from: str | None = None,
+               dtype: str = "float32", overwrite: bool = False) -> str:
+        """Writes the current weights as a model directory: format "hf" (config.json and
+        model.safetensors, which transformers loads) or "ours" (llama_config.json and Orbax params, as
+        `llama-jax convert` writes). tokenizer_from: a model directory whose tokenizer files
+        (tokenizer.json or tokenizer.model, tokenizer_config.json, chat template, generation_config.json)
+        are copied along. Written into a temporary directory and renamed when complete; an existing
+        `directory` is refused unless overwrite. Returns the directory."""
+        if format not in ("hf", "ours"):
+            raise ValueError(f"export format must be 'hf' or 'ours', got {format!r}")
+        if dtype not in _COMPUTE_DTYPES or (format == "hf" and dtype != "float32"):
+            raise ValueError(f"export dtype {dtype!r}: 'hf' writes float32; 'ours' float32 or bfloat16")
+        directory = os.path.abspath(os.fspath(directory))
+        if os.path.lexists(directory) and not overwrite:
+            raise FileExistsError(f"{directory}: already exists (nothing was written)")
+        tmp = f"{directory}.export-{os.getpid()}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        try:
+            config = dataclasses.replace(self.model_config, param_dtype=dtype, dtype=None, attention_impl="auto",
+                                         norm_impl="auto")
+            host = jax.tree.map(np.asarray, self.params)
+            if format == "hf":
+                write_hf(tmp, host, config)
+            else:
+                write_ours(tmp, host, config, dtype)
+            if tokenizer_from is not None:
+                copy_tokenizer_files(tokenizer_from, tmp)
+            if os.path.lexists(directory):
+                shutil.rmtree(directory)
+            os.rename(tmp, directory)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return directory
+
+
+# --- The loop ---------------------------------------------------------------------------------------
+
+
+def fit(trainer: Trainer, batches, *, checkpoint_dir: str | os.PathLike, eval_data: list[dict] | None = None,
+        eval_every: int = 0, save_every: int = 0, stop_after: int | None = None, metrics_path: str | None = None,
+        progress: bool = True, log=None) -> dict:
+    """Runs `trainer` to config.total_steps on `batches` (a llama_jax.data.Batches, whose position
+    goes into each checkpoint), evaluating on `eval_data` every `eval_every` steps and at the end,
+    checkpointing into `checkpoint_dir` every `save_every` steps, at the end, after `stop_after` steps
+    of this call, and on Ctrl-C. Appends one JSON line per step and per evaluation to `metrics_path`;
+    `log(text)` gets a line now and then when there is no progress bar. Returns the last metrics and
+    eval loss. A diverged step raises TrainingDiverged with the checkpoints left as they were."""
+    from tqdm import tqdm
+
+    total = trainer.config.total_steps
+    start = trainer.step_count
+    bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=None if progress else True,
+               file=sys.stderr, dynamic_ncols=True)
+    every = max(1, (total - start) // 20)
+    metrics_file = open(metrics_path, "a") if metrics_path else None
+    last, eval_loss, saved = {}, None, start
+
+    def record(obj):
+        if metrics_file:
+            metrics_file.write(json.dumps(obj) + "\n")
+            metrics_file.flush()
+
+    def save():
+        nonlocal saved
+        if saved != trainer.step_count:
+            trainer.save(checkpoint_dir, data_state=batches.state())
+            saved = trainer.step_count
+
+    try:
+        while trainer.step_count < total and (stop_after is None or trainer.step_count - start < stop_after):
+            last = trainer.step(next(batches))
+            record({**last, "epoch": round(batches.epoch, 4), "time": time.time()})
+            bar.update(1)
+            bar.set_postfix_str(f"loss {last['loss']:.4f}  lr {last['lr']:.2e}  {last['tokens_per_s']:.0f} tok/s")
+            step = trainer.step_count
+            if bar.disable and log and (step % every == 0 or step == total):
+                log(f"step {step}/{total}: loss {last['loss']:.4f}, lr {last['lr']:.2e}, "
+                    f"{last['tokens_per_s']:.0f} tokens/s")
+            if eval_data and ((eval_every and step % eval_every == 0) or step == total):
+                eval_loss = trainer.evaluate(eval_data)
+                record({"step": step, "eval_loss": eval_loss, "time": time.time()})
+                if log:
+                    (bar.write if not bar.disable else log)(f"step {step}: eval loss {eval_loss:.4f}")
+            if (save_every and step % save_every == 0) or step == total:
+                save()
+        save()  # stop_after
+    except KeyboardInterrupt:
+        save()  # the last complete step, so --resume continues from here
+        raise
+    finally:
+        bar.close()
+        if metrics_file:
+            metrics_file.close()
+    return {**last, "eval_loss": eval_loss, "step": trainer.step_count}
+
+
+def _positions_from_segments(segment_ids: np.ndarray) -> np.ndarray:
+    """Positions restarting at 0 at each change of segment id along a row (0 on padding)."""
+    b, t = segment_ids.shape
+    idx = np.broadcast_to(np.arange(t), (b, t))
+    starts = np.concatenate([np.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    first = np.maximum.accumulate(np.where(starts, idx, 0), axis=1)
+    return np.where(segment_ids != 0, idx - first, 0).astype(np.int32)
+
+
+# --- Export writers ---------------------------------------------------------------------------------
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "generation_config.json")
+
+
+def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
+    """Copies the tokenizer files a model directory has into dst; returns their names."""
+    found = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(src, n))]
+    for name in found:
+        shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+    return found
+
+
+def write_hf(directory: str, params: dict, config: LlamaConfig) -> None:
+    """config.json and model.safetensors (float32) that transformers' LlamaForCausalLM loads."""
+    from safetensors.numpy import save_file
+
+    from llama_jax.checkpoint import hf_config_dict, to_hf_state_dict
+
+    tensors = {k: v.astype(np.float32) for k, v in to_hf_state_dict(params, config).items()}
+    save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    _write_json_atomic(os.path.join(directory, "config.json"), hf_config_dict(config, dtype="float32"))
+
+
+def write_ours(directory: str, params: dict, config: LlamaConfig, dtype: str) -> None:
+    """Our converted format (llama_jax.orbax_io): Orbax params beside llama_config.json."""
+    from llama_jax import orbax_io
+    from llama_jax.checkpoint import param_shapes
+
+    def tensors():
+        for path in param_shapes(config):
+            node = params
+            for key in path:
+                node = node[key]
+            if path[0] == "layers":
+                for i in range(node.shape[0]):
+                    yield path, i, node[i]
+            else:
+                yield path, None, node
+
+    orbax_io.write_params(os.path.join(directory, orbax_io.PARAMS_DIR), config, dtype, tensors())
+    orbax_io.write_config(directory, config)
