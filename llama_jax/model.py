@@ -175,11 +175,14 @@ class TransformerBlock(nnx.Module):
         self.ffn_norm = RMSNorm(config.dim, **norm)
         self.feed_forward = FeedForward(config, rngs=rngs, stack=stack)
 
-    def __call__(self, x, rope, cache, segment_ids, positions):
-        # Pre-norm residual block; the residual add is fused into the next norm.
-        h, cache = self.attention(self.attention_norm(x), rope, cache, segment_ids, positions)
-        normed, h = self.ffn_norm(h, x)  # h = x + attention(...)
-        return h + self.feed_forward(normed), cache
+    def __call__(self, x, delta, rope, cache, segment_ids, positions):
+        """A pre-norm residual block over the stream x + delta, where delta [B, T, D] is the previous
+        block's FFN output, not yet added: each residual add is fused into the norm after it, so a
+        block reads the stream twice instead of three times. Returns (x, delta, cache)."""
+        normed, x = self.attention_norm(delta, x)  # x = x + delta
+        h, cache = self.attention(normed, rope, cache, segment_ids, positions)
+        normed, x = self.ffn_norm(h, x)  # x = x + attention(...)
+        return x, self.feed_forward(normed), cache
 
 
 def _layer_slice(stacked, i: int):
@@ -234,22 +237,25 @@ class Transformer(nnx.Module):
         rope = rope_angles(positions, jnp.asarray(rope_frequencies(self.config)))  # a trace-time constant
 
         def step(graphdef):  # one layer as a function of its weights, for scan and for remat
-            def body(x, xs):
+            def body(stream, xs):
                 layer_state, c = xs
-                return nnx.merge(graphdef, layer_state)(x, rope, c, segment_ids, positions)
+                x, delta, c = nnx.merge(graphdef, layer_state)(*stream, rope, c, segment_ids, positions)
+                return (x, delta), c
             return _remat(body, remat)
 
+        stream = (x, jnp.zeros_like(x))  # (residual stream, the last block's output not yet added)
         if isinstance(self.layers, nnx.List):  # per-layer arrays, a Python loop
             new_cache = []
             for i, layer in enumerate(self.layers):
                 graphdef, state = nnx.split(layer)
-                x, c = step(graphdef)(x, (state, None if cache is None else cache[i]))
+                stream, c = step(graphdef)(stream, (state, None if cache is None else cache[i]))
                 new_cache.append(c)
             cache = None if cache is None else new_cache
         else:  # stacked arrays, scanned: compile time flat in depth
             graphdef, state = nnx.split(self.layers)
-            x, cache = jax.lax.scan(step(graphdef), x, (state, cache))
-        return self.norm(x), cache
+            stream, cache = jax.lax.scan(step(graphdef), stream, (state, cache))
+        x, delta = stream
+        return self.norm(delta, x)[0], cache
 
     def head(self, x):
         """Logits [..., V] float32 of normed hidden states x [..., D]."""
