@@ -128,7 +128,7 @@ def clip_by_global_norm_like_torch(max_norm) -> optax.GradientTransformation:
 
     def update(updates, state, params=None):
         del params
-        scale = jnp.minimum(1.0, max_norm / (optax.global_norm(updates) + 1e-6))
+        scale = jnp.minimum(1.0, max_norm / (optax.tree.norm(updates) + 1e-6))
         return jax.tree.map(lambda g: (g * scale).astype(g.dtype), updates), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
@@ -279,7 +279,7 @@ def _apply_update(clip: bool, params, opt_state, grads, loss, lr):
     infinite loss or gradient leaves params and opt_state as they were (the caller stops the run),
     so a diverged step never reaches a checkpoint. A separate program from the gradient, so
     `loss_and_grads` and `step` share one compiled forward and backward."""
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     opt_state.hyperparams["learning_rate"] = jnp.asarray(lr, jnp.float32)
     tx = _injected(clip)(learning_rate=0.0, b1=0.0, b2=0.0, eps=0.0, weight_decay=0.0, max_norm=0.0)
     updates, new_opt = tx.update(grads, opt_state, params)  # reads its numbers from opt_state
