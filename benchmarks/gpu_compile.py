@@ -428,11 +428,12 @@ def programs(config, where, *, batch=1, context=4096, prompt=2048, layout="layer
     """The jitted prefill and decode loop of `config` in bf16 with the Pallas kernels, from abstract
     parameters. where: a Device (one GPU) or a ('data', 'model') Mesh. layout: "layers" (per-layer
     arrays after `unstack_layers()`, what `Llama` runs by default) or "scan" (stacked layers under
-    lax.scan). Returns [(name, jitted_fn, abstract_args, meta)]; meta["min_bytes"] = (weight bytes,
-    KV bytes) one decode step must read per device, with a full cache of `context` tokens.
+    lax.scan). The prefill is one chunk of `prompt` tokens written into the cache. Returns
+    [(name, jitted_fn, abstract_args, meta)]; meta["min_bytes"] = (weight bytes, KV bytes) one
+    decode step must read per device, with a full cache of `context` tokens.
 
-    The one place that knows the generation API (llama_jax.generate.prefill / decode_chunk, as
-    generate_ids calls them): change it with that API."""
+    The one place that knows the generation API (llama_jax.generate.prefill_chunk and decode_chunk,
+    as generate_ids calls them): change it with that API."""
     mesh = where if isinstance(where, Mesh) else None
     cfg = dataclasses.replace(config, param_dtype="bfloat16", dtype="bfloat16", attention_impl="pallas",
                               norm_impl="pallas")
@@ -474,9 +475,11 @@ def programs(config, where, *, batch=1, context=4096, prompt=2048, layout="layer
         weights += b * cfg.dim * emb.dtype.itemsize - per_device(emb)
     meta = dict(config=cfg, batch=b, context=context, layout=layout, mesh=mesh, params=params,
                 min_bytes=(weights, sum(per_device(x) for x in jax.tree.leaves(cache))))
-    prefill_args = (graphdef, state, cache, rows(b, prompt), rows(b), key, *sampling)
+    # tokens [B, C] at positions start.., lengths [B], last hidden states [B, D].
+    prefill_args = (graphdef, state, cache, rows(b, prompt), sds((), jnp.int32), rows(b),
+                    sds((b, cfg.dim), jnp.bfloat16, ("batch", "embed")))
     decode_args = (graphdef, state, ds, *sampling)
-    return [("prefill", generate.prefill, prefill_args, dict(meta, kind="prefill", prompt=prompt)),
+    return [("prefill", generate.prefill_chunk, prefill_args, dict(meta, kind="prefill", prompt=prompt)),
             ("decode", generate.decode_chunk, decode_args, dict(meta, kind="decode"))]
 
 
@@ -595,9 +598,9 @@ def report(kernel_rows, program_rows, failures, expected, args, total_s) -> str:
             for f in failures] or ["None."]
     first = lambda key: next((r[key] for r in program_rows if r.get(key)), "?")  # noqa: E731
     out += ["", "## Programs", "",
-            f"bf16, Pallas kernels, batch {first('batch')}, a KV cache of {first('context')} tokens, prefill of "
-            f"{first('prompt')} tokens. Decode rows: one step "
-            "(the decode loop's body); prefill rows: the whole program. *layers*: a list of per-layer "
+            f"bf16, Pallas kernels, batch {first('batch')}, a KV cache of {first('context')} tokens, a prefill "
+            f"chunk of {first('prompt')} tokens. Decode rows: one step "
+            "(the decode loop's body); prefill rows: the whole chunk. *layers*: a list of per-layer "
             "blocks (what `Llama` runs by default); *scan*: stacked layers under `lax.scan`.", "",
             "| program | compile s | kernels (per layer) | memcpys | collectives | GFLOP | bytes accessed | "
             "roofline ms | minimum bytes | bytes / minimum |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -649,7 +652,7 @@ METHOD = """\
   and a dynamic-update-slice as the update only. To get one decode step, the decode loop's body
   (and condition) is cut out of the optimized HLO as a module of its own and analysed; each loop
   inside it (the layer scan) is then counted its known trip count: cost = flat cost + (n - 1) x
-  body cost. Prefill: the whole module, loops counted the same way.
+  body cost. Prefill (one chunk): the whole module, loops counted the same way.
 - **Minimum bytes of a decode step, per device**: every parameter shard (of an untied input
   embedding only the looked-up rows) plus the whole KV cache shard (K and V, every layer) at the
   cache length, which the decode kernel reads as an operand. Roofline = max(FLOPs / 989 TFLOP/s,

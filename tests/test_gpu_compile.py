@@ -85,6 +85,12 @@ def test_a_tiny_program_gets_its_decode_figures(h100, tmp_path):
     assert kernels["kernel"] > 0
     assert _launches(row, "decode_attention") == TINY.n_layers  # one per layer and step
 
+    name, fn, args, meta = prefill
+    row, fails = gpu_compile.analyse_program("tiny prefill", fn, args, meta, tmp_path / "prefill")
+    assert not fails, fails
+    assert row["cost"]["flops"] >= 64 * meta["min_bytes"][0] * 0.5  # 64 tokens through (most) weights
+    assert _launches(row, "flash_attention_fwd") == TINY.n_layers
+
 
 def test_a_scanned_decode_counts_every_layer(h100, tmp_path):
     # HLO cost analysis counts a while loop's body once; the harness multiplies the layer scan by
