@@ -297,6 +297,8 @@ def blocked_attention(q, k, v, *, causal=True, q_offset=None, kv_lengths=None,
     sm_scale = sm_scale_or_default(sm_scale, E)
     q_off, kv_len, q_seg, kv_seg = _normalize_masks(
         B, T, S, q_offset, kv_lengths, q_segment_ids, kv_segment_ids)
+    if T == 0 or S == 0:
+        return jnp.zeros_like(q)
     return _blocked(q, k, v, q_off, kv_len, q_seg, kv_seg, causal, sm_scale,
                     min(block_q, T), min(block_k, S))
 
@@ -319,7 +321,11 @@ def blocked_decode_attention(q, k_cache, v_cache, *, lengths, sm_scale=None,
     """
     B, H, E = q.shape
     _, S, K, _ = k_cache.shape
+    if H % K:
+        raise ValueError(f"{H=} query heads is not a multiple of {K=} kv heads")
     G = H // K
+    if S == 0:
+        return jnp.zeros_like(q)
     bk = min(block_k, S)
     sm_scale = sm_scale_or_default(sm_scale, E)
     lengths = jnp.clip(jnp.broadcast_to(jnp.asarray(lengths, jnp.int32), (B,)), 0, S)
