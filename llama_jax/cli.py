@@ -421,13 +421,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as e:
         raise CliError(_first_line(e), 2) from None
 
+    tokenizer = model.tokenizer
+    del model  # the trainer holds its own float32 copy
+
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     try:
-        tokens = data_lib.tokenize_corpus(args.data, model.tokenizer, os.path.join(cache_dir(), "tokens"),
+        tokens = data_lib.tokenize_corpus(args.data, tokenizer, os.path.join(cache_dir(), "tokens"),
                                           eval_fraction=args.eval_fraction)
     except data_lib.DataError as e:
         raise CliError(str(e), 2) from None
-    pad = model.tokenizer.eos_ids[0] if model.tokenizer.eos_ids else 0
+    pad = tokenizer.eos_ids[0] if tokenizer.eos_ids else 0
     train_rows = tokens.split("train", args.seq_len, pad_id=pad)
     eval_rows = tokens.split("eval", args.seq_len, pad_id=pad)
     if len(train_rows) == 0:

