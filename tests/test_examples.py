@@ -24,6 +24,9 @@ def runs(tmp_path_factory):
         "chat.py": [],
         "convert_weights.py": [str(tiny), str(tmp / "converted")],
         "sharded_inference.py": [],  # sets its own 8 fake devices
+        # A smoke run; `make finetune` runs it for minutes.
+        "finetune.py": ["--steps", "4", "--seq-len", "64", "--batch-size", "2", "--eval-rows", "4",
+                        "--max-new-tokens", "8"],
     }
     procs = {name: subprocess.Popen([sys.executable, str(ROOT / "examples" / name), *argv], env=env, text=True,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp)
@@ -65,3 +68,10 @@ def test_sharded_inference(runs):
     out = runs["sharded_inference.py"].stdout
     assert "8 devices; mesh {'data': 2, 'model': 3}" in out
     assert "The capital of France is' Paris" in out, out
+
+
+@pytest.mark.slow
+def test_finetune(runs):
+    out = runs["finetune.py"].stdout
+    assert "held-out loss after" in out and "(down from" in out, out
+    assert "The with statement" in out
