@@ -97,8 +97,13 @@ def apply_rope(x: jax.Array, rope: Rope) -> jax.Array:
 # --- Attention, MLP, block --------------------------------------------------------------------------
 
 
-def _dot(x, w, spec, dtype):
-    """Matmul in the compute dtype, accumulated in f32."""
+def _dot(x, w, spec, dtype, transposed=False):
+    """Matmul in the compute dtype, accumulated in f32. spec names w as stored [in, out] (the
+    checkpoint layout); transposed: w is stored [out, in] instead (see `Transformer.unstack_layers`)."""
+    if transposed:
+        lhs, rhs_out = spec.split(",")
+        rhs, out = rhs_out.split("->")
+        spec = f"{lhs},{rhs[::-1]}->{out}"
     return jnp.einsum(spec, x, w.astype(dtype), preferred_element_type=jnp.float32).astype(dtype)
 
 
@@ -115,6 +120,7 @@ class Attention(nnx.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = h, k, e
         self.dtype = jnp.dtype(c.dtype)
         self.impl = c.attention_impl
+        self.transposed = False  # weights stored [in, out]; [out, in] after unstack_layers(transpose=True)
 
     def __call__(self, x, rope: Rope, cache: KVCache | None, segment_ids, positions):
         """x [B, T, D]. Without a cache: causal self-attention over x (within each document when
@@ -123,9 +129,9 @@ class Attention(nnx.Module):
         every row writes its keys at start..start+T-1, start = positions[0, 0], and attends to the
         cached keys before them and to its own (chunked prefill). Returns (out, cache)."""
         b, t, _ = x.shape
-        q = _dot(x, self.wq[...], "BTD,DN->BTN", self.dtype).reshape(b, t, self.n_heads, self.head_dim)
-        k = _dot(x, self.wk[...], "BTD,DN->BTN", self.dtype).reshape(b, t, self.n_kv_heads, self.head_dim)
-        v = _dot(x, self.wv[...], "BTD,DN->BTN", self.dtype).reshape(b, t, self.n_kv_heads, self.head_dim)
+        q = _dot(x, self.wq[...], "BTD,DN->BTN", self.dtype, self.transposed).reshape(b, t, self.n_heads, self.head_dim)
+        k = _dot(x, self.wk[...], "BTD,DN->BTN", self.dtype, self.transposed).reshape(b, t, self.n_kv_heads, self.head_dim)
+        v = _dot(x, self.wv[...], "BTD,DN->BTN", self.dtype, self.transposed).reshape(b, t, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, rope), apply_rope(k, rope)  # (B, T, H|K, E)
 
         if cache is None:
@@ -145,7 +151,7 @@ class Attention(nnx.Module):
             # a padded key sits after every real query of its row.
             out = ops.prefill_attention(q, cache.k, cache.v, q_offset=start, kv_length=start + t, impl=self.impl)
         out = out.reshape(b, t, self.n_heads * self.head_dim)  # (B, T, H*E)
-        return _dot(out, self.wo[...], "BTN,ND->BTD", self.dtype), cache
+        return _dot(out, self.wo[...], "BTN,ND->BTD", self.dtype, self.transposed), cache
 
 
 class FeedForward(nnx.Module):
@@ -159,11 +165,12 @@ class FeedForward(nnx.Module):
         self.w3 = _param(rngs, (*stack, d, f), (*lx, "embed", "ffn"), pd, 1.0 / math.sqrt(d))
         self.w2 = _param(rngs, (*stack, f, d), (*lx, "ffn", "embed"), pd, 1.0 / math.sqrt(f))
         self.dtype = jnp.dtype(config.dtype)
+        self.transposed = False
 
     def __call__(self, x):
-        gate = _dot(x, self.w1[...], "BTD,DF->BTF", self.dtype)
-        up = _dot(x, self.w3[...], "BTD,DF->BTF", self.dtype)
-        return _dot(jax.nn.silu(gate) * up, self.w2[...], "BTF,FD->BTD", self.dtype)
+        gate = _dot(x, self.w1[...], "BTD,DF->BTF", self.dtype, self.transposed)
+        up = _dot(x, self.w3[...], "BTD,DF->BTF", self.dtype, self.transposed)
+        return _dot(jax.nn.silu(gate) * up, self.w2[...], "BTF,FD->BTD", self.dtype, self.transposed)
 
 
 class TransformerBlock(nnx.Module):
@@ -185,14 +192,23 @@ class TransformerBlock(nnx.Module):
         return x, self.feed_forward(normed), cache
 
 
-def _layer_slice(stacked, i: int):
-    """Layer i of a stacked array, or of its abstract shape (under nnx.eval_shape)."""
+LINEAR_WEIGHTS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+
+
+def _key_name(key) -> str:
+    return str(getattr(key, "key", getattr(key, "name", key)))
+
+
+def _layer_slice(stacked, i: int, transpose: bool = False):
+    """Layer i of a stacked array (transposed if asked), or of its abstract shape (nnx.eval_shape)."""
     if isinstance(stacked, jax.ShapeDtypeStruct):
-        sharding = stacked.sharding
+        shape, sharding = stacked.shape[1:], stacked.sharding
         if isinstance(sharding, jax.sharding.NamedSharding):
-            sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*sharding.spec[1:]))
-        return jax.ShapeDtypeStruct(stacked.shape[1:], stacked.dtype, sharding=sharding)
-    return stacked[i]
+            spec = tuple(sharding.spec[1:]) + (None,) * (len(shape) - len(sharding.spec[1:]))
+            spec = spec[::-1] if transpose else spec
+            sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
+        return jax.ShapeDtypeStruct(shape[::-1] if transpose else shape, stacked.dtype, sharding=sharding)
+    return stacked[i].T if transpose else stacked[i]
 
 
 def _remat(fn, remat):
@@ -265,27 +281,44 @@ class Transformer(nnx.Module):
             w, spec = self.output[...], "...D,DV->...V"
         return jnp.einsum(spec, x, w.astype(self.dtype), preferred_element_type=jnp.float32)
 
-    def unstack_layers(self) -> None:
+    def unstack_layers(self, transpose: bool = True) -> None:
         """Replaces the stacked layers by a list of per-layer blocks (on CPU this decodes about 1.5x
         faster than scanning: docs/PERFORMANCE.md). Each stacked device array is freed once it is
-        sliced, so the peak is the model plus one weight kind, not two models."""
+        sliced, so the peak is the model plus one weight kind, not two models. transpose: store
+        each linear weight [out, in], the layout in which XLA's GPU matrix-vector product reads a
+        weight once (docs/GPU_COMPILE.md); the checkpoint layout is [in, out]."""
         if isinstance(self.layers, nnx.List):
             return
         graphdef, state = nnx.split(self.layers)
-        leaves, treedef = jax.tree.flatten(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
         n = self.config.n_layers
         per_layer = [[] for _ in range(n)]
-        for var in leaves:
+        for path, var in leaves:
             stacked = var.get_value()
             axes = var.get_metadata()["out_sharding"][1:]  # drop the 'layers' logical axis
+            flip = transpose and _key_name(path[-1]) in LINEAR_WEIGHTS
             for i in range(n):
-                v = var.replace(value=_layer_slice(stacked, i))
-                v.set_metadata("out_sharding", axes)
+                v = var.replace(value=_layer_slice(stacked, i, flip))
+                v.set_metadata("out_sharding", axes[::-1] if flip else axes)
                 per_layer[i].append(v)
             if isinstance(stacked, jax.Array):
                 stacked.delete()
         del state, leaves
         self.layers = nnx.List([nnx.merge(graphdef, jax.tree.unflatten(treedef, vs)) for vs in per_layer])
+        for block in self.layers:
+            block.attention.transposed = block.feed_forward.transposed = transpose
+
+    def stacked_params(self) -> dict:
+        """The parameters as a nested dict in the checkpoint layout (layers stacked on axis 0, linear
+        weights [in, out]), whatever the layout the model runs in; new arrays when unstacked."""
+        params = nnx.to_pure_dict(nnx.state(self, nnx.Param))
+        if not isinstance(self.layers, nnx.List):
+            return params
+        layers = [params["layers"][i] for i in range(self.config.n_layers)]
+        if self.layers[0].attention.transposed:
+            layers = [{part: {k: w.T if k in LINEAR_WEIGHTS else w for k, w in ws.items()}
+                       for part, ws in layer.items()} for layer in layers]
+        return dict(params, layers=jax.tree.map(lambda *xs: jnp.stack(xs), *layers))
 
     def init_cache(self, batch: int, max_len: int, dtype=None, sharding=None) -> list[KVCache] | KVCache:
         """An all-zero KV cache matching the layer layout: a list of per-layer [B, S, K, E] caches, or

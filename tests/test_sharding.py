@@ -61,11 +61,13 @@ def test_shard_shapes(tiny8, dp, tp):
     model = llama_jax.load(tiny8, dtype="float32", mesh=mesh)
     c = model.config
     layer = model.state["layers"][0]
+    # Per-layer weights run stored [out, in] (Transformer.unstack_layers): wq, wk, wv, w1, w3 split
+    # by output features (axis 0), wo and w2 by input features (axis 1).
     split = {  # (full shape, the axis split over 'model')
-        "wq": (layer["attention"]["wq"][...], 1), "wk": (layer["attention"]["wk"][...], 1),
-        "wv": (layer["attention"]["wv"][...], 1), "wo": (layer["attention"]["wo"][...], 0),
-        "w1": (layer["feed_forward"]["w1"][...], 1), "w3": (layer["feed_forward"]["w3"][...], 1),
-        "w2": (layer["feed_forward"]["w2"][...], 0),
+        "wq": (layer["attention"]["wq"][...], 0), "wk": (layer["attention"]["wk"][...], 0),
+        "wv": (layer["attention"]["wv"][...], 0), "wo": (layer["attention"]["wo"][...], 1),
+        "w1": (layer["feed_forward"]["w1"][...], 0), "w3": (layer["feed_forward"]["w3"][...], 0),
+        "w2": (layer["feed_forward"]["w2"][...], 1),
         "tok_embeddings": (model.state["tok_embeddings"][...], 0), "output": (model.state["output"][...], 1),
     }
     for name, (a, axis) in split.items():
@@ -170,5 +172,5 @@ def test_converted_checkpoint_onto_a_mesh(tiny8, reference, tmp_path):
     convert(str(tiny8), str(dst), dtype="float32", progress=False)
     model = llama_jax.load(dst, dtype="float32", mesh=llama_jax.make_mesh(dp=2, tp=4))
     wq = model.state["layers"][0]["attention"]["wq"][...]
-    assert all(s.data.shape == (wq.shape[0], wq.shape[1] // 4) for s in wq.addressable_shards)
+    assert all(s.data.shape == (wq.shape[0] // 4, wq.shape[1]) for s in wq.addressable_shards)  # [out, in]
     np.testing.assert_allclose(model.logits(ids), ref_logits, atol=1e-4 * np.abs(ref_logits).max(), rtol=0)
