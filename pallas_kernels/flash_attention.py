@@ -140,8 +140,9 @@ def _dkv_kernel(q_off_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, del
 
     # Query i sees key k_pos iff k_pos <= q_off + i: the first query block that sees any key
     # here, and the first whose every query sees every key here.
-    first = 0
-    first_full = 0
+    # Traced int32 from the start: with Python 0s here, Triton's lowering gave the loop bound an
+    # i1 type for non-causal attention ("('i1', 'i32')" in `make gpu-check`).
+    first = first_full = jnp.zeros((), jnp.int32)
     if causal:
         first = jnp.clip(lax.div(jnp.maximum(j * block_k - q_off, 0), block_q), 0, num_q_blocks)
         first_full = _cdiv(jnp.maximum((j + 1) * block_k - 1 - q_off, 0), block_q)
