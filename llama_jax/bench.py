@@ -25,3 +25,36 @@ def time_generate(model, *, prompt_len: int = 16, new_tokens: int = 64, batch: i
         ttfts.append(t["time_to_first_token_s"])
         rates.append(t["decode_tokens_per_s"] or 0.0)
     return {"prefill_s": statistics.median(ttfts), "decode_tok_s": statistics.median(rates), "warmup_s": warmup}
+
+
+def read_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 5) -> float:
+    """Bytes per second that a jitted float32 matrix-vector product reads on the default device (the
+    median of `repeats`): what a decode step, which reads every weight once, can at best move."""
+    import jax
+    import jax.numpy as jnp
+
+    n = int((nbytes // 4) ** 0.5)
+    w = jnp.ones((n, n), jnp.float32)
+    x = jnp.ones((n,), jnp.float32)
+    f = jax.jit(lambda w, x: w @ x)
+    f(w, x).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(w, x).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return w.nbytes / statistics.median(times)
+
+
+def decode_bytes_per_token(model, context: int) -> int:
+    """Bytes one decode step must read for one sequence: every weight once (the embedding table once,
+    as the output head or through the lookup of one row) and the keys and values of `context` tokens."""
+    import jax
+
+    c = model.config
+    weights = sum(x.nbytes for x in jax.tree.leaves(model.state))
+    if not c.tie_embeddings:  # the input embedding is a lookup of one row, not a read of the table
+        emb = model.state["tok_embeddings"][...]
+        weights -= emb.nbytes - emb.nbytes // c.vocab_size
+    kv = 2 * c.n_layers * context * c.n_kv_heads * c.head_dim * np.dtype(c.dtype).itemsize
+    return weights + kv

@@ -290,7 +290,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """llama-jax bench: greedy generation timings (llama_jax.bench.time_generate) as a small table."""
     import jax
 
-    from llama_jax.bench import time_generate
+    from llama_jax.bench import decode_bytes_per_token, read_bandwidth, time_generate
 
     model = _load(args)
     r = time_generate(model, prompt_len=args.prompt_len, new_tokens=args.new_tokens, batch=args.batch,
@@ -306,6 +306,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     widths = [max(len(h), len(v)) for h, v in zip(header, row)]
     print("  ".join(h.rjust(w) for h, w in zip(header, widths)))
     print("  ".join(v.rjust(w) for v, w in zip(row, widths)))
+    # The decode bound, measured in the same run: a step reads every weight once.
+    bandwidth = read_bandwidth()
+    per_token = decode_bytes_per_token(model, args.prompt_len + args.new_tokens)
+    bound = bandwidth / per_token
+    print(f"memory bound: {bandwidth / 1e9:.1f} GB/s read (a jitted f32 matrix-vector product over 512 MB), "
+          f"{per_token / 1e6:.0f} MB per token -> {bound:.1f} tok/s; decode reaches "
+          f"{args.batch * r['decode_tok_s'] / bound:.2f} of it")
     return 0
 
 
