@@ -174,10 +174,65 @@ def _targets(tokens, segment_ids):
     return targets, same.astype(jnp.float32)
 
 
+def _head(tied: bool, w, x):
+    """Logits [C, V] f32 of hidden states x [C, D]: Transformer.head with its weight passed in (the
+    embedding [V, D] when tied, else the output [D, V]), so the loss can differentiate it by hand."""
+    spec = "CD,VD->CV" if tied else "CD,DV->CV"
+    return jnp.einsum(spec, x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+
+
+def _chunk_loss(tied, w, hc, tc, wc):
+    logits = _head(tied, w, hc)  # (C, V) f32
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
+    return jnp.sum(wc * (lse - picked)), logits, lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def chunked_cross_entropy(tied: bool, w, h, targets, weights):
+    """Sum of weights * next-token cross-entropy, f32, over chunks: h [n, C, D] hidden states,
+    targets and weights [n, C]. One chunk's [C, V] f32 logits exist at a time, forward and backward:
+    the gradient is computed in the forward pass (softmax minus one-hot, chunk by chunk, the head's
+    two matmuls), so nothing is recomputed and the backward only scales it."""
+    def body(_, xs):
+        return None, _chunk_loss(tied, w, *xs)[0]
+    _, losses = jax.lax.scan(body, None, (h, targets, weights))
+    return jnp.sum(losses)
+
+
+def _cross_entropy_fwd(tied, w, h, targets, weights):
+    wx = w.astype(h.dtype)
+
+    def body(dw, xs):
+        hc, tc, wc = xs
+        loss, logits, lse = _chunk_loss(tied, w, hc, tc, wc)
+        dlogits = jnp.exp(logits - lse[:, None]) * wc[:, None]  # softmax, weighted
+        dlogits = dlogits.at[jnp.arange(tc.shape[0]), tc].add(-wc).astype(hc.dtype)  # minus one-hot
+        if tied:
+            dh = jnp.einsum("CV,VD->CD", dlogits, wx, preferred_element_type=jnp.float32)
+            dw = dw + jnp.einsum("CV,CD->VD", dlogits, hc, preferred_element_type=jnp.float32)
+        else:
+            dh = jnp.einsum("CV,DV->CD", dlogits, wx, preferred_element_type=jnp.float32)
+            dw = dw + jnp.einsum("CD,CV->DV", hc, dlogits, preferred_element_type=jnp.float32)
+        return dw, (loss, dh.astype(hc.dtype))
+
+    dw, (losses, dh) = jax.lax.scan(body, jnp.zeros(w.shape, jnp.float32), (h, targets, weights))
+    return jnp.sum(losses), (dw.astype(w.dtype), dh, targets, weights)
+
+
+def _cross_entropy_bwd(tied, res, g):
+    dw, dh, targets, weights = res
+    return ((g * dw).astype(dw.dtype), (g * dh).astype(dh.dtype), np.zeros(targets.shape, jax.dtypes.float0),
+            jnp.zeros_like(weights))
+
+
+chunked_cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
+
+
 def loss_sums(model: Transformer, tokens, segment_ids=None, positions=None, *, remat=False, chunk: int = 1024):
     """(sum of next-token cross-entropies over the target tokens, their count), both f32, of one batch
-    [B, T]. The output head runs over `chunk` tokens at a time and is recomputed in the backward
-    (jax.checkpoint), so the full [B, T, V] f32 logits never exist."""
+    [B, T]. The output head runs over `chunk` tokens at a time (chunked_cross_entropy), so the full
+    [B, T, V] f32 logits never exist."""
     h, _ = model.hidden(tokens, positions, segment_ids=segment_ids, remat=remat)  # (B, T, D)
     targets, weights = _targets(tokens, segment_ids)  # (B, T-1)
     d = h.shape[-1]
@@ -191,17 +246,9 @@ def loss_sums(model: Transformer, tokens, segment_ids=None, positions=None, *, r
         targets, weights = jnp.pad(targets, (0, pad)), jnp.pad(weights, (0, pad))
     h = h.reshape(-1, chunk, d)  # (n_chunks, C, D)
     targets, weights = targets.reshape(-1, chunk), weights.reshape(-1, chunk)
-
-    @jax.checkpoint
-    def chunk_loss(total, xs):
-        hc, tc, wc = xs
-        logits = model.head(hc)  # (C, V) f32
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        picked = jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
-        return total + jnp.sum(wc * (lse - picked)), None
-
-    total, _ = jax.lax.scan(chunk_loss, jnp.zeros((), jnp.float32), (h, targets, weights))
-    return total, jnp.sum(weights)
+    tied = model.config.tie_embeddings
+    w = model.tok_embeddings[...] if tied else model.output[...]
+    return chunked_cross_entropy(tied, w, h, targets, weights), jnp.sum(weights)
 
 
 # --- The jitted step --------------------------------------------------------------------------------
@@ -365,8 +412,7 @@ class Trainer:
         self._prog = _Program.of(self.model_config, config)
         self._shardings = None
         if self.mesh is not None:
-            with sharding.on_mesh(self.mesh):
-                abstract = nnx.eval_shape(lambda: Transformer(self.model_config, rngs=nnx.Rngs(0)))
+            abstract = nnx.eval_shape(lambda: Transformer(self.model_config, rngs=nnx.Rngs(0)))
             self._shardings = sharding.param_shardings(abstract, self.mesh)
         self.params: dict = self._place(_stacked_params(model))
         with sharding.on_mesh(self.mesh):
