@@ -475,6 +475,63 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- serve --------------------------------------------------------------------------------------
+
+
+def _add_serve_command(sub) -> None:
+    pos_int = lambda least: _checked(int, lambda n: n >= least, f">= {least}")  # noqa: E731
+    sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching",
+                        description="Serves POST /v1/chat/completions and /v1/completions (streaming or not), "
+                                    "GET /v1/models, /health and /metrics. Without --model: the default model.")
+    _add_model_args(sv)
+    sv.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
+    sv.add_argument("--port", type=_checked(int, lambda n: 0 <= n < 65536, "a port number"), default=8000,
+                    help="default 8000")
+    sv.add_argument("--max-batch", type=pos_int(1), default=8, metavar="N",
+                    help="requests decoded together (slots of the KV cache); default 8")
+    sv.add_argument("--max-seq-len", type=pos_int(2), metavar="T",
+                    help="context per request, prompt and completion (default: the model's, at most 4096)")
+    sv.add_argument("--max-queue", type=pos_int(0), default=64, metavar="N",
+                    help="requests waiting for a slot before the server answers 429 (default 64)")
+    sv.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """llama-jax serve: loads the model, compiles the scheduler's programs, then serves until Ctrl-C."""
+    import logging
+
+    import uvicorn
+
+    from llama_jax.scheduler import Scheduler
+    from llama_jax.server import create_app
+
+    model = _load(args)
+    name = os.path.basename(os.path.abspath(args.model)) if args.model else "SmolLM2-135M-Instruct"
+    try:
+        sched = Scheduler(model, max_batch=args.max_batch, max_seq_len=args.max_seq_len, max_queue=args.max_queue)
+    except ValueError as e:
+        raise CliError(_first_line(e), 2) from None
+    # One line per request from the server's logger (the root logger may belong to a library already).
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    logger = logging.getLogger("llama_jax")
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    logger.propagate = False
+    print(f"compiling ({args.max_batch} slots of {sched.max_seq_len} tokens, prefill chunks of {sched.chunk})...",
+          file=sys.stderr, flush=True)
+    sched.warmup()
+    sched.start()
+    print(f"serving {name} at http://{args.host}:{args.port}/v1 (Ctrl-C stops)", file=sys.stderr, flush=True)
+    try:
+        # uvicorn's access log would repeat the server's own line per request.
+        uvicorn.run(create_app(model, scheduler=sched, model_name=name), host=args.host, port=args.port,
+                    log_level="warning", access_log=False)
+    finally:
+        sched.stop()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from checkpoints_tools import convert
 
@@ -511,6 +568,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_bench)
 
     _add_train_command(sub)
+    _add_serve_command(sub)
     return p
 
 
