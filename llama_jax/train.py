@@ -351,16 +351,7 @@ def _stacked_params(llama) -> dict:
     """The Llama's weights in the checkpoint layout (layers stacked on axis 0, linear weights
     [in, out]) as a nested dict of float32 arrays in new buffers (the step donates them; the Llama
     keeps its own)."""
-    model = llama.model
-    if hasattr(model, "stacked_params"):
-        pure = model.stacked_params()
-    else:  # a model without Transformer.stacked_params: stacked, or per-layer [in, out] arrays
-        pure = nnx.to_pure_dict(llama.state)
-        layers = pure["layers"]
-        if all(isinstance(k, int) for k in layers):
-            per_layer = [layers[i] for i in range(len(layers))]
-            pure["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
-    return jax.tree.map(lambda x: jnp.array(x, dtype=jnp.float32, copy=True), pure)
+    return jax.tree.map(lambda x: jnp.array(x, dtype=jnp.float32, copy=True), llama.model.stacked_params())
 
 
 def _architecture(config: LlamaConfig) -> dict:

@@ -129,6 +129,20 @@ def test_remat_gives_the_same_gradients(untied):
     _assert_close(to_hf_state_dict(remat, llama.config), to_hf_state_dict(plain, llama.config), 1e-5, "remat")
 
 
+def test_sharded_gradients_equal_single_device(tmp_path):
+    """Data and tensor parallel (a 2 x 2 mesh of this process's fake CPU devices): the same loss and
+    gradients, laid out by the model's logical axes."""
+    _, path = make_hf_model(tmp_path, "g4_sharded")
+    batch = _batch(3)
+    loss, grads = Trainer(llama_jax.load(path, dtype="float32"), BASE).loss_and_grads(batch)
+    sharded = Trainer(llama_jax.load(path, dtype="float32", mesh=llama_jax.make_mesh(2, 2)), BASE)
+    assert "model" in str(sharded.params["layers"]["attention"]["wq"].sharding.spec)
+    loss_s, grads_s = sharded.loss_and_grads(batch)
+    assert abs(loss_s - loss) <= 1e-5 * loss
+    config = sharded.model_config
+    _assert_close(to_hf_state_dict(grads_s, config), to_hf_state_dict(grads, config), 1e-5, "sharded gradients")
+
+
 # --- Optimizer steps against torch ------------------------------------------------------------------
 
 
