@@ -124,6 +124,8 @@ class _Masks(NamedTuple):
 
 
 def _masks(q_off, kv_len, q_seg, kv_seg, Tp, bk):
+    """What every query block's plan reads: the per-row ints, and the segment ids with the id
+    range of each key block (to skip other documents' blocks)."""
     if q_seg is None:
         return _Masks(q_off, kv_len, None, None, None, None)
     S = kv_seg.shape[1]
