@@ -5,9 +5,10 @@ slot (its own row of a persistent [max_batch, cache_len] KV cache), is prefilled
 chunk while the other slots keep decoding between its chunks, and leaves the batch as soon as it
 finishes or is cancelled. A decode call runs every slot at once, each with its own position and
 sampling parameters (arrays, so nothing recompiles per request); a slot that is not decoding writes
-at a position no one reads before it is rewritten. Compiled programs: one decode call, one
-first-token sample, two prefills per chunk bucket (16, 32, ... up to the chunk: a prompt's first
-chunk, and its later ones), whatever arrives.
+at a position no one reads before it is rewritten; a decode call covers only the first power of
+two of slots that holds every busy one (on a CPU each row costs compute). Compiled programs: a
+decode call per power of two of slots, one first-token sample, two prefills per chunk bucket (16,
+32, ... up to the chunk: a prompt's first chunk, and its later ones), whatever arrives.
 
 llama_jax/server.py turns HTTP requests into `Request`s and `Output`s into OpenAI responses, as
 vLLM's OpenAI server sits on its engine. The request checks are llama_jax.requests', as for `Llama`.
@@ -120,6 +121,17 @@ def decode_slots(graphdef, state, cache, steps: int, s: Slots):
     carry = (0, cache, s.token, s.pos, s.count, ~s.live, out)
     _, cache, *_, out = jax.lax.while_loop(cond, body, carry)
     return cache, sharding.replicated(out)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3, 4), donate_argnums=(2,))
+def decode_first_rows(graphdef, state, cache, steps: int, rows: int, s: Slots):
+    """`decode_slots` over the first `rows` slots only (those past them are free), writing their
+    cache rows back: on a CPU every row of a decode step costs compute, so one request in a pool
+    of 16 slots would otherwise pay for 16. Costs a copy of those rows in and out per call."""
+    first = jax.tree.map(lambda a: jax.lax.slice_in_dim(a, 0, rows, axis=a.ndim - 4), cache)
+    first, out = decode_slots(graphdef, state, first, steps, jax.tree.map(lambda x: x[:rows], s))
+    put = lambda a, r: jax.lax.dynamic_update_slice(a, r, (0,) * a.ndim)  # noqa: E731
+    return jax.tree.map(put, cache, first), out
 
 
 @functools.partial(jax.jit, static_argnums=(0, 7), donate_argnums=(2,))
@@ -432,8 +444,8 @@ class Scheduler:
 
     def warmup(self) -> None:
         """Compiles, before any request, what every request runs: the first prefill chunk of each
-        bucket, the first token, a decode call (the later chunks of a prompt longer than one
-        chunk compile on first use). Call it before `start`."""
+        bucket, the first token, a decode call for each power of two of rows (the later chunks of
+        a prompt longer than one chunk compile on first use). Call it before `start`."""
         if self.running:
             raise RuntimeError("warmup runs before start")
         one = lambda dtype, v=0: np.full(1, v, dtype)  # noqa: E731
@@ -446,13 +458,18 @@ class Scheduler:
             c *= 2
         first_token(self._graphdef, self._state, hidden, one(np.uint32), one(np.float32), one(np.float32, 1),
                     one(np.int32))
-        out = self._decode()
-        jax.block_until_ready(out)
+        rows = 1
+        while True:
+            rows = min(rows, self.max_batch)
+            jax.block_until_ready(self._decode(rows))
+            if rows == self.max_batch:
+                break
+            rows *= 2
 
     @staticmethod
     def compiled_programs() -> dict[str, int]:
         """Programs compiled so far by each jitted piece (every scheduler of this process together)."""
-        return {f.__name__: f._cache_size() for f in (prefill_slot, first_token, decode_slots)}
+        return {f.__name__: f._cache_size() for f in (prefill_slot, first_token, decode_slots, decode_first_rows)}
 
     # --- The scheduler's thread ---
 
@@ -511,10 +528,18 @@ class Scheduler:
             s.top_k[b], s.seed[b] = p.top_k or 0, p.seed % 2**32
 
     def _step(self) -> None:
-        """One chunk of the oldest prefilling request, then one decode call of the decoding ones."""
-        prefilling = [h for h in self._slots if h is not None and h.first_token_at is None]
-        if prefilling:
-            self._prefill_next(min(prefilling, key=lambda h: h.id))
+        """Prefill chunks of the oldest prefilling requests, then one decode call of the decoding
+        ones. The prefill budget per call is one full chunk of tokens and at most decode_steps
+        chunks: a chunk of a short prompt costs about a decode step (both read every weight), so
+        a burst of arrivals is prefilled a few per call, while the decoding slots wait at most
+        about as long again as their own call takes."""
+        tokens = calls = 0
+        while tokens < self.chunk and calls < self.decode_steps:
+            prefilling = [h for h in self._slots if h is not None and h.first_token_at is None]
+            if not prefilling:
+                break
+            tokens += self._prefill_next(min(prefilling, key=lambda h: h.id))
+            calls += 1
         if self._s.live.any():
             out = np.asarray(self._decode())
             for b, h in enumerate(self._slots):
@@ -534,12 +559,23 @@ class Scheduler:
                                                np.int32(start), np.int32(last), span)
         return hidden
 
-    def _decode(self):
+    def _decode(self, rows: int | None = None):
+        """One decode call over the first `rows` slots (default: a power of two covering every busy
+        slot; requests take the lowest free slot, so the busy ones stay near the front)."""
+        if rows is None:
+            last = max((b for b, h in enumerate(self._slots) if h is not None), default=0)
+            rows = min(self.max_batch, bucket(last + 1, minimum=1))
         with sharding.on_mesh(self._mesh):
-            self._cache, out = decode_slots(self._graphdef, self._state, self._cache, self.decode_steps, self._s)
+            if rows == self.max_batch:
+                self._cache, out = decode_slots(self._graphdef, self._state, self._cache, self.decode_steps, self._s)
+            else:
+                self._cache, out = decode_first_rows(self._graphdef, self._state, self._cache, self.decode_steps,
+                                                     rows, self._s)
         return out
 
-    def _prefill_next(self, h: Handle) -> None:
+    def _prefill_next(self, h: Handle) -> int:
+        """Prefills the request's next chunk (and samples its first token after the last); returns
+        the chunk's length."""
         prompt, b = h.request.prompt, h.slot
         start, n = h.prefilled, len(prompt)
         c = min(bucket(n - start), self.chunk)  # a full chunk, or the bucket of what is left
@@ -548,7 +584,7 @@ class Scheduler:
         hidden = self._prefill(b, tokens, start, min(c, n - start) - 1)
         h.prefilled = min(n, start + c)
         if h.prefilled < n:
-            return
+            return c
         s = self._s
         token = first_token(self._graphdef, self._state, hidden, s.seed[b:b + 1], s.temperature[b:b + 1],
                             s.top_p[b:b + 1], s.top_k[b:b + 1])
@@ -556,6 +592,7 @@ class Scheduler:
         h.first_token_at = time.perf_counter()
         s.token[b], s.live[b] = token, True
         self._emit(h, [token])
+        return c
 
     def _emit(self, h: Handle, new: list[int]) -> None:
         """Hands a request its new tokens and text, and finishes it at a stop id, a stop string or

@@ -67,7 +67,9 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_served(tiny):
-    sched = Scheduler(tiny, max_batch=4, max_seq_len=TINY_SEQ, decode_steps=2).start()
+    sched = Scheduler(tiny, max_batch=4, max_seq_len=TINY_SEQ, decode_steps=2)
+    sched.warmup()
+    sched.start()
     served = Served(create_app(tiny, scheduler=sched, model_name="tiny"))
     yield served, sched
     served.close()
