@@ -1,6 +1,6 @@
 """Fine-tuning with the Python API: the default model on the Python documentation, a few minutes on a CPU.
 
-    python examples/finetune.py [--steps 100] [--seq-len 128] [--batch-size 4] [--out DIR]
+    python examples/finetune.py [--steps 60] [--seq-len 128] [--batch-size 4] [--out DIR]
 
 Tokenizes `pydoc_data.topics` (the reference documentation every Python carries) into packed rows,
 holds out its last 5%, prints the held-out loss before and after training (it goes down), generates
@@ -19,7 +19,7 @@ from llama_jax.default_model import cache_dir, default_model_path
 from llama_jax.train import Trainer, TrainConfig
 
 p = argparse.ArgumentParser()
-p.add_argument("--steps", type=int, default=100)
+p.add_argument("--steps", type=int, default=60)
 p.add_argument("--seq-len", type=int, default=128)
 p.add_argument("--batch-size", type=int, default=4)
 p.add_argument("--lr", type=float, default=2e-4)

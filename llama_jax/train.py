@@ -731,7 +731,11 @@ def write_hf(directory: str, params: dict, config: LlamaConfig) -> None:
     from llama_jax.checkpoint import hf_config_dict, to_hf_state_dict
 
     tensors = {k: v.astype(np.float32) for k, v in to_hf_state_dict(params, config).items()}
-    save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    path = os.path.join(directory, "model.safetensors")
+    save_file(tensors, path, metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)  # safetensors writes 0600; make it readable like the other files
     _write_json_atomic(os.path.join(directory, "config.json"), hf_config_dict(config, dtype="float32"))
 
 
