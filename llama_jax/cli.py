@@ -1,5 +1,5 @@
 """The `llama-jax` command: one function per subcommand (`convert`, `inspect`, `generate`, `chat`,
-`bench`).
+`bench`, `train`, `serve`).
 
 Exit codes: 0 done; 2 usage errors (bad arguments, a missing model path, DST in the way);
 1 failures caused by the input (a bad checkpoint) or the disk. Errors print one line on stderr,

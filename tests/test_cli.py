@@ -3,6 +3,7 @@ machine into a cache outside the repo) and on a tiny one; one-line errors with e
 
 import json
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -103,12 +104,14 @@ def test_chat_json_reset_clears_history(runs):
 def test_bench_prints_the_table(runs):
     r = runs["bench"]
     _ok(r)
-    header, row = r.stdout.splitlines()[-2:]
+    header, row, bound = r.stdout.splitlines()[-3:]
     assert header.split() == ["prompt", "tokens", "new", "tokens", "batch", "warmup", "s", "prefill", "s",
                               "decode", "tok/s"]
     prompt, new, batch, warmup, prefill, decode = row.split()
     assert (prompt, new, batch) == ("8", "8", "1")
     assert float(warmup) > 0 and float(prefill) > 0 and float(decode) > 0
+    fraction = re.fullmatch(r"memory bound: [\d.]+ GB/s read .* -> [\d.]+ tok/s; decode reaches ([\d.]+) of it", bound)
+    assert fraction and float(fraction[1]) > 0, bound
 
 
 @pytest.mark.parametrize("name, needle", [
