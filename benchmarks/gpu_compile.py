@@ -298,7 +298,18 @@ class Hlo:
         text = "HloModule cut\n\n" + "\n\n".join(parts + ["ENTRY " + "\n".join(self.comps[comp])]) + "\n"
         module = _hlo.hlo_module_from_text(text)
         cost = _jax.hlo_module_cost_analysis(jax.devices("cpu")[0].client, module)
-        return {"flops": cost.get("flops", 0.0), "bytes": cost.get("bytes accessed", 0.0)}
+        # HloCostAnalysis leaves a custom call's operands out of "bytes accessed": add what each
+        # Pallas call reads (a decode step's KV cache is the decode kernel's operand).
+        extra = sum(self.operand_bytes(c, i) for c in [comp, *keep] for i in self.instrs[c]
+                    if i.opcode == "custom-call")
+        return {"flops": cost.get("flops", 0.0), "bytes": cost.get("bytes accessed", 0.0) + extra}
+
+    def operand_bytes(self, comp: str, instr: Instr) -> int:
+        """Bytes of the operands of `instr`, an instruction of computation `comp`."""
+        names = {i.name: i for i in self.instrs[comp]}
+        args = instr.line[instr.line.index(instr.opcode + "(") + len(instr.opcode) + 1:]
+        args = args[: args.index(")")]
+        return sum(shape_bytes(names[n].shape) for n in re.findall(r"%([\w.\-]+)", args) if n in names)
 
     def cost(self, comp: str) -> dict:
         """flat_cost with each while loop counted its known trip count (1 when unknown)."""
@@ -649,8 +660,9 @@ METHOD = """\
   sequence gives each launch's grid, threads (warps = threads / 32) and dynamic shared memory.
 - **Bytes and FLOPs** come from XLA's HloCostAnalysis (`_jax.hlo_module_cost_analysis`
   on the compiled, per-device module; `compiled.cost_analysis()` is unimplemented for this target).
-  It counts a while loop's body once, a Pallas call as its operand and output bytes with 0 FLOPs,
-  and a dynamic-update-slice as the update only. To get one decode step, the decode loop's body
+  It counts a while loop's body once, a Pallas call (a custom call) as its output bytes only with 0
+  FLOPs, and a dynamic-update-slice as the update only; the harness adds each Pallas call's operand
+  bytes (so the decode kernel's read of the KV cache counts). To get one decode step, the decode loop's body
   (and condition) is cut out of the optimized HLO as a module of its own and analysed; each loop
   inside it (the layer scan) is then counted its known trip count: cost = flat cost + (n - 1) x
   body cost. Prefill (one chunk): the whole module, loops counted the same way.
