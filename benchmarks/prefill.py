@@ -8,7 +8,8 @@ prefill and one sampled token for us; one forward with `logits_to_keep=1` and an
 transformers, as its `generate` does), median of 3 after a warm-up, the ratio (> 1: we are faster),
 and our peak RSS growth over the loaded model (ours run first, lengths ascending, so each row's
 growth is the peak so far; the KV cache is counted in it). Then decode tokens/s at a
-`--decode-context`-token context, both. The SmolLM2 context is 8192, so its longest prompt is 8191
+`--decode-context`-token context, both (ours from generate's timings; transformers' as greedy steps
+with its KV cache after one prefill; median of 3). The SmolLM2 context is 8192, so its longest prompt is 8191
 tokens plus one generated.
 """
 
@@ -67,12 +68,14 @@ def main(argv=None):
         t = median_time(lambda: ours.generate([prompts[n]], max_new_tokens=1, stop_token_ids=[]))
         rows[n] = dict(ours=t, rss=peak_rss() - base)
 
-    def decode_rate(generate):  # tokens/s after a prompt of decode_context tokens, prefill excluded
-        prompt = np.random.RandomState(1).randint(3, vocab, args.decode_context).tolist()
-        short, full = (median_time(lambda k=k: generate(prompt, k)) for k in (1, args.decode_tokens))
-        return (args.decode_tokens - 1) / (full - short)
+    decode_prompt = np.random.RandomState(1).randint(3, vocab, args.decode_context).tolist()
 
-    our_decode = decode_rate(lambda p, k: ours.generate([p], max_new_tokens=k, stop_token_ids=[]))
+    def our_decode_rate():  # tokens/s after the prompt, from generate's own timings (prefill excluded)
+        run = lambda: ours.generate([decode_prompt], max_new_tokens=args.decode_tokens, stop_token_ids=[])  # noqa: E731
+        run()  # warm-up
+        return statistics.median(run()[0].timings["decode_tokens_per_s"] for _ in range(3))
+
+    our_decode = our_decode_rate()
 
     hf_decode = None
     if not args.no_hf:
@@ -86,14 +89,20 @@ def main(argv=None):
             with torch.no_grad():
                 return hf(torch.tensor([prompts[n]]), logits_to_keep=1).logits[0, -1].argmax()
 
-        def hf_generate(prompt, k):
+        def hf_decode_rate():  # greedy steps with transformers' KV cache, after one prefill
             with torch.no_grad():
-                hf.generate(torch.tensor([prompt]), max_new_tokens=k, min_new_tokens=k, do_sample=False,
-                            eos_token_id=None, pad_token_id=0)
+                out = hf(torch.tensor([decode_prompt]), use_cache=True, logits_to_keep=1)
+                past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                t = time.perf_counter()
+                for _ in range(args.decode_tokens):
+                    out = hf(tok, past_key_values=past, use_cache=True)
+                    past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                return args.decode_tokens / (time.perf_counter() - t)
 
         for n in args.lengths:
             rows[n]["hf"] = median_time(lambda: hf_first_token(n))
-        hf_decode = decode_rate(hf_generate)
+        hf_decode_rate()  # warm-up
+        hf_decode = statistics.median(hf_decode_rate() for _ in range(3))
 
     print(f"model {os.path.basename(os.path.normpath(model_dir))}, float32, {jax.devices()[0].device_kind}, "
           f"prefill chunk {ours.config.prefill_chunk}; seconds to the first token, median of 3 after a warm-up")
