@@ -45,6 +45,25 @@ def by_platform(fn, interpret: bool | None, *args):
                                   default=functools.partial(fn, False))
 
 
+def normalize_masks(B, T, S, q_offset, kv_lengths, q_segment_ids, kv_segment_ids):
+    """The attention masks' arguments as the kernels and references take them: per-sequence int32
+    q_off [B] (default S - T: the queries are the last T keys), kv_len [B] (clipped to [0, S]),
+    and int32 segment ids (or None; q_segment_ids alone serves for both when T == S)."""
+    q_off = jnp.broadcast_to(jnp.asarray(S - T if q_offset is None else q_offset, jnp.int32), (B,))
+    kv_len = S if kv_lengths is None else jnp.clip(jnp.asarray(kv_lengths, jnp.int32), 0, S)
+    kv_len = jnp.broadcast_to(jnp.asarray(kv_len, jnp.int32), (B,))
+    if kv_segment_ids is None and q_segment_ids is not None:
+        if T != S:
+            raise ValueError("kv_segment_ids is required when T != S")
+        kv_segment_ids = q_segment_ids
+    if (q_segment_ids is None) != (kv_segment_ids is None):
+        raise ValueError("kv_segment_ids given without q_segment_ids")
+    if q_segment_ids is not None:
+        q_segment_ids = jnp.asarray(q_segment_ids, jnp.int32)
+        kv_segment_ids = jnp.asarray(kv_segment_ids, jnp.int32)
+    return q_off, kv_len, q_segment_ids, kv_segment_ids
+
+
 # --- Online softmax (FlashAttention-2, Dao 2023), shared by the flash and decode kernels ----------
 
 

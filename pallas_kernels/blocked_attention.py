@@ -52,7 +52,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels._common import MASK_VALUE, sm_scale_or_default
+from pallas_kernels._common import MASK_VALUE, normalize_masks, sm_scale_or_default
 
 BLOCK_Q = 512
 BLOCK_K = 256
@@ -65,23 +65,6 @@ _M_INIT = -1e30
 
 def _cdiv(a, b: int):
     return lax.div(a + b - 1, b)  # a >= 0
-
-
-def _normalize_masks(B, T, S, q_offset, kv_lengths, q_segment_ids, kv_segment_ids):
-    """Per-sequence int32 q_off [B], kv_len [B], and segment ids (or None); as flash_attention."""
-    q_off = jnp.broadcast_to(jnp.asarray(S - T if q_offset is None else q_offset, jnp.int32), (B,))
-    kv_len = S if kv_lengths is None else jnp.clip(jnp.asarray(kv_lengths, jnp.int32), 0, S)
-    kv_len = jnp.broadcast_to(jnp.asarray(kv_len, jnp.int32), (B,))
-    if kv_segment_ids is None and q_segment_ids is not None:
-        if T != S:
-            raise ValueError("kv_segment_ids is required when T != S")
-        kv_segment_ids = q_segment_ids
-    if (q_segment_ids is None) != (kv_segment_ids is None):
-        raise ValueError("kv_segment_ids given without q_segment_ids")
-    if q_segment_ids is not None:
-        q_segment_ids = jnp.asarray(q_segment_ids, jnp.int32)
-        kv_segment_ids = jnp.asarray(kv_segment_ids, jnp.int32)
-    return q_off, kv_len, q_segment_ids, kv_segment_ids
 
 
 def _key_block(x, j, bk):
@@ -315,7 +298,7 @@ def blocked_attention(q, k, v, *, causal=True, q_offset=None, kv_lengths=None,
     if H % K:
         raise ValueError(f"{H=} query heads is not a multiple of {K=} kv heads")
     sm_scale = sm_scale_or_default(sm_scale, E)
-    q_off, kv_len, q_seg, kv_seg = _normalize_masks(
+    q_off, kv_len, q_seg, kv_seg = normalize_masks(
         B, T, S, q_offset, kv_lengths, q_segment_ids, kv_segment_ids)
     if T == 0 or S == 0:
         return jnp.zeros_like(q)

@@ -21,9 +21,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels._common import (LOG2E, MASK_VALUE, by_platform, dot, next_pow2, pad_axis,
-                                    round_up, sm_scale_or_default, softmax_finish, softmax_init,
-                                    softmax_step, triton_params)
+from pallas_kernels._common import (LOG2E, MASK_VALUE, by_platform, dot, next_pow2, normalize_masks,
+                                    pad_axis, round_up, sm_scale_or_default, softmax_finish,
+                                    softmax_init, softmax_step, triton_params)
 
 
 def _cdiv(a, b: int):
@@ -337,20 +337,6 @@ def _flash_bwd(causal, sm_scale, bs, interpret, res, do):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def _normalize_masks(B, T, S, q_offset, kv_lengths, q_segment_ids, kv_segment_ids):
-    """Per-sequence int32 q_off [B], kv_len [B], and segment ids (or None)."""
-    q_off = jnp.broadcast_to(jnp.asarray(S - T if q_offset is None else q_offset, jnp.int32), (B,))
-    kv_len = S if kv_lengths is None else jnp.clip(jnp.asarray(kv_lengths, jnp.int32), 0, S)
-    kv_len = jnp.broadcast_to(jnp.asarray(kv_len, jnp.int32), (B,))
-    if kv_segment_ids is None and q_segment_ids is not None:
-        if T != S:
-            raise ValueError("kv_segment_ids is required when T != S")
-        kv_segment_ids = q_segment_ids
-    if (q_segment_ids is None) != (kv_segment_ids is None):
-        raise ValueError("kv_segment_ids given without q_segment_ids")
-    return q_off, kv_len, q_segment_ids, kv_segment_ids
-
-
 @functools.partial(jax.jit, static_argnames=("causal", "sm_scale", "block_sizes", "interpret"))
 def flash_attention(q, k, v, *, causal=True, q_offset=None, kv_lengths=None, q_segment_ids=None,
                     kv_segment_ids=None, sm_scale=None, block_sizes=None, interpret=None):
@@ -377,7 +363,7 @@ def flash_attention(q, k, v, *, causal=True, q_offset=None, kv_lengths=None, q_s
     if H % K:
         raise ValueError(f"{H=} query heads is not a multiple of {K=} kv heads")
     sm_scale = sm_scale_or_default(sm_scale, E)
-    q_off, kv_len, q_seg, kv_seg = _normalize_masks(
+    q_off, kv_len, q_seg, kv_seg = normalize_masks(
         B, T, S, q_offset, kv_lengths, q_segment_ids, kv_segment_ids)
     bs = (block_sizes or BlockSizes.get_default(E, causal=causal, seq_len=S)).clamp(T, S)
 
@@ -390,8 +376,8 @@ def flash_attention(q, k, v, *, causal=True, q_offset=None, kv_lengths=None, q_s
     k = pad_axis(pad_axis(k, 1, s_pad), 3, e_pad)  # (B, Sp, K, Ep)
     v = pad_axis(pad_axis(v, 1, s_pad), 3, e_pad)
     if q_seg is not None:
-        q_seg = pad_axis(q_seg.astype(jnp.int32), 1, t_pad)
-        kv_seg = pad_axis(kv_seg.astype(jnp.int32), 1, s_pad)
+        q_seg = pad_axis(q_seg, 1, t_pad)
+        kv_seg = pad_axis(kv_seg, 1, s_pad)
     run = lambda interp, *a: _flash(*a, causal, sm_scale, bs, interp)  # noqa: E731
     o = by_platform(run, interpret, q, k, v, q_off, kv_len, q_seg, kv_seg)
     return o[:, :T, :, :E]
@@ -409,7 +395,7 @@ def flash_attention_reference(q, k, v, *, causal=True, q_offset=None, kv_lengths
     B, T, H, E = q.shape
     S, K = k.shape[1], k.shape[2]
     sm_scale = sm_scale_or_default(sm_scale, E)
-    q_off, kv_len, q_seg, kv_seg = _normalize_masks(
+    q_off, kv_len, q_seg, kv_seg = normalize_masks(
         B, T, S, q_offset, kv_lengths, q_segment_ids, kv_segment_ids)
     q5 = q.reshape(B, T, K, H // K, E)  # (B, T, K, G, E)
     s = jnp.einsum("BTKGE,BSKE->BKGTS", q5, k, preferred_element_type=jnp.float32) * sm_scale
