@@ -60,6 +60,11 @@ def _checked(kind, test, what):
     return parse
 
 
+def _int_at_least(least: int):
+    """An argparse type: an integer >= least."""
+    return _checked(int, lambda n: n >= least, f">= {least}")
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="PATH",
                    help="a model directory (made by `llama-jax convert`, or Hugging Face safetensors); "
@@ -322,7 +327,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def _add_train_command(sub) -> None:
     from llama_jax.train import REMAT_POLICIES
 
-    pos_int = lambda least: _checked(int, lambda n: n >= least, f">= {least}")  # noqa: E731
     t = sub.add_parser("train", help="fine-tune a model on text (packed documents, AdamW, warmup-cosine)",
                        description="Fine-tunes a model on a text corpus and exports it. Without flags: the default "
                                    "model on the Python documentation (pydoc_data.topics), 200 steps.")
@@ -332,10 +336,10 @@ def _add_train_command(sub) -> None:
                    "per line's 'text'), or a directory of them; default: pydoc_data.topics, the Python docs")
     t.add_argument("--out", metavar="DIR", help="the run directory: checkpoints/, metrics.jsonl, hf/ (the exported "
                    "model); must be new or empty, or an earlier run with --resume; default: ./llama-jax-runs/<time>")
-    t.add_argument("--steps", type=pos_int(1), default=200, metavar="N", help="optimizer steps (default 200)")
-    t.add_argument("--seq-len", type=pos_int(2), default=256, metavar="T", help="tokens per row (default 256)")
-    t.add_argument("--batch-size", type=pos_int(1), default=4, metavar="B", help="rows per micro-batch (default 4)")
-    t.add_argument("--grad-accum", type=pos_int(1), default=1, metavar="K",
+    t.add_argument("--steps", type=_int_at_least(1), default=200, metavar="N", help="optimizer steps (default 200)")
+    t.add_argument("--seq-len", type=_int_at_least(2), default=256, metavar="T", help="tokens per row (default 256)")
+    t.add_argument("--batch-size", type=_int_at_least(1), default=4, metavar="B", help="rows per micro-batch (default 4)")
+    t.add_argument("--grad-accum", type=_int_at_least(1), default=1, metavar="K",
                    help="micro-batches per step (default 1); a step sees B * K rows")
     t.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (default 2e-4)")
     t.add_argument("--warmup", type=_checked(int, lambda n: n >= 0, ">= 0"), metavar="N",
@@ -351,14 +355,14 @@ def _add_train_command(sub) -> None:
     t.add_argument("--seed", type=int, default=0, help="data order (default 0)")
     t.add_argument("--eval-every", type=_checked(int, lambda n: n >= 0, ">= 0"), metavar="N",
                    help="held-out loss every N steps (default: a fifth of --steps; 0: only at the end)")
-    t.add_argument("--eval-rows", type=pos_int(1), default=32, metavar="N", help="held-out rows evaluated (default 32)")
+    t.add_argument("--eval-rows", type=_int_at_least(1), default=32, metavar="N", help="held-out rows evaluated (default 32)")
     t.add_argument("--eval-fraction", type=_checked(float, lambda f: 0 < f < 1, "in (0, 1)"), default=0.05,
                    metavar="F", help="share of the corpus held out (default 0.05)")
     t.add_argument("--save-every", type=_checked(int, lambda n: n >= 0, ">= 0"), metavar="N",
                    help="checkpoint every N steps (default: a quarter of --steps; always at the end)")
-    t.add_argument("--keep", type=pos_int(1), default=2, metavar="N", help="checkpoints kept (default 2)")
+    t.add_argument("--keep", type=_int_at_least(1), default=2, metavar="N", help="checkpoints kept (default 2)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    t.add_argument("--stop-after", type=pos_int(1), metavar="N",
+    t.add_argument("--stop-after", type=_int_at_least(1), metavar="N",
                    help="stop after N steps of this invocation, with a checkpoint (continue with --resume)")
     t.add_argument("--export", choices=("hf", "ours", "both", "none"), default="hf",
                    help="what to write at the end: hf (OUT/hf, transformers' format, the default), ours "
@@ -479,7 +483,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _add_serve_command(sub) -> None:
-    pos_int = lambda least: _checked(int, lambda n: n >= least, f">= {least}")  # noqa: E731
     sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching",
                         description="Serves POST /v1/chat/completions and /v1/completions (streaming or not), "
                                     "GET /v1/models, /health and /metrics. Without --model: the default model.")
@@ -487,11 +490,11 @@ def _add_serve_command(sub) -> None:
     sv.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
     sv.add_argument("--port", type=_checked(int, lambda n: 0 <= n < 65536, "a port number"), default=8000,
                     help="default 8000")
-    sv.add_argument("--max-batch", type=pos_int(1), default=8, metavar="N",
+    sv.add_argument("--max-batch", type=_int_at_least(1), default=8, metavar="N",
                     help="requests decoded together (slots of the KV cache); default 8")
-    sv.add_argument("--max-seq-len", type=pos_int(2), metavar="T",
+    sv.add_argument("--max-seq-len", type=_int_at_least(2), metavar="T",
                     help="context per request, prompt and completion (default: the model's, at most 4096)")
-    sv.add_argument("--max-queue", type=pos_int(0), default=64, metavar="N",
+    sv.add_argument("--max-queue", type=_int_at_least(0), default=64, metavar="N",
                     help="requests waiting for a slot before the server answers 429 (default 64)")
     sv.set_defaults(func=cmd_serve)
 
