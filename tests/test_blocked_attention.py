@@ -6,42 +6,17 @@ same fresh random inputs. Small blocks (32 queries, 16 keys) against lengths the
 block-skipping bounds (causal frontier, offsets, kv_lengths, documents) all matter.
 """
 
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from numerics import assert_close, normal, tolerances
 from pallas_kernels.blocked_attention import blocked_attention, blocked_decode_attention
 from pallas_kernels.decode_attention import decode_attention_reference
 from pallas_kernels.flash_attention import flash_attention_reference
 
-BF16_EPS = float(jnp.finfo(jnp.bfloat16).eps)  # 2**-7
 BLOCKS = dict(block_q=32, block_k=16)
-
-
-def tolerances(dtype, n, scale=1.0):
-    """atol/rtol for a result reduced over n terms, of magnitude about `scale`."""
-    growth = max(1.0, math.sqrt(n / 64))
-    if dtype == jnp.float32:
-        return dict(atol=1e-5 * growth * scale, rtol=1e-5)
-    return dict(atol=2 * BF16_EPS * growth * scale, rtol=2 * BF16_EPS)
-
-
-def assert_close(actual, expected, *, atol, rtol, name=""):
-    actual = np.asarray(jnp.asarray(actual, jnp.float32), np.float64)
-    expected = np.asarray(jnp.asarray(expected, jnp.float32), np.float64)
-    assert actual.shape == expected.shape, (name, actual.shape, expected.shape)
-    assert np.isfinite(actual).all(), f"{name}: NaN or inf in the result"
-    err = np.abs(actual - expected)
-    np.testing.assert_allclose(
-        actual, expected, atol=atol, rtol=rtol,
-        err_msg=f"{name}: max err {err.max():.3g}, mean err {err.mean():.3g}")
-
-
-def normal(key, shape, dtype=jnp.float32):
-    return jax.random.normal(key, shape, jnp.float32).astype(dtype)
 
 
 # (B, T, S, H, K, E, options): GQA groups 1, 3, 4; causal and not; query offsets (chunked
