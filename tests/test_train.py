@@ -120,11 +120,14 @@ def test_grad_accumulation_equals_one_large_batch(untied):
     _assert_close(to_hf_state_dict(acc, llama.config), to_hf_state_dict(big, llama.config), 1e-5, "accumulated")
 
 
-def test_remat_gives_the_same_gradients(untied):
+def test_remat_and_scanned_layers_give_the_same_gradients(untied):
+    """Remat (recompute each layer in the backward) over the scanned stacked layers (the GPU default)
+    against neither (the per-layer loop, the CPU default)."""
     _, _, llama = untied
     batch = _batch(2)
-    loss, plain = Trainer(llama, BASE).loss_and_grads(batch)
-    loss_r, remat = Trainer(llama, TrainConfig(**{**BASE.to_dict(), "remat": True})).loss_and_grads(batch)
+    loss, plain = Trainer(llama, TrainConfig(**{**BASE.to_dict(), "scan_layers": False})).loss_and_grads(batch)
+    loss_r, remat = Trainer(llama, TrainConfig(**{**BASE.to_dict(), "remat": True, "scan_layers": True})
+                            ).loss_and_grads(batch)
     assert abs(loss - loss_r) <= 1e-6 * loss
     _assert_close(to_hf_state_dict(remat, llama.config), to_hf_state_dict(plain, llama.config), 1e-5, "remat")
 
