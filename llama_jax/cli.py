@@ -329,15 +329,15 @@ def _add_train_command(sub) -> None:
 
     t = sub.add_parser("train", help="fine-tune a model on text (packed documents, AdamW, warmup-cosine)",
                        description="Fine-tunes a model on a text corpus and exports it. Without flags: the default "
-                                   "model on the Python documentation (pydoc_data.topics), 200 steps.")
+                                   "model on the Python documentation (pydoc_data.topics), 100 steps.")
     t.add_argument("--model", metavar="PATH", help="a model directory (converted or Hugging Face); default: "
                    "SmolLM2-135M-Instruct, prepared on first use")
     t.add_argument("--data", metavar="PATH", help="a .txt/.md/.rst file (one document), a .jsonl file (one document "
                    "per line's 'text'), or a directory of them; default: pydoc_data.topics, the Python docs")
     t.add_argument("--out", metavar="DIR", help="the run directory: checkpoints/, metrics.jsonl, hf/ (the exported "
                    "model); must be new or empty, or an earlier run with --resume; default: ./llama-jax-runs/<time>")
-    t.add_argument("--steps", type=_int_at_least(1), default=200, metavar="N", help="optimizer steps (default 200)")
-    t.add_argument("--seq-len", type=_int_at_least(2), default=256, metavar="T", help="tokens per row (default 256)")
+    t.add_argument("--steps", type=_int_at_least(1), default=100, metavar="N", help="optimizer steps (default 100)")
+    t.add_argument("--seq-len", type=_int_at_least(2), default=128, metavar="T", help="tokens per row (default 128)")
     t.add_argument("--batch-size", type=_int_at_least(1), default=4, metavar="B", help="rows per micro-batch (default 4)")
     t.add_argument("--grad-accum", type=_int_at_least(1), default=1, metavar="K",
                    help="micro-batches per step (default 1); a step sees B * K rows")
