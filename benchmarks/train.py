@@ -2,7 +2,7 @@
 same run.
 
     python benchmarks/train.py [--model DIR] [--batch 4] [--seq 256] [--rounds 5] [--no-hf]
-    python benchmarks/train.py --gpu [--batch 8] [--seq 2048]       # Llama 3.2 1B / 3.1 8B shapes, MFU
+    python benchmarks/train.py --gpu [--batch 8] [--seq 2048]     # Llama 3.2 1B / 3.1 8B shapes, MFU
 
 A step is a full optimizer step (forward, backward, clipping, AdamW with the warmup-cosine
 schedule), float32, on the same random tokens. Times: ours and torch in one process, in interleaved
@@ -151,8 +151,8 @@ def _flops_per_token(config, seq) -> float:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", help="Hugging Face model directory (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--batch", type=int, help="rows per step (default 4; with --gpu 8)")
+    p.add_argument("--seq", type=int, help="tokens per row (default 256; with --gpu 2048)")
     p.add_argument("--rounds", type=int, default=5, help="timed rounds (after a compile and a warm-up step)")
     p.add_argument("--no-hf", action="store_true", help="time llama-jax only")
     p.add_argument("--gpu", action="store_true", help="Llama 3.2 1B and 3.1 8B shapes on the GPU, with MFU")
@@ -160,6 +160,8 @@ def main(argv=None):
     p.add_argument("--worker-args", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
+    args.batch = args.batch or (8 if args.gpu else 4)
+    args.seq = args.seq or (2048 if args.gpu else 256)
     if args.worker:
         fn = {"time": worker_time, "memory": worker_memory}[args.worker]
         print(json.dumps(fn(**json.loads(args.worker_args))))
