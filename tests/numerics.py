@@ -31,3 +31,18 @@ def assert_close(actual, expected, *, atol, rtol, name=""):
 
 def normal(key, shape, dtype=jnp.float32):
     return jax.random.normal(key, shape, jnp.float32).astype(dtype)
+
+
+def attention_inputs(case, dtype, seed=0):
+    """Fresh q [B, T, H, E], k, v [B, S, K, E], an output cotangent, and the options of a case
+    (B, T, S, H, K, E, options); options["segments"] = n becomes sorted segment ids (contiguous
+    packed documents) for queries and keys."""
+    B, T, S, H, K, E, opts = case
+    kq, kk, kv, ks, kd = jax.random.split(jax.random.PRNGKey(seed), 5)
+    q, k, v = normal(kq, (B, T, H, E), dtype), normal(kk, (B, S, K, E), dtype), normal(
+        kv, (B, S, K, E), dtype)
+    opts = dict(opts)
+    if n := opts.pop("segments", 0):
+        ids = np.sort(np.asarray(jax.random.randint(ks, (B, S), 0, n)), axis=1).astype(np.int32)
+        opts["q_segment_ids"], opts["kv_segment_ids"] = ids[:, S - T:], ids
+    return q, k, v, normal(kd, (B, T, H, E), dtype), opts

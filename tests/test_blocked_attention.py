@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from numerics import assert_close, normal, tolerances
+from numerics import assert_close, attention_inputs, normal, tolerances
 from pallas_kernels.blocked_attention import blocked_attention, blocked_decode_attention
 from pallas_kernels.decode_attention import decode_attention_reference
 from pallas_kernels.flash_attention import flash_attention_reference
@@ -35,15 +35,7 @@ CASES = {
 
 
 def make_inputs(case, dtype=jnp.float32, seed=0):
-    B, T, S, H, K, E, opts = CASES[case]
-    kq, kk, kv, ks, kd = jax.random.split(jax.random.PRNGKey(seed), 5)
-    q, k, v = normal(kq, (B, T, H, E), dtype), normal(kk, (B, S, K, E), dtype), normal(
-        kv, (B, S, K, E), dtype)
-    opts = dict(opts)
-    if n := opts.pop("segments", 0):  # sorted ids: contiguous packed documents
-        ids = np.sort(np.asarray(jax.random.randint(ks, (B, S), 0, n)), axis=1).astype(np.int32)
-        opts["q_segment_ids"], opts["kv_segment_ids"] = ids[:, S - T:], ids
-    return q, k, v, normal(kd, (B, T, H, E), dtype), opts
+    return attention_inputs(CASES[case], dtype, seed)
 
 
 def out_and_grads(fn, q, k, v, do, opts, **kw):

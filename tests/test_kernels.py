@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from numerics import assert_close, normal, tolerances
+from numerics import assert_close, attention_inputs, normal, tolerances
 from pallas_kernels.flash_attention import _TABLE as _FLASH_TABLE
 from pallas_kernels import (DecodeBlockSizes, FlashBlockSizes, decode_attention,
                             decode_attention_reference, flash_attention,
@@ -80,15 +80,7 @@ SMALL_BLOCKS = FlashBlockSizes(block_q=32, block_k=16, block_q_dq=16, block_k_dq
 
 
 def flash_inputs(case, dtype, seed=0):
-    B, T, S, H, K, E, opts = FLASH_CASES[case]
-    kq, kk, kv, ks, kd = jax.random.split(jax.random.PRNGKey(seed), 5)
-    q, k, v = normal(kq, (B, T, H, E), dtype), normal(kk, (B, S, K, E), dtype), normal(
-        kv, (B, S, K, E), dtype)
-    opts = dict(opts)
-    if n := opts.pop("segments", 0):  # sorted ids: contiguous packed documents
-        ids = np.sort(np.asarray(jax.random.randint(ks, (B, S), 0, n)), axis=1).astype(np.int32)
-        opts["q_segment_ids"], opts["kv_segment_ids"] = ids[:, S - T:], ids
-    return q, k, v, normal(kd, (B, T, H, E), dtype), opts
+    return attention_inputs(FLASH_CASES[case], dtype, seed)
 
 
 _JIT_CACHE = {}
