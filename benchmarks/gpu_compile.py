@@ -488,7 +488,7 @@ def programs(config, where, *, batch=1, context=4096, prompt=2048, layout="layer
                 min_bytes=(weights, sum(per_device(x) for x in jax.tree.leaves(cache))))
     # tokens [B, C] at positions start.., lengths [B], last hidden states [B, D].
     prefill_args = (graphdef, state, cache, rows(b, prompt), sds((), jnp.int32), rows(b),
-                    sds((b, cfg.dim), jnp.bfloat16, ("batch", "embed")))
+                    sds((b, cfg.dim), jnp.bfloat16, ("batch", "act_embed")))
     decode_args = (graphdef, state, ds, *sampling)
     return [("prefill", generate.prefill_chunk, prefill_args, dict(meta, kind="prefill", prompt=prompt)),
             ("decode", generate.decode_chunk, decode_args, dict(meta, kind="decode"))]

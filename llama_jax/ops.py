@@ -16,6 +16,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 import pallas_kernels as pk
 from llama_jax import sharding
@@ -23,7 +24,7 @@ from llama_jax import sharding
 # Logical axes of what the kernels see.
 _HEADS = ("batch", "seq", "q_heads", "head_dim")  # q and outputs [B, T, H, E]
 _KV = ("batch", "kv_seq", "kv_heads", "head_dim")  # keys, values and the cache [B, S, K, E]
-_ROWS = ("batch", "seq", "embed")  # activations [B, T, D]
+_ROWS = ("batch", "seq", "act_embed")  # activations [B, T, D]
 _DECODE_Q = ("batch", "q_heads", "head_dim")  # one query per sequence [B, H, E]
 _PER_ROW = ("batch",)  # lengths [B]
 _TOKENS = ("batch", "seq")  # segment ids [B, T]
@@ -39,13 +40,25 @@ def resolve(impl: str) -> str:
 
 def _per_device(fn, in_axes: list, out_axes):
     """fn as is without a mesh; under one, mapped over the local shards (kernels see local shapes).
-    in_axes: the logical axes of each argument; out_axes: of the output, or a list for several."""
-    if jax.sharding.get_abstract_mesh().empty:
+    in_axes: the logical axes of each argument; out_axes: of the output, or a list for several; an
+    output axis is split as in the first argument that has it (an axis its mesh axes do not
+    divide, such as the T == 1 of a decode step, stays whole)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
         return fn
-    in_specs = tuple(sharding.spec(a) for a in in_axes)
-    out_specs = tuple(map(sharding.spec, out_axes)) if isinstance(out_axes, list) else sharding.spec(out_axes)
-    # check_vma=False: Pallas calls do not declare how their outputs vary over the mesh.
-    return jax.shard_map(fn, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+
+    def mapped(*args):
+        in_specs = tuple(sharding.logical_to_mesh(a, jnp.shape(x), mesh) if x is not None else None
+                         for a, x in zip(in_axes, args))
+        split = {}  # logical axis -> its split in the first argument that has it
+        for axes, s in zip(in_axes, in_specs):
+            for name, entry in zip(axes, s or ()):
+                split.setdefault(name, entry)
+        like = lambda axes: P(*(split.get(name) for name in axes))  # noqa: E731
+        out_specs = tuple(map(like, out_axes)) if isinstance(out_axes, list) else like(out_axes)
+        # check_vma=False: Pallas calls do not declare how their outputs vary over the mesh.
+        return jax.shard_map(fn, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)
+    return mapped
 
 
 def embed(table, tokens):
@@ -66,7 +79,8 @@ def embed(table, tokens):
         x = jnp.where(here[..., None], table[jnp.clip(i, 0, v - 1)], jnp.zeros((), table.dtype))
         return jax.lax.psum(x, axis)
 
-    return _per_device(local, [("vocab", "embed"), _TOKENS], _ROWS)(table, tokens)
+    # ("vocab", None): a table split over 'fsdp' as well is gathered whole along D first.
+    return _per_device(local, [("vocab", None), _TOKENS], _ROWS)(table, tokens)
 
 
 def rms_norm(x, weight, residual=None, *, eps, impl="auto"):

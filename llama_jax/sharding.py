@@ -1,16 +1,24 @@
-"""Sharding over a ('data', 'model') mesh, declared once: the only file that names mesh axes.
+"""Sharding over one named mesh, declared once: the only file that names mesh axes.
+
+The mesh has five axes, outermost first: 'stage' (pipeline stages), 'data' (data parallel), 'fsdp'
+(data parallel with the weights, gradients and optimizer state split as well: ZeRO-3), 'context'
+(the sequence split over devices) and 'model' (tensor parallel). An axis of size 1 costs nothing, so
+`make_mesh(dp, tp)` is the ('data', 'model') mesh inference has always used.
 
 Every parameter, the KV cache and the activations that kernels see carry logical axis names
-(llama_jax.model, llama_jax.ops); this table maps them onto the mesh, Megatron style: wq, wk, wv,
+(llama_jax.model, llama_jax.ops); AXIS_RULES maps them onto the mesh, Megatron style: wq, wk, wv,
 w1, w3 split by output features over 'model', wo and w2 by input features, the embedding and output
-head by vocabulary, norms replicated. The KV cache and activations are split by batch over 'data'
-and by heads over 'model'. The model itself knows nothing of this.
+head by vocabulary; the model dimension of every weight over 'fsdp' (XLA gathers a layer's weights
+where they are used); stacked layers over 'stage'; norms replicated. Activations and the KV cache
+are split by batch over 'data' and 'fsdp', by heads over 'model', and by sequence over 'context'.
+The model itself knows nothing of this. docs/SHARDING.md has the table.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 
 import jax
 import numpy as np
@@ -19,51 +27,76 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from llama_jax.config import LlamaConfig
 
-AXIS_RULES: dict[str, str | None] = {
-    "batch": "data",
+MESH_AXES = ("stage", "data", "fsdp", "context", "model")
+
+# Logical axis -> mesh axis, axes (split over their product, in order), or None (replicated).
+AXIS_RULES: dict[str, str | tuple[str, ...] | None] = {
+    # Parameters
     "vocab": "model",
     "q_heads": "model",  # wq's and wo's H*E features; the H axis of queries and outputs
     "kv_heads": "model",  # wk's and wv's K*E features; the K axis of keys, values and the cache
     "ffn": "model",
-    "embed": None,
+    "embed": "fsdp",  # the model dimension D of weights (ZeRO-3); never of activations
     "norm": None,
-    "layers": None,
-    "seq": None,  # the T axis of activations
-    "kv_seq": None,  # the S axis of keys and the cache
+    "layers": "stage",
+    # Activations and the cache
+    "batch": ("data", "fsdp"),
+    "seq": "context",  # the T axis of activations
+    "kv_seq": None,  # the S axis of gathered keys and the cache
+    "act_embed": None,  # the D axis of activations
     "head_dim": None,
 }
 
 
-def make_mesh(dp: int = 1, tp: int | None = None) -> Mesh:
-    """A ('data', 'model') mesh of dp x tp devices (tp defaults to all devices left over)."""
+def make_mesh(dp: int = 1, tp: int | None = None, fsdp: int = 1, cp: int = 1, pp: int = 1) -> Mesh:
+    """A mesh of pp x dp x fsdp x cp x tp devices over MESH_AXES; tp defaults to the devices left
+    over. Raises ValueError, naming the sizes that fit, when the product is not the device count's
+    divisor or is bigger than it."""
     n = jax.device_count()
-    if dp < 1 or n % dp and tp is None:
-        raise ValueError(f"dp={dp} does not divide the {n} devices")
-    tp = n // dp if tp is None else tp
-    if tp < 1 or dp * tp > n:
-        raise ValueError(f"mesh dp={dp} x tp={tp} = {dp * tp} devices is bigger than the {n} devices available")
+    sizes = dict(pp=pp, dp=dp, fsdp=fsdp, cp=cp)
+    for name, size in sizes.items():
+        if not isinstance(size, int) or size < 1:
+            raise ValueError(f"mesh {name}={size!r}: must be a positive integer")
+    rest = math.prod(sizes.values())
+    shown = " x ".join(f"{k}={v}" for k, v in sizes.items() if v > 1 or k == "dp")
+    if tp is None:
+        if n % rest:
+            raise ValueError(f"mesh {shown} = {rest} devices does not divide the {n} devices available")
+        tp = n // rest
+    if not isinstance(tp, int) or tp < 1:
+        raise ValueError(f"mesh tp={tp!r}: must be a positive integer")
+    if rest * tp > n:
+        raise ValueError(f"mesh {shown} x tp={tp} = {rest * tp} devices is bigger than the {n} devices available")
     # Auto axes: shardings propagate through jit as in GSPMD, and shard_map accepts any input.
-    return jax.make_mesh((dp, tp), ("data", "model"), axis_types=(AxisType.Auto, AxisType.Auto),
-                         devices=jax.devices()[: dp * tp])
+    return jax.make_mesh((pp, dp, fsdp, cp, tp), MESH_AXES, axis_types=(AxisType.Auto,) * 5,
+                         devices=jax.devices()[: rest * tp])
 
 
-def _mesh_axis(name: str | None) -> str | None:
-    if name is not None and name not in AXIS_RULES:
+def _mesh_axes(name: str | None) -> tuple[str, ...]:
+    """The mesh axes a logical axis is split over (empty: replicated)."""
+    if name is None:
+        return ()
+    if name not in AXIS_RULES:
         raise ValueError(f"no sharding rule for logical axis {name!r}")
-    return None if name is None else AXIS_RULES[name]
+    target = AXIS_RULES[name]
+    return () if target is None else (target,) if isinstance(target, str) else tuple(target)
+
+
+def _entry(axes: tuple[str, ...]):
+    """A PartitionSpec entry for mesh axes: None, one name, or a tuple of names."""
+    return None if not axes else axes[0] if len(axes) == 1 else axes
 
 
 def spec(axes: tuple[str | None, ...], mesh=None) -> P:
     """The PartitionSpec of an activation with these logical axes on `mesh` (default: the active
-    one); mesh axes the mesh lacks are left out."""
+    one); mesh axes the mesh lacks or has at size 1 are left out."""
     mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
-    return P(*(a if a in mesh.axis_names else None for a in map(_mesh_axis, axes)))
+    return P(*(_entry(tuple(m for m in _mesh_axes(a) if mesh.shape.get(m, 1) > 1)) for a in axes))
 
 
 def axis_size(name: str, mesh: Mesh) -> int:
     """How many ways the mesh splits the logical axis `name` (1 when it is not split)."""
-    target = _mesh_axis(name)
-    return 1 if target is None or target not in mesh.axis_names else mesh.shape[target]
+    return math.prod(mesh.shape.get(m, 1) for m in _mesh_axes(name))
 
 
 def on_mesh(mesh: Mesh | None):
@@ -91,16 +124,17 @@ def check_batch(mesh: Mesh | None, b: int) -> None:
 
 
 def logical_to_mesh(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh) -> P:
-    """The mesh PartitionSpec for logical axes; an axis the mesh axis does not divide is replicated
-    (e.g. a 49152 vocabulary over tp=9)."""
+    """The mesh PartitionSpec for logical axes. Mesh axes the mesh lacks or has at size 1 are left
+    out; an axis its mesh axes do not divide is replicated (e.g. a 49152 vocabulary over tp=9)."""
     out, used = [], set()
     for name, size in zip(axes, shape):
-        target = _mesh_axis(name)
-        if target is not None and target in used:
-            raise ValueError(f"logical axes {axes} put two axes on mesh axis {target!r}")
-        if target is not None and size % mesh.shape[target] == 0:
-            used.add(target)
-            out.append(target)
+        targets = tuple(m for m in _mesh_axes(name) if mesh.shape.get(m, 1) > 1)
+        clash = used.intersection(targets)
+        if clash:
+            raise ValueError(f"logical axes {axes} put two axes on mesh axis {sorted(clash)[0]!r}")
+        if targets and size % math.prod(mesh.shape[m] for m in targets) == 0:
+            used.update(targets)
+            out.append(_entry(targets))
         else:
             out.append(None)
     return P(*out)
