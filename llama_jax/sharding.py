@@ -104,6 +104,12 @@ def on_mesh(mesh: Mesh | None):
     return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
 
 
+def no_mesh():
+    """A context with no active mesh, even inside a jitted function traced under one (nnx.eval_shape
+    would otherwise read the model's logical axis names as mesh axes)."""
+    return jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ()))
+
+
 def placement(mesh: Mesh | None):
     """None without a mesh; else a function (logical axes, shape) -> NamedSharding, for arrays the
     model creates (the KV cache)."""

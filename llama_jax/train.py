@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from llama_jax import sharding
 from llama_jax.config import LlamaConfig, default_dtype
@@ -285,7 +286,8 @@ class _Program:
 def _split_model(config: LlamaConfig, scan: bool = True):
     """(graphdef, abstract state) of a Transformer of `config` with no arrays: stacked layers, or
     per-layer blocks with linear weights [out, in] (Transformer.unstack_layers)."""
-    model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+    with sharding.no_mesh():  # abstract arrays carry logical axis names, not a mesh's shardings
+        model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
     if not scan:
         model.unstack_layers(transpose=True)
     return nnx.split(model)
@@ -448,14 +450,26 @@ class Trainer:
             abstract = nnx.eval_shape(lambda: Transformer(self.model_config, rngs=nnx.Rngs(0)))
             self._shardings = sharding.param_shardings(abstract, self.mesh)
         self.params: dict = self._place(_stacked_params(model))
+        tx = optimizer(config)
         with sharding.on_mesh(self.mesh):
-            self.opt_state = jax.jit(optimizer(config).init)(self.params)
+            # The optimizer's moments are split as their parameters are (ZeRO under 'fsdp').
+            self.opt_state = jax.jit(tx.init, out_shardings=self._opt_shardings(tx))(self.params)
         self.step_count = 0
         self.data_state: dict | None = None  # the data position restored from a checkpoint
         if resume_from is not None:
             self.restore(resume_from)
 
     # --- placement and batches
+
+    def _opt_shardings(self, tx):
+        """Where each leaf of the optimizer state goes: a parameter's moments with the parameter, the
+        rest (counts, hyperparameters) replicated; None without a mesh."""
+        if self._shardings is None:
+            return None
+        shapes = jax.eval_shape(tx.init, self.params)
+        rest = NamedSharding(self.mesh, PartitionSpec())
+        return optax.tree_map_params(tx, lambda _, where: where, shapes, self._shardings,
+                                     transform_non_params=lambda _: rest)
 
     def _place(self, params: dict) -> dict:
         if self._shardings is None:
