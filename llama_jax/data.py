@@ -320,10 +320,13 @@ class Batches:
     state: `state()` goes into a checkpoint, `Batches(rows, n, **state)` continues exactly."""
 
     def __init__(self, rows: PackedRows, rows_per_batch: int, *, seed: int = 0, position: int = 0,
-                 shuffle: bool = True):
+                 shuffle: bool = True, part: tuple[int, int] | None = None):
+        """part: (start, stop): yield only those rows of each batch (one process's share of a
+        multi-process step, Trainer.process_rows); the position still counts whole batches."""
         if len(rows) == 0:
             raise DataError("no training rows (empty corpus)")
         self.rows, self.rows_per_batch, self.seed, self.position, self.shuffle = rows, rows_per_batch, seed, position, shuffle
+        self.part = (0, rows_per_batch) if part is None else tuple(part)
         self._epoch, self._order = None, None
 
     def _index(self, i: int) -> int:
@@ -339,7 +342,7 @@ class Batches:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        idx = [self._index(self.position + i) for i in range(self.rows_per_batch)]
+        idx = [self._index(self.position + i) for i in range(*self.part)]
         self.position += self.rows_per_batch
         return self.rows[idx]
 

@@ -293,6 +293,11 @@ def _split_model(config: LlamaConfig, scan: bool = True):
     return nnx.split(model)
 
 
+def _abstract_model(config: LlamaConfig) -> Transformer:
+    """The model with stacked layers and no arrays (the layout of the train state)."""
+    return nnx.merge(*_split_model(config, True))
+
+
 def _merge(config: LlamaConfig, params: dict, scan: bool = True) -> Transformer:
     """The model whose weights are `params` (a nested dict like nnx.to_pure_dict's, in the layout
     `scan` says: see _per_layer)."""
@@ -356,7 +361,11 @@ def _mean_loss_and_grads(prog: _Program, params, batch):
     accumulation gives the update of one large batch."""
     s, n, g = _grad_sums(prog, params, batch)
     n = jnp.maximum(n, 1.0)
-    return s / n, jax.tree.map(lambda x: x / n, g)
+    g = jax.tree.map(lambda x: x / n, g)
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty:  # each gradient split as its parameter: a reduce-scatter under 'fsdp', not an all-reduce
+        g = jax.lax.with_sharding_constraint(g, sharding.param_shardings(_abstract_model(prog.model), mesh))
+    return s / n, g
 
 
 _loss_and_grads = jax.jit(_mean_loss_and_grads, static_argnums=0)
@@ -510,12 +519,30 @@ class Trainer:
             out["segment_ids"] = np.ones((b, t), np.int32)
         if "positions" not in out:
             out["positions"] = _positions_from_segments(out["segment_ids"])
-        if self.mesh is not None:
+        if self.mesh is None:
+            return {k: jax.device_put(v) for k, v in out.items()}
+        where = sharding.batch_sharding(self.mesh, 2)
+        if jax.process_count() == 1:
             sharding.check_batch(self.mesh, b // micro)
-            put = lambda a: jax.device_put(a, sharding.batch_sharding(self.mesh, 2))  # noqa: E731
-        else:
-            put = jax.device_put
-        return {k: put(v) for k, v in out.items()}
+            return {k: jax.device_put(v, where) for k, v in out.items()}
+        # Several processes: each passes only its own rows (process_rows), one global batch.
+        global_b = b * jax.process_count()
+        sharding.check_batch(self.mesh, global_b // micro)
+        return {k: jax.make_array_from_process_local_data(where, v, (global_b, t)) for k, v in out.items()}
+
+    def process_rows(self, batch_size: int) -> tuple[int, int]:
+        """The rows [start, stop) of a global batch of `batch_size` rows that this process feeds to
+        `step` (its devices' part of the batch axis); (0, batch_size) in a single process."""
+        if self.mesh is None or jax.process_count() == 1:
+            return 0, batch_size
+        where = sharding.batch_sharding(self.mesh, 2)
+        rows = {(i[0].start or 0, batch_size if i[0].stop is None else i[0].stop)
+                for i in where.addressable_devices_indices_map((batch_size, 1)).values()}
+        start, stop = min(r[0] for r in rows), max(r[1] for r in rows)
+        if stop - start != batch_size // jax.process_count():
+            raise ValueError(f"this process's devices hold rows {sorted(rows)} of the batch: not one "
+                             "contiguous equal share; put the data axes outermost in the mesh")
+        return start, stop
 
     # --- computing
 
@@ -527,6 +554,16 @@ class Trainer:
         with sharding.on_mesh(self.mesh):
             loss, grads = _loss_and_grads(self._prog, self.params, b)
         return float(loss), grads
+
+    def lower(self, batch: dict) -> dict:
+        """The step's two programs lowered for `batch` (jax.stages.Lowered, by name: "grads" and
+        "update"), for reading their compiled HLO, memory and collectives (benchmarks/parallel.py)."""
+        b = self._batch(batch, micro=self.config.grad_accum)
+        with sharding.on_mesh(self.mesh):
+            grads = jax.eval_shape(functools.partial(_loss_and_grads, self._prog), self.params, b)
+            return {"grads": _loss_and_grads.lower(self._prog, self.params, b),
+                    "update": _apply_update.lower(self._prog.clip, self.params, self.opt_state, grads[1],
+                                                  grads[0], np.float32(0.0))}
 
     def lr(self, step: int | None = None) -> float:
         """The learning rate of optimizer step `step` (0-based; default: the next one)."""
