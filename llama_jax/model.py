@@ -18,11 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llama_jax import ops
+from llama_jax import ops, pipeline
 from llama_jax.config import LlamaConfig
 
 # Logical axes of one layer's KV cache [B, S, K, E]; llama_jax.sharding maps them onto a mesh.
 CACHE_AXES = ("batch", "kv_seq", "kv_heads", "head_dim")
+ROWS = ("batch", "seq", "act_embed")  # activations [B, T, D]
 
 
 def _param(rngs: nnx.Rngs, shape, axes, dtype, std):
@@ -241,15 +242,23 @@ class Transformer(nnx.Module):
         x, cache = self.hidden(tokens, positions, cache=cache)
         return self.head(x), cache
 
-    def hidden(self, tokens, positions=None, *, cache=None, segment_ids=None, remat=False):
+    def hidden(self, tokens, positions=None, *, cache=None, segment_ids=None, remat=False, micro_batches=None):
         """The final-normed hidden states [B, T, D] and the cache: `__call__` without the output
         head, for a loss that applies the head in chunks. segment_ids [B, T] (packed documents:
         attention stays within a document; no cache); remat: False, True (recompute each layer in
-        the backward) or the name of a `jax.checkpoint_policies` policy."""
+        the backward) or the name of a `jax.checkpoint_policies` policy. micro_batches: how many
+        pieces the batch flows through the pipeline in when the mesh splits the stacked layers into
+        stages (llama_jax.pipeline; None: pipeline.default_micro_batches)."""
         b, t = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        x = ops.embed(self.tok_embeddings[...], tokens).astype(self.dtype)  # (B, T, D)
+        # Context parallelism (a mesh that splits the sequence): without a cache the sequence runs in
+        # an order that balances the causal work over the devices, and comes back in order at the end.
+        order = ops.sequence_order(t) if cache is None else None
+        if order is not None:
+            tokens, positions = tokens[:, order[0]], positions[:, order[0]]
+            segment_ids = None if segment_ids is None else segment_ids[:, order[0]]
+        x = ops.constrain(ops.embed(self.tok_embeddings[...], tokens).astype(self.dtype), ROWS)  # (B, T, D)
         rope = rope_angles(positions, jnp.asarray(rope_frequencies(self.config)))  # a trace-time constant
 
         def step(graphdef):  # one layer as a function of its weights, for scan and for remat
@@ -267,11 +276,21 @@ class Transformer(nnx.Module):
                 stream, c = step(graphdef)(stream, (state, None if cache is None else cache[i]))
                 new_cache.append(c)
             cache = None if cache is None else new_cache
-        else:  # stacked arrays, scanned: compile time flat in depth
+        elif cache is None:  # stacked arrays, scanned (pipelined over stages when the mesh has them)
+            graphdef, state = nnx.split(self.layers)
+
+            def layer(stream, layer_state, per_row):
+                x, delta, _ = nnx.merge(graphdef, layer_state)(*stream, *per_row)
+                return x, delta
+
+            stream = pipeline.pipeline(_remat(layer, remat), stream, state, (rope, None, segment_ids, positions),
+                                       micro_batches=micro_batches)
+        else:  # stacked arrays and cache, scanned: compile time flat in depth
             graphdef, state = nnx.split(self.layers)
             stream, cache = jax.lax.scan(step(graphdef), stream, (state, cache))
         x, delta = stream
-        return self.norm(delta, x)[0], cache
+        x = self.norm(delta, x)[0]
+        return (x if order is None else x[:, order[1]]), cache
 
     def head(self, x):
         """Logits [..., V] float32 of normed hidden states x [..., D]."""

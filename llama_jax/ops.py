@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 import pallas_kernels as pk
-from llama_jax import sharding
+from llama_jax import context_parallel, sharding
 
 # Logical axes of what the kernels see.
 _HEADS = ("batch", "seq", "q_heads", "head_dim")  # q and outputs [B, T, H, E]
@@ -93,13 +93,48 @@ def rms_norm(x, weight, residual=None, *, eps, impl="auto"):
     return _per_device(kernel, [_ROWS, ("norm",), _ROWS], [_ROWS, _ROWS])(x, weight, residual)
 
 
+def _context_parallel() -> int:
+    """How many ways the active mesh splits the sequence (1 without a mesh)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return 1 if mesh.empty else sharding.axis_size("seq", mesh)
+
+
+def sequence_order(t: int):
+    """For a no-cache forward of t tokens under a mesh that splits the sequence over cp devices:
+    (order, inverse) static permutations that put the sequence in the balanced layout (device i
+    holds chunks i and 2cp-1-i, llama_jax.context_parallel) and back; None otherwise."""
+    cp = _context_parallel()
+    if cp == 1:
+        return None
+    return context_parallel.balanced_order(t, cp), context_parallel.natural_order(t, cp)
+
+
+def constrain(x, axes):
+    """x laid out by its logical axes on the active mesh (an axis the mesh cannot divide stays
+    whole); x itself without a mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, sharding.logical_to_mesh(axes, x.shape, mesh))
+
+
 def prefill_attention(q, k, v, *, q_offset=None, kv_length=None, segment_ids=None, impl="auto"):
     """Causal attention of q [B, T, H, E] over k, v [B, S, K, E] -> [B, T, H, E]. Query i sits at
     key q_offset + i (a scalar, default 0) and sees the keys up to it, and only the first
     kv_length keys (a scalar, default S: a cache's unwritten tail is never read). segment_ids
-    [B, T] (T == S): a query sees only keys of its own segment (packed documents)."""
+    [B, T] (T == S): a query sees only keys of its own segment (packed documents).
+
+    Under a mesh that splits the sequence (context parallelism): without q_offset, q, k, v and
+    segment_ids are in the balanced order of `sequence_order` (a no-cache forward); with it, q is a
+    prefill chunk in natural order over a cache that holds every key."""
     impl = resolve(impl)
     b, s = q.shape[0], k.shape[1]
+    if _context_parallel() > 1:
+        cp_impl = "pallas" if impl in ("pallas", "cudnn") else "xla"
+        if q_offset is None:
+            return context_parallel.attention(q, k, v, segment_ids=segment_ids, impl=cp_impl)
+        return context_parallel.attention_cached(q, k, v, q_offset=q_offset,
+                                                 kv_length=s if kv_length is None else kv_length, impl=cp_impl)
     if impl == "cudnn" and q_offset is None and segment_ids is None:
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
     # Per-row arrays, so that a shard_map splits them with the batch.

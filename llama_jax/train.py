@@ -36,7 +36,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from llama_jax import sharding
+from llama_jax import pipeline, sharding
 from llama_jax.config import LlamaConfig, default_dtype
 from llama_jax.data import pack_documents  # noqa: F401  (part of this module's API: llama_jax.train.pack_documents)
 from llama_jax.model import LINEAR_WEIGHTS, Transformer
@@ -67,7 +67,10 @@ class TrainConfig:
     scan_layers: scan the stacked layers (compile time flat in depth) or run a Python loop over
     per-layer weights stored [out, in] (on CPU about 1.3x faster per step: XLA's backward copies the
     scan's stacked activations); None: the loop on CPU, the scan elsewhere. Either way the weights,
-    the optimizer state and checkpoints stay stacked [in, out]."""
+    the optimizer state and checkpoints stay stacked [in, out]. micro_batches: under pipeline
+    parallelism (a mesh with pp > 1), the pieces each batch_size rows flow through the stages in
+    (at least pp; None: the smallest divisor of batch_size >= 2 x pp, llama_jax.pipeline); the
+    layers are then always scanned."""
 
     peak_lr: float = 3e-4
     warmup_steps: int = 100
@@ -86,6 +89,7 @@ class TrainConfig:
     seed: int = 0
     loss_chunk: int = 1024
     scan_layers: bool | None = None
+    micro_batches: int | None = None
 
     def __post_init__(self):
         def need(ok, msg):
@@ -106,6 +110,8 @@ class TrainConfig:
         need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         need(self.seq_len >= 2, f"seq_len must be >= 2 (one input and one target), got {self.seq_len}")
         need(self.loss_chunk >= 1, f"loss_chunk must be >= 1, got {self.loss_chunk}")
+        need(self.micro_batches is None or self.micro_batches >= 1,
+             f"micro_batches must be >= 1 or None, got {self.micro_batches}")
         need(self.remat in (False, True) or self.remat in REMAT_POLICIES,
              f"remat must be False, True or one of {REMAT_POLICIES}, got {self.remat!r}")
         need(self.compute_dtype in (None, *_COMPUTE_DTYPES),
@@ -239,11 +245,12 @@ def _cross_entropy_bwd(tied, res, g):
 chunked_cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
 
 
-def loss_sums(model: Transformer, tokens, segment_ids=None, positions=None, *, remat=False, chunk: int = 1024):
+def loss_sums(model: Transformer, tokens, segment_ids=None, positions=None, *, remat=False, chunk: int = 1024,
+              micro_batches: int | None = None):
     """(sum of next-token cross-entropies over the target tokens, their count), both f32, of one batch
     [B, T]. The output head runs over `chunk` tokens at a time (chunked_cross_entropy), so the full
     [B, T, V] f32 logits never exist."""
-    h, _ = model.hidden(tokens, positions, segment_ids=segment_ids, remat=remat)  # (B, T, D)
+    h, _ = model.hidden(tokens, positions, segment_ids=segment_ids, remat=remat, micro_batches=micro_batches)
     targets, weights = _targets(tokens, segment_ids)  # (B, T-1)
     d = h.shape[-1]
     h = h[:, :-1].reshape(-1, d)  # (N, D), N = B * (T-1)
@@ -275,11 +282,18 @@ class _Program:
     loss_chunk: int
     clip: bool
     scan_layers: bool
+    micro_batches: int | None  # pipeline micro-batches (None: no pipeline)
 
     @classmethod
-    def of(cls, model: LlamaConfig, config: TrainConfig) -> "_Program":
+    def of(cls, model: LlamaConfig, config: TrainConfig, stages: int = 1) -> "_Program":
         scan = config.scan_layers if config.scan_layers is not None else jax.default_backend() != "cpu"
-        return cls(model, config.grad_accum, config.remat, config.loss_chunk, config.grad_clip is not None, scan)
+        micro = None
+        if stages > 1:  # the pipeline runs the stacked layers
+            micro = config.micro_batches or pipeline.default_micro_batches(config.batch_size, stages)
+            pipeline.check(model.n_layers, stages, config.batch_size, micro)
+            scan = True
+        return cls(model, config.grad_accum, config.remat, config.loss_chunk, config.grad_clip is not None, scan,
+                   micro)
 
 
 @functools.lru_cache(maxsize=None)
@@ -324,7 +338,7 @@ def _stacked(params: dict, n_layers: int) -> dict:
 
 def _batch_sums(prog: _Program, params, batch):
     return loss_sums(_merge(prog.model, params, prog.scan_layers), batch["tokens"], batch["segment_ids"],
-                     batch["positions"], remat=prog.remat, chunk=prog.loss_chunk)
+                     batch["positions"], remat=prog.remat, chunk=prog.loss_chunk, micro_batches=prog.micro_batches)
 
 
 def _grad_sums(prog: _Program, params, batch):
@@ -453,7 +467,8 @@ class Trainer:
                             unstacked=isinstance(model.model.layers, nnx.List))
         compute = config.compute_dtype or default_dtype()
         self.model_config: LlamaConfig = dataclasses.replace(mc, param_dtype="float32", dtype=compute).resolved()
-        self._prog = _Program.of(self.model_config, config)
+        stages = 1 if self.mesh is None else sharding.axis_size("layers", self.mesh)
+        self._prog = _Program.of(self.model_config, config, stages)
         self._shardings = None
         if self.mesh is not None:
             abstract = nnx.eval_shape(lambda: Transformer(self.model_config, rngs=nnx.Rngs(0)))
@@ -521,6 +536,10 @@ class Trainer:
             out["positions"] = _positions_from_segments(out["segment_ids"])
         if self.mesh is None:
             return {k: jax.device_put(v) for k, v in out.items()}
+        cp = sharding.axis_size("seq", self.mesh)
+        if cp > 1 and t % (2 * cp):
+            raise ValueError(f"rows of {t} tokens do not split over context parallelism cp={cp}: the sequence "
+                             f"length must be a multiple of 2 x cp = {2 * cp} (e.g. {t + -t % (2 * cp)})")
         where = sharding.batch_sharding(self.mesh, 2)
         if jax.process_count() == 1:
             sharding.check_batch(self.mesh, b // micro)

@@ -23,6 +23,9 @@ TRAIN = TrainConfig(seq_len=T, batch_size=B, peak_lr=1e-2, warmup_steps=1, total
 MESHES = {  # name -> make_mesh arguments
     "dp8": dict(dp=8, tp=1),
     "fsdp4_tp2": dict(fsdp=4, tp=2),
+    "cp4_tp2": dict(cp=4, tp=2),
+    "pp2_dp4": dict(pp=2, dp=4, tp=1),
+    "pp2_cp2_tp2": dict(pp=2, cp=2, tp=2),
 }
 
 
