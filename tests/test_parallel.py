@@ -4,12 +4,15 @@ the memory of the sharded train state, and bad meshes.
 
 One tiny random model and one batch shape throughout, so the file compiles one program per mesh."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 import llama_jax
-from llama_jax import LlamaConfig
+from llama_jax import LlamaConfig, sharding
 from llama_jax.checkpoint import to_hf_state_dict
 from llama_jax.train import Trainer, TrainConfig, pack_documents
 
@@ -107,3 +110,59 @@ def test_bad_meshes():
         llama_jax.make_mesh(cp=3)
     with pytest.raises(ValueError, match="positive integer"):
         llama_jax.make_mesh(fsdp=0)
+
+
+# --- Context-parallel prefill -----------------------------------------------------------------------
+
+INFER = dataclasses.replace(CONFIG, prefill_chunk=16)  # prompts span several chunks: cached prefixes
+PROMPTS = [[1, *range(10, 47)], [1, *range(60, 80)], [1, 5, 6, 7, 8, 9, 10, 11], [1, *range(100, 150)]]
+
+
+@pytest.fixture(scope="module")
+def single():
+    return llama_jax.from_config(INFER, seed=5)
+
+
+def _packed_row():
+    """One row of three documents, positions restarting at each."""
+    docs = [[1, *range(30, 41), 2], [1, *range(90, 99), 2], [1, *range(200, 207)]]
+    rows = pack_documents(docs, T)
+    return {k: np.asarray(v[:1]) for k, v in rows.items()}
+
+
+def _hidden_logits(llama, row):
+    model = nnx.merge(llama.graphdef, llama.state)
+    with sharding.on_mesh(llama.mesh):
+        fn = jax.jit(lambda t, p, s: model.head(model.hidden(t, p, segment_ids=s)[0]))
+        return np.asarray(fn(row["tokens"], row["positions"], row["segment_ids"]))
+
+
+@pytest.mark.parametrize("mesh", [dict(cp=4, tp=1), dict(cp=2, tp=2)], ids=["cp4", "cp2_tp2"])
+def test_context_parallel_prefill_equals_single_device(mesh, single):
+    llama = llama_jax.from_config(INFER, seed=5, mesh=llama_jax.make_mesh(**mesh))
+    # A packed row of several documents (segment ids, positions restarting), no cache.
+    row = _packed_row()
+    ref = _hidden_logits(single, row)
+    np.testing.assert_allclose(_hidden_logits(llama, row), ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+    # Full-sequence logits of equal-length rows.
+    ids = [p[:T] for p in (PROMPTS[0], PROMPTS[3])]
+    ref = single.logits(ids)
+    np.testing.assert_allclose(llama.logits(ids), ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+    # A ragged batch through chunked prefill (several chunks per prompt) and greedy decode.
+    out = [c.token_ids for c in llama.generate(PROMPTS, max_new_tokens=8, stop_token_ids=[])]
+    assert out == [c.token_ids for c in single.generate(PROMPTS, max_new_tokens=8, stop_token_ids=[])]
+
+
+def test_context_parallel_bad_length():
+    trainer = _trainer(llama_jax.make_mesh(cp=4, tp=1))
+    batch = {"tokens": np.ones((B, 28), np.int32)}
+    with pytest.raises(ValueError, match=r"multiple of 2 x cp = 8 \(e\.g\. 32\)"):
+        trainer.step(batch)
+
+
+def test_pipeline_bad_configs():
+    with pytest.raises(ValueError, match="layers"):  # 4 layers over 3 stages
+        Trainer(llama_jax.from_config(CONFIG, mesh=llama_jax.make_mesh(pp=3, tp=1)), TRAIN)
+    with pytest.raises(ValueError, match="micro"):  # fewer micro-batches than stages
+        Trainer(llama_jax.from_config(CONFIG, mesh=llama_jax.make_mesh(pp=4, tp=1)),
+                dataclasses.replace(TRAIN, micro_batches=2))
