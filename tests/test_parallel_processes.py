@@ -68,8 +68,11 @@ def test_two_processes_train_like_one(tmp_path):
     procs = _start_two_processes(tmp_path)
     try:  # the one-process run meanwhile (mostly compiling, as are they)
         ref = train(llama_jax.make_mesh(**MESH), str(tmp_path / "one"))
-    finally:
-        outs = _results(procs, tmp_path)
+    except BaseException:
+        for p in procs:
+            p.kill()
+        raise
+    outs = _results(procs, tmp_path)
     assert [o["part"] for o in outs] == [[0, 4], [4, 8]]  # each process its own half of each batch
     assert ref["part"] == [0, 8]
     for i, out in enumerate(outs):
