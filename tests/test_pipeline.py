@@ -41,7 +41,7 @@ def toy_body(stream, layer, per_row):
 
 @pytest.fixture(scope="module")
 def toy():
-    """Inputs, layers, per-row values, a cotangent, and the plain scan's value and gradients."""
+    """Layers, input, per-row values, a cotangent, and the plain layer loop's output and gradients."""
     k = jax.random.split(jax.random.key(0), 5)
     layers = {"w": jax.random.normal(k[0], (L, D, D)) / np.sqrt(D), "b": 0.1 * jax.random.normal(k[1], (L, D))}
     x = jax.random.normal(k[2], (B, T, D))
