@@ -118,8 +118,27 @@ def _cache_compiled_programs() -> None:
         jax.config.update("jax_compilation_cache_dir", os.path.join(cache_dir(), "jax-compile"))
 
 
-def _load(args):
-    """The Llama that --model, --dtype and --attention-impl name; raises CliError."""
+def _parse_mesh(text: str | None):
+    """--mesh "fsdp=4,tp=2" -> llama_jax.make_mesh(fsdp=4, tp=2) (None without it); raises CliError."""
+    if not text:
+        return None
+    import llama_jax
+
+    sizes = {}
+    for part in text.split(","):
+        name, eq, value = part.strip().partition("=")
+        if name not in ("dp", "fsdp", "cp", "pp", "tp") or not eq or not value.strip().isdigit():
+            raise CliError(f"--mesh {text!r}: expected comma-separated NAME=SIZE with NAME one of dp, fsdp, cp, pp, "
+                           "tp (e.g. --mesh fsdp=4,tp=2)", 2)
+        sizes[name] = int(value)
+    try:
+        return llama_jax.make_mesh(**sizes)
+    except ValueError as e:
+        raise CliError(f"--mesh: {e}", 2) from None
+
+
+def _load(args, mesh=None):
+    """The Llama that --model, --dtype and --attention-impl name (on `mesh`); raises CliError."""
     import llama_jax
     from llama_jax.checkpoint import CheckpointError
     from llama_jax.gguf_io import GGUFError
@@ -128,7 +147,7 @@ def _load(args):
     path = _model_path(args)
     _cache_compiled_programs()
     try:
-        return llama_jax.load(path, dtype=args.dtype, attention_impl=args.attention_impl)
+        return llama_jax.load(path, dtype=args.dtype, attention_impl=args.attention_impl, mesh=mesh)
     except FileNotFoundError as e:  # a directory that holds no model
         raise CliError(_first_line(e), 2) from None
     except (CheckpointError, GGUFError, SafetensorsError, OSError) as e:
@@ -352,6 +371,12 @@ def _add_train_command(sub) -> None:
     t.add_argument("--dtype", choices=("float32", "bfloat16"),
                    help="compute dtype (weights and optimizer stay float32); default: float32 on CPU, bfloat16 on GPU")
     t.add_argument("--attention-impl", choices=ATTENTION_IMPLS, default="auto")
+    t.add_argument("--mesh", metavar="SPEC", help="train over devices, e.g. fsdp=4,tp=2 or pp=2,dp=4: sizes of dp "
+                   "(data), fsdp (data, with weights and optimizer state split), cp (context: the sequence split), "
+                   "pp (pipeline stages), tp (tensor); tp defaults to the devices left over (docs/SHARDING.md)")
+    t.add_argument("--micro-batches", type=_int_at_least(1), metavar="M",
+                   help="pipeline micro-batches per --batch-size rows (with pp > 1; default: the smallest divisor "
+                        "of B that is >= 2 x pp)")
     t.add_argument("--seed", type=int, default=0, help="data order (default 0)")
     t.add_argument("--eval-every", type=_checked(int, lambda n: n >= 0, ">= 0"), metavar="N",
                    help="held-out loss every N steps (default: a fifth of --steps; 0: only at the end)")
@@ -413,13 +438,13 @@ def cmd_train(args: argparse.Namespace) -> int:
             min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay,
             grad_clip=args.grad_clip if args.grad_clip > 0 else None, grad_accum=args.grad_accum,
             remat={"none": False, "full": True}.get(args.remat, args.remat), compute_dtype=args.dtype,
-            seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed)
+            seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed, micro_batches=args.micro_batches)
     except ValueError as e:
         raise CliError(str(e).replace("TrainConfig: ", "").replace("peak_lr", "--lr")
                        .replace("warmup_steps", "--warmup").replace("total_steps", "--steps"), 2) from None
     out = _train_out_dir(args)
     load_args = argparse.Namespace(**{**vars(args), "dtype": "float32"})  # float32 master weights
-    model = _load(load_args)
+    model = _load(load_args, mesh=_parse_mesh(args.mesh))
     model_path = _model_path(args)
     if args.seq_len > model.config.max_seq_len:
         raise CliError(f"--seq-len {args.seq_len} is past the model's context ({model.config.max_seq_len} tokens)", 2)
@@ -447,12 +472,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     if len(train_rows) == 0:
         raise CliError("empty corpus: no training rows", 2)
     eval_data = data_lib.eval_batches(eval_rows, args.batch_size, max_rows=args.eval_rows)
+    mine = slice(*trainer.process_rows(args.batch_size))  # each process evaluates its own rows
+    eval_data = [{k: v[mine] for k, v in batch.items()} for batch in eval_data]
     source = args.data or "pydoc_data.topics"
     log(f"data: {source}: {len(tokens.tokens):,} tokens, {tokens.meta['n_docs']} documents; "
         f"{len(train_rows)} training rows of {args.seq_len}, {min(len(eval_rows), args.eval_rows)} held-out rows")
 
     position = (trainer.data_state or {}).get("position", 0)
-    batches = data_lib.Batches(train_rows, args.batch_size * args.grad_accum, seed=args.seed, position=position)
+    rows_per_step = args.batch_size * args.grad_accum
+    batches = data_lib.Batches(train_rows, rows_per_step, seed=args.seed, position=position,
+                               part=trainer.process_rows(rows_per_step))
     os.makedirs(out, exist_ok=True)
     if args.resume:
         log(f"resuming {out} at step {trainer.step_count}/{steps}")

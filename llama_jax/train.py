@@ -187,27 +187,28 @@ def _targets(tokens, segment_ids):
 
 
 def _head(tied: bool, w, x):
-    """Logits [C, V] f32 of hidden states x [C, D]: Transformer.head with its weight passed in (the
-    embedding [V, D] when tied, else the output [D, V]), so the loss can differentiate it by hand."""
-    spec = "CD,VD->CV" if tied else "CD,DV->CV"
+    """Logits [B, C, V] f32 of hidden states x [B, C, D]: Transformer.head with its weight passed in
+    (the embedding [V, D] when tied, else the output [D, V]), so the loss can differentiate it by hand."""
+    spec = "BCD,VD->BCV" if tied else "BCD,DV->BCV"
     return jnp.einsum(spec, x, w.astype(x.dtype), preferred_element_type=jnp.float32)
 
 
 def _chunk_loss(tied, w, hc, tc, wc):
-    """(sum of wc * cross-entropy, softmax [C, V]) of one chunk: one pass of exp serves both."""
-    logits = _head(tied, w, hc)  # (C, V) f32
+    """(sum of wc * cross-entropy, softmax [B, C, V]) of one chunk: one pass of exp serves both."""
+    logits = _head(tied, w, hc)  # (B, C, V) f32
     top = jnp.max(logits, axis=-1, keepdims=True)
     e = jnp.exp(logits - top)
     total = jnp.sum(e, axis=-1, keepdims=True)
-    lse = (top + jnp.log(total))[:, 0]
-    picked = jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
+    lse = (top + jnp.log(total))[..., 0]
+    picked = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
     return jnp.sum(wc * (lse - picked)), e / total
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def chunked_cross_entropy(tied: bool, w, h, targets, weights):
-    """Sum of weights * next-token cross-entropy, f32, over chunks: h [n, C, D] hidden states,
-    targets and weights [n, C]. One chunk's [C, V] f32 logits exist at a time, forward and backward:
+    """Sum of weights * next-token cross-entropy, f32, over chunks: h [n, B, C, D] hidden states,
+    targets and weights [n, B, C] (each chunk keeps the batch axis, so a batch split over devices
+    stays split). One chunk's [B, C, V] f32 logits exist at a time, forward and backward:
     the gradient is computed in the forward pass (softmax minus one-hot, chunk by chunk, the head's
     two matmuls), so nothing is recomputed and the backward only scales it."""
     def body(_, xs):
@@ -222,14 +223,14 @@ def _cross_entropy_fwd(tied, w, h, targets, weights):
     def body(dw, xs):
         hc, tc, wc = xs
         loss, p = _chunk_loss(tied, w, hc, tc, wc)
-        onehot = tc[:, None] == jnp.arange(p.shape[-1])[None, :]
-        dlogits = (jnp.where(onehot, p - 1, p) * wc[:, None]).astype(hc.dtype)  # (softmax - one-hot) * weight
+        onehot = tc[..., None] == jnp.arange(p.shape[-1])
+        dlogits = (jnp.where(onehot, p - 1, p) * wc[..., None]).astype(hc.dtype)  # (softmax - one-hot) * weight
         if tied:
-            dh = jnp.einsum("CV,VD->CD", dlogits, wx, preferred_element_type=jnp.float32)
-            dw = dw + jnp.einsum("CV,CD->VD", dlogits, hc, preferred_element_type=jnp.float32)
+            dh = jnp.einsum("BCV,VD->BCD", dlogits, wx, preferred_element_type=jnp.float32)
+            dw = dw + jnp.einsum("BCV,BCD->VD", dlogits, hc, preferred_element_type=jnp.float32)
         else:
-            dh = jnp.einsum("CV,DV->CD", dlogits, wx, preferred_element_type=jnp.float32)
-            dw = dw + jnp.einsum("CD,CV->DV", hc, dlogits, preferred_element_type=jnp.float32)
+            dh = jnp.einsum("BCV,DV->BCD", dlogits, wx, preferred_element_type=jnp.float32)
+            dw = dw + jnp.einsum("BCD,BCV->DV", hc, dlogits, preferred_element_type=jnp.float32)
         return dw, (loss, dh.astype(hc.dtype))
 
     dw, (losses, dh) = jax.lax.scan(body, jnp.zeros(w.shape, jnp.float32), (h, targets, weights))
@@ -248,21 +249,22 @@ chunked_cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
 def loss_sums(model: Transformer, tokens, segment_ids=None, positions=None, *, remat=False, chunk: int = 1024,
               micro_batches: int | None = None):
     """(sum of next-token cross-entropies over the target tokens, their count), both f32, of one batch
-    [B, T]. The output head runs over `chunk` tokens at a time (chunked_cross_entropy), so the full
-    [B, T, V] f32 logits never exist."""
+    [B, T]. The output head runs over about `chunk` tokens at a time, chunk // B of each row
+    (chunked_cross_entropy), so the full [B, T, V] f32 logits never exist."""
     h, _ = model.hidden(tokens, positions, segment_ids=segment_ids, remat=remat, micro_batches=micro_batches)
     targets, weights = _targets(tokens, segment_ids)  # (B, T-1)
-    d = h.shape[-1]
-    h = h[:, :-1].reshape(-1, d)  # (N, D), N = B * (T-1)
-    targets, weights = targets.reshape(-1), weights.reshape(-1)
-    n = h.shape[0]
-    chunk = min(chunk, n)
-    pad = -n % chunk
-    if pad:  # zero-weight rows to a whole number of chunks
-        h = jnp.pad(h, ((0, pad), (0, 0)))
-        targets, weights = jnp.pad(targets, (0, pad)), jnp.pad(weights, (0, pad))
-    h = h.reshape(-1, chunk, d)  # (n_chunks, C, D)
-    targets, weights = targets.reshape(-1, chunk), weights.reshape(-1, chunk)
+    b, t = targets.shape
+    c = min(max(1, chunk // b), t)  # tokens of each row per chunk
+    pad = -t % c
+    h = h[:, :-1]
+    if pad:  # zero-weight tokens to a whole number of chunks
+        h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
+        targets, weights = jnp.pad(targets, ((0, 0), (0, pad))), jnp.pad(weights, ((0, 0), (0, pad)))
+
+    def chunks(a):  # (B, n*C, ...) -> (n, B, C, ...)
+        return jnp.moveaxis(a.reshape(b, -1, c, *a.shape[2:]), 1, 0)
+
+    h, targets, weights = chunks(h), chunks(targets), chunks(weights)
     tied = model.config.tie_embeddings
     w = model.tok_embeddings[...] if tied else model.output[...]
     return chunked_cross_entropy(tied, w, h, targets, weights), jnp.sum(weights)
