@@ -51,7 +51,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout
 
 import llama_jax  # noqa: E402
 import pallas_kernels as pk  # noqa: E402
-from llama_jax import generate, sharding  # noqa: E402
+from llama_jax import generate, sharding, train  # noqa: E402
 from llama_jax.model import CACHE_AXES, KVCache, Transformer  # noqa: E402
 
 TARGET = ROOT / "benchmarks" / "gpu" / "h100_sxm.txtpb"
@@ -589,6 +589,24 @@ def program_specs(quick=False):
                     ("Llama 3.1 8B tp=8", eight, 8, "scan", ("decode",))]
 
 
+def train_specs(quick=False):
+    """(label, config, make_mesh sizes, TrainConfig) of each training step compiled for 8 H100s: the
+    gradient program (forward, loss and backward; the optimizer update is elementwise), bf16 compute
+    with f32 master weights, Pallas kernels, layers scanned and recomputed in the backward."""
+    one = dataclasses.replace(llama_jax.LLAMA3_2_1B, attention_impl="pallas", norm_impl="pallas")
+    tc = train.TrainConfig(seq_len=4096, batch_size=8, compute_dtype="bfloat16", remat=True, scan_layers=True)
+    specs = [("Llama 3.2 1B train fsdp4 x tp2", one, dict(fsdp=4, tp=2), tc)]
+    if quick:
+        return specs
+    return specs + [("Llama 3.2 1B train cp4 x tp2", one, dict(cp=4, tp=2), dataclasses.replace(tc, batch_size=2))]
+
+
+def train_mesh(topo, sizes: dict) -> Mesh:
+    """The make_mesh(**sizes) mesh over the topology's (compile-target) devices."""
+    shape = [sizes.get(k, 1) for k in ("pp", "dp", "fsdp", "cp", "tp")]  # sharding.MESH_AXES order
+    return Mesh(np.array(topo.devices).reshape(shape), sharding.MESH_AXES)
+
+
 # --- The report -----------------------------------------------------------------------------------
 
 
@@ -613,7 +631,9 @@ def report(kernel_rows, program_rows, failures, expected, args, total_s) -> str:
             f"bf16, Pallas kernels, batch {first('batch')}, a KV cache of {first('context')} tokens, a prefill "
             f"chunk of {first('prompt')} tokens. Decode rows: one step "
             "(the decode loop's body); prefill rows: the whole chunk. *layers*: a list of per-layer "
-            "blocks (what `Llama` runs by default); *scan*: stacked layers under `lax.scan`.", "",
+            "blocks (what `Llama` runs by default); *scan*: stacked layers under `lax.scan`. Train rows: the "
+            "gradient program of one training step on 8 H100s (`llama_jax.train.gradient_program`: bf16 compute, "
+            "f32 master weights, each layer recomputed in the backward), per device.", "",
             "| program | compile s | kernels (per layer) | memcpys | collectives | GFLOP | bytes accessed | "
             "roofline ms | minimum bytes | bytes / minimum |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in program_rows:
@@ -742,6 +762,21 @@ def main(argv=None) -> int:
             program_rows.append(row)
             failures += fails
             _progress(f"program {name}: {row.get('seconds', 0):.1f} s", fails)
+
+    for label, config, sizes, tc in train_specs(args.quick):
+        mesh = train_mesh(h100(8), sizes)
+        try:
+            fn, fargs = train.gradient_program(config, tc, mesh)
+        except Exception as e:  # noqa: BLE001 -- e.g. the training API changed under gradient_program
+            failures.append(Failure(f"build: {label}", _error_line(e)))
+            _progress(f"program {label}: not built", failures[-1:])
+            continue
+        meta = dict(config=config, kind="train", mesh=mesh, batch=tc.batch_size, prompt=tc.seq_len)
+        row, fails = analyse_program(label, fn, fargs, meta, dump_root / "programs" / re.sub(r"\W+", "_", label))
+        row["checked"] = True
+        program_rows.append(row)
+        failures += fails
+        _progress(f"program {label}: {row.get('seconds', 0):.1f} s", fails)
 
     total = time.perf_counter() - t_start
     if not args.dump_dir:

@@ -129,10 +129,11 @@ def prefill_attention(q, k, v, *, q_offset=None, kv_length=None, segment_ids=Non
     prefill chunk in natural order over a cache that holds every key."""
     impl = resolve(impl)
     b, s = q.shape[0], k.shape[1]
-    if _context_parallel() > 1:
-        cp_impl = "pallas" if impl in ("pallas", "cudnn") else "xla"
-        if q_offset is None:
-            return context_parallel.attention(q, k, v, segment_ids=segment_ids, impl=cp_impl)
+    cp = _context_parallel()
+    cp_impl = "pallas" if impl in ("pallas", "cudnn") else "xla"
+    if cp > 1 and q_offset is None:
+        return context_parallel.attention(q, k, v, segment_ids=segment_ids, impl=cp_impl)
+    if cp > 1 and q.shape[1] % cp == 0:  # a prefill chunk cp does not divide runs as below, unsplit
         return context_parallel.attention_cached(q, k, v, q_offset=q_offset,
                                                  kv_length=s if kv_length is None else kv_length, impl=cp_impl)
     if impl == "cudnn" and q_offset is None and segment_ids is None:

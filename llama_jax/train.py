@@ -413,6 +413,23 @@ def _eval_sums(prog: _Program, params, batch):
     return _batch_sums(dataclasses.replace(prog, remat=False), params, batch)
 
 
+def gradient_program(config: LlamaConfig, train_config: TrainConfig, mesh):
+    """(jitted function, abstract arguments) of the step's gradient program, as a Trainer of a model
+    of `config` on `mesh` runs it, with nothing allocated: for compiling it for another target
+    (benchmarks/gpu_compile.py compiles it for H100s). `fn.trace(*args)` traces it."""
+    compute = train_config.compute_dtype or default_dtype()
+    config = dataclasses.replace(config, param_dtype="float32", dtype=compute).resolved()
+    prog = _Program.of(config, train_config, sharding.axis_size("layers", mesh))
+    model = _abstract_model(config)
+    shapes = nnx.to_pure_dict(nnx.state(model))
+    params = jax.tree.map(lambda a, where: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=where),
+                          shapes, sharding.param_shardings(model, mesh))
+    rows = (train_config.batch_size * train_config.grad_accum, train_config.seq_len)
+    batch = {k: jax.ShapeDtypeStruct(rows, jnp.int32, sharding=sharding.batch_sharding(mesh, 2))
+             for k in ("tokens", "segment_ids", "positions")}
+    return _loss_and_grads, (prog, params, batch)
+
+
 # --- Parameters in and out --------------------------------------------------------------------------
 
 
