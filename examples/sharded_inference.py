@@ -27,7 +27,7 @@ p.add_argument("--tp", type=int, default=3)
 args = p.parse_args()
 
 mesh = llama_jax.make_mesh(args.dp, args.tp)
-print(f"{jax.device_count()} devices; mesh {dict(mesh.shape)}")
+print(f"{jax.device_count()} devices; mesh {({k: n for k, n in mesh.shape.items() if n > 1})}")
 # Each parameter goes straight onto its sharding (from a converted checkpoint, each device reads
 # only its shard).
 model = llama_jax.load(args.model or default_model_path(), mesh=mesh)
