@@ -490,8 +490,7 @@ class Trainer:
         self._prog = _Program.of(self.model_config, config, stages)
         self._shardings = None
         if self.mesh is not None:
-            abstract = nnx.eval_shape(lambda: Transformer(self.model_config, rngs=nnx.Rngs(0)))
-            self._shardings = sharding.param_shardings(abstract, self.mesh)
+            self._shardings = sharding.param_shardings(_abstract_model(self.model_config), self.mesh)
         self.params: dict = self._place(_stacked_params(model))
         tx = optimizer(config)
         with sharding.on_mesh(self.mesh):
