@@ -376,7 +376,7 @@ def _add_train_command(sub) -> None:
                    "pp (pipeline stages), tp (tensor); tp defaults to the devices left over (docs/SHARDING.md)")
     t.add_argument("--micro-batches", type=_int_at_least(1), metavar="M",
                    help="pipeline micro-batches per --batch-size rows (with pp > 1; default: the smallest divisor "
-                        "of B that is >= 2 x pp)")
+                        "of B that is >= 2 x pp and whose micro-batches dp divides)")
     t.add_argument("--seed", type=int, default=0, help="data order (default 0)")
     t.add_argument("--eval-every", type=_checked(int, lambda n: n >= 0, ">= 0"), metavar="N",
                    help="held-out loss every N steps (default: a fifth of --steps; 0: only at the end)")

@@ -8,14 +8,18 @@ Huang et al. 2019, arXiv:1811.06965). The backward is jax's transpose of that lo
 schedule run in reverse, activations of every tick kept (wrap the body in jax.checkpoint to keep
 only the stage inputs).
 
-The schedule is a `jax.shard_map` manual over the stage axis only; the other axes stay Auto, so
-inside a stage XLA still partitions the body by data, FSDP, context and tensor parallelism, and
-the body may call `jax.shard_map` itself (llama_jax.ops does, for its Pallas kernels). Every stage
+The schedule is a `jax.shard_map` manual over the stage axis and the pure data-parallel axes
+(sharding.data_axes: each device then sums its weight gradients once, where the pipeline ends);
+the other axes stay Auto, so inside a stage XLA still partitions the body by FSDP, context and
+tensor parallelism, and the body may call `jax.shard_map` itself (llama_jax.ops does, for its
+Pallas kernels; sharding leaves the manual axes out of its specs). Every stage
 computes at every tick, on a stale micro-batch during its bubble, and that result is dropped: the
 SPMD form of GPipe, with no control flow that differs between devices.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -59,15 +63,18 @@ def check(n_layers: int, stages: int, batch: int, micro_batches: int) -> None:
                          f"{batch} on {stages} stages: {fits}")
 
 
-def default_micro_batches(batch: int, stages: int) -> int:
+def default_micro_batches(batch: int, stages: int, data: int = 1) -> int:
     """The smallest divisor of `batch` that is >= 2 * stages (bubble at most about a third), else the
-    smallest that is >= stages. ValueError when the batch has fewer rows than there are stages."""
+    smallest that is >= stages; among them, first those whose micro-batches the `data`-parallel
+    devices divide (then each device sums its weight gradients once per step, not once per tick:
+    see `pipeline`). ValueError when the batch has fewer rows than there are stages."""
     if stages < 1 or batch < 1:
         raise ValueError(f"batch ({batch}) and stages ({stages}) must be positive")
-    for least in (2 * stages, stages):
-        fits = [m for m in _divisors(batch) if m >= least]
-        if fits:
-            return fits[0]
+    for split in ((lambda m: (batch // m) % data == 0), (lambda m: True)):
+        for least in (2 * stages, stages):
+            fits = [m for m in _divisors(batch) if m >= least and split(m)]
+            if fits:
+                return fits[0]
     raise ValueError(f"a batch of {batch} rows is too small for {stages} pipeline stages: each stage needs "
                      f"a micro-batch of at least one row in flight, so the batch needs at least {stages} rows")
 
@@ -109,8 +116,9 @@ def pipeline(body, stream, layers, per_row, *, micro_batches: int | None = None)
     n_layers, batch = _leading(layers, "layers"), _leading(stream, "stream")
     if jax.tree.leaves(per_row) and _leading(per_row, "per_row") != batch:
         raise ValueError(f"pipeline: per_row has {_leading(per_row, 'per_row')} rows, the stream {batch}")
+    data = sharding.data_axes(mesh)
     if micro_batches is None:
-        micro_batches = default_micro_batches(batch, stages)
+        micro_batches = default_micro_batches(batch, stages, math.prod(mesh.shape[a] for a in data))
     check(n_layers, stages, batch, micro_batches)
     axis = sharding.spec(("layers",), mesh)[0]  # the stage axis, by its rule
     m = micro_batches
@@ -141,15 +149,21 @@ def pipeline(body, stream, layers, per_row, *, micro_batches: int | None = None)
         return jax.tree.map(lambda a: a[stages - 1:][None], ys)  # (1, M, B/M, ...) per stage
 
     spec = jax.sharding.PartitionSpec
-    # Manual over the stage axis only (jax 0.10.2: axis_names=); data/fsdp/context/model stay Auto.
+    # Manual over the stage axis and the pure data-parallel axes (jax 0.10.2: axis_names=); fsdp,
+    # context and model stay Auto. Manual over the data axes, each device's weight gradient is
+    # summed over them once, where the shard_map ends; left Auto, XLA all-reduces every layer's
+    # gradient inside the tick loop, M + S - 1 times per step (read from the HLO, CPU and H100).
+    if data and (batch // m) % math.prod(mesh.shape[a] for a in data):
+        data = ()  # micro-batches the data axes do not divide: those axes stay Auto
+    rows = spec(None, data if len(data) != 1 else data[0]) if data else spec()
     # check_vma=False: with it on, a loop in the body whose carry starts from a constant (the
     # blocked attention's fori_loop) or a nested shard_map with check_vma=False (ops' Pallas
     # kernels) fails to type-check as varying over the stage axis. Gradients are right without it.
     out = jax.shard_map(
         staged,
-        in_specs=(spec(), spec(axis), spec()),
-        out_specs=spec(axis),
-        axis_names={axis},
+        in_specs=(rows, spec(axis), rows),
+        out_specs=spec(axis, *rows),
+        axis_names={axis, *data},
         check_vma=False,
     )(jax.tree.map(split, stream), layers, jax.tree.map(split, per_row))
     return jax.tree.map(lambda a: join(a[-1]), out)  # the last stage's (S, M, B/M, ...) -> (B, ...)

@@ -46,6 +46,7 @@ AXIS_RULES: dict[str, str | tuple[str, ...] | None] = {
     "act_embed": None,  # the D axis of activations
     "head_dim": None,
 }
+PARAM_AXES = ("vocab", "q_heads", "kv_heads", "ffn", "embed", "norm", "layers")  # the logical axes of weights
 
 
 def make_mesh(dp: int = 1, tp: int | None = None, fsdp: int = 1, cp: int = 1, pp: int = 1) -> Mesh:
@@ -87,11 +88,24 @@ def _entry(axes: tuple[str, ...]):
     return None if not axes else axes[0] if len(axes) == 1 else axes
 
 
+def _splits(mesh, m: str) -> bool:
+    """Whether mesh axis m splits arrays here: the mesh has it at size > 1, and it is not already
+    manual (inside a shard_map over it, such as the pipeline's, arrays are per-device already)."""
+    return mesh.shape.get(m, 1) > 1 and m not in (getattr(mesh, "manual_axes", None) or ())
+
+
 def spec(axes: tuple[str | None, ...], mesh=None) -> P:
     """The PartitionSpec of an activation with these logical axes on `mesh` (default: the active
-    one); mesh axes the mesh lacks or has at size 1 are left out."""
+    one); mesh axes the mesh lacks, has at size 1, or has manual already are left out."""
     mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
-    return P(*(_entry(tuple(m for m in _mesh_axes(a) if mesh.shape.get(m, 1) > 1)) for a in axes))
+    return P(*(_entry(tuple(m for m in _mesh_axes(a) if _splits(mesh, m))) for a in axes))
+
+
+def data_axes(mesh) -> tuple[str, ...]:
+    """The mesh axes that split the batch and nothing else (no parameter is split over them), at
+    size > 1: pure data parallelism, where each device holds whole weights."""
+    params = {m for name in PARAM_AXES for m in _mesh_axes(name)}
+    return tuple(m for m in _mesh_axes("batch") if m not in params and _splits(mesh, m))
 
 
 def axis_size(name: str, mesh: Mesh) -> int:
@@ -134,7 +148,7 @@ def logical_to_mesh(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: 
     out; an axis its mesh axes do not divide is replicated (e.g. a 49152 vocabulary over tp=9)."""
     out, used = [], set()
     for name, size in zip(axes, shape):
-        targets = tuple(m for m in _mesh_axes(name) if mesh.shape.get(m, 1) > 1)
+        targets = tuple(m for m in _mesh_axes(name) if _splits(mesh, m))
         clash = used.intersection(targets)
         if clash:
             raise ValueError(f"logical axes {axes} put two axes on mesh axis {sorted(clash)[0]!r}")

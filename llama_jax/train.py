@@ -69,8 +69,8 @@ class TrainConfig:
     scan's stacked activations); None: the loop on CPU, the scan elsewhere. Either way the weights,
     the optimizer state and checkpoints stay stacked [in, out]. micro_batches: under pipeline
     parallelism (a mesh with pp > 1), the pieces each batch_size rows flow through the stages in
-    (at least pp; None: the smallest divisor of batch_size >= 2 x pp, llama_jax.pipeline); the
-    layers are then always scanned."""
+    (at least pp; None: pipeline.default_micro_batches, the smallest divisor of batch_size >= 2 x pp
+    whose micro-batches the data-parallel devices divide); the layers are then always scanned."""
 
     peak_lr: float = 3e-4
     warmup_steps: int = 100
@@ -287,11 +287,13 @@ class _Program:
     micro_batches: int | None  # pipeline micro-batches (None: no pipeline)
 
     @classmethod
-    def of(cls, model: LlamaConfig, config: TrainConfig, stages: int = 1) -> "_Program":
+    def of(cls, model: LlamaConfig, config: TrainConfig, mesh=None) -> "_Program":
         scan = config.scan_layers if config.scan_layers is not None else jax.default_backend() != "cpu"
         micro = None
+        stages = 1 if mesh is None else sharding.axis_size("layers", mesh)
         if stages > 1:  # the pipeline runs the stacked layers
-            micro = config.micro_batches or pipeline.default_micro_batches(config.batch_size, stages)
+            data = math.prod(mesh.shape[a] for a in sharding.data_axes(mesh))
+            micro = config.micro_batches or pipeline.default_micro_batches(config.batch_size, stages, data)
             pipeline.check(model.n_layers, stages, config.batch_size, micro)
             scan = True
         return cls(model, config.grad_accum, config.remat, config.loss_chunk, config.grad_clip is not None, scan,
@@ -419,7 +421,7 @@ def gradient_program(config: LlamaConfig, train_config: TrainConfig, mesh):
     (benchmarks/gpu_compile.py compiles it for H100s). `fn.trace(*args)` traces it."""
     compute = train_config.compute_dtype or default_dtype()
     config = dataclasses.replace(config, param_dtype="float32", dtype=compute).resolved()
-    prog = _Program.of(config, train_config, sharding.axis_size("layers", mesh))
+    prog = _Program.of(config, train_config, mesh)
     model = _abstract_model(config)
     shapes = nnx.to_pure_dict(nnx.state(model))
     params = jax.tree.map(lambda a, where: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=where),
@@ -486,8 +488,7 @@ class Trainer:
                             unstacked=isinstance(model.model.layers, nnx.List))
         compute = config.compute_dtype or default_dtype()
         self.model_config: LlamaConfig = dataclasses.replace(mc, param_dtype="float32", dtype=compute).resolved()
-        stages = 1 if self.mesh is None else sharding.axis_size("layers", self.mesh)
-        self._prog = _Program.of(self.model_config, config, stages)
+        self._prog = _Program.of(self.model_config, config, self.mesh)
         self._shardings = None
         if self.mesh is not None:
             self._shardings = sharding.param_shardings(_abstract_model(self.model_config), self.mesh)

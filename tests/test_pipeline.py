@@ -132,7 +132,7 @@ def test_transformer_layers_pipelined_equal_the_models_scan():
     embedding, the stacked layers through `pipeline`, final norm equals Transformer.hidden on one
     device (its own lax.scan): hidden states and the gradient of every parameter. The attention
     kernel runs in ops' shard_map (manual over data/fsdp/context/model) nested inside the
-    pipeline's, which is manual over the stage axis only."""
+    pipeline's, which is manual over the stage and data axes."""
     cfg = llama_jax.LlamaConfig(vocab_size=64, dim=24, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=40,
                                 dtype="float32", param_dtype="float32", attention_impl="pallas",
                                 rope_theta=10000.0)
@@ -176,7 +176,8 @@ def test_transformer_layers_pipelined_equal_the_models_scan():
         got = jax.jit(forward_backward, static_argnums=0)(pipelined, params)
     stage = sharding.spec(("layers",), mesh)[0]
     nests = set(_shard_map_nests(jaxpr.jaxpr))
-    assert any(len(n) == 2 and n[0] == (stage,) and "model" in n[1] for n in nests), nests
+    # The pipeline is manual over the stage (and data) axes; the kernels' shard_map nests inside it.
+    assert any(len(n) == 2 and stage in n[0] and "model" in n[1] for n in nests), nests
     _assert_close(got, want, "transformer layers, pp=2 dp=2 tp=2")
 
 
