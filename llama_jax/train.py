@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from llama_jax import pipeline, sharding
 from llama_jax.config import LlamaConfig, default_dtype
@@ -267,7 +267,33 @@ def loss_sums(model: Transformer, tokens, segment_ids=None, positions=None, *, r
     h, targets, weights = chunks(h), chunks(targets), chunks(weights)
     tied = model.config.tie_embeddings
     w = model.tok_embeddings[...] if tied else model.output[...]
-    return chunked_cross_entropy(tied, w, h, targets, weights), jnp.sum(weights)
+    return _cross_entropy_per_device(tied, w, h, targets, weights), jnp.sum(weights)
+
+
+def _cross_entropy_per_device(tied: bool, w, h, targets, weights):
+    """chunked_cross_entropy, run per device over the mesh's batch split (a shard_map manual over
+    the batch axes): each device adds its rows' head gradient up over all its chunks and the devices
+    sum it once, where the map ends (a reduce-scatter under 'fsdp'). Left to XLA, the head gradient
+    was reduce-scattered inside the chunk loop, once per chunk: for Llama 3.2 1B on 8 H100s
+    (fsdp4 x tp2), 32 reduce-scatters of a 525 MB f32 [V/2, D] a step."""
+    mesh = jax.sharding.get_abstract_mesh()
+    entry = None if mesh.empty else sharding.spec(("batch",), mesh)[0]
+    if entry is None:
+        return chunked_cross_entropy(tied, w, h, targets, weights)
+    axes = (entry,) if isinstance(entry, str) else tuple(entry)
+    w_axes = ("vocab", "embed") if tied else ("embed", "vocab")
+    # w as split over the batch axes only ('fsdp' splits the weights' D); the rest stays Auto.
+    w_spec = P(*(e if e in axes else None for e in sharding.logical_to_mesh(w_axes, w.shape, mesh)))
+
+    def local(w, h, targets, weights):
+        for dim, e in enumerate(w_spec):
+            if e is not None:  # the whole weight on each device (its transpose: one reduce-scatter)
+                w = jax.lax.all_gather(w, e, axis=dim, tiled=True)
+        return jax.lax.psum(chunked_cross_entropy(tied, w, h, targets, weights), axes)
+
+    rows = P(None, entry)  # h [n, B, C, D], targets and weights [n, B, C]: split by B
+    return jax.shard_map(local, in_specs=(w_spec, rows, rows, rows), out_specs=P(), axis_names=set(axes),
+                         check_vma=False)(w, h, targets, weights)
 
 
 # --- The jitted step --------------------------------------------------------------------------------
@@ -510,7 +536,7 @@ class Trainer:
         if self._shardings is None:
             return None
         shapes = jax.eval_shape(tx.init, self.params)
-        rest = NamedSharding(self.mesh, PartitionSpec())
+        rest = NamedSharding(self.mesh, P())
         return optax.tree_map_params(tx, lambda _, where: where, shapes, self._shardings,
                                      transform_non_params=lambda _: rest)
 
