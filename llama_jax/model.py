@@ -212,6 +212,14 @@ def _layer_slice(stacked, i: int, transpose: bool = False):
     return stacked[i].T if transpose else stacked[i]
 
 
+def stack_layers(params: dict, n_layers: int, *, transposed: bool) -> dict:
+    """Per-layer params (a nested dict, layers keyed 0..L-1, linear weights [out, in] if transposed)
+    -> the checkpoint layout: each kind stacked on a leading layer axis, linear weights [in, out]."""
+    layers = [{part: {k: w.T if transposed and k in LINEAR_WEIGHTS else w for k, w in ws.items()}
+               for part, ws in params["layers"][i].items()} for i in range(n_layers)]
+    return dict(params, layers=jax.tree.map(lambda *xs: jnp.stack(xs), *layers))
+
+
 def _remat(fn, remat):
     """fn, or fn recomputed in the backward pass (jax.checkpoint) under the named policy."""
     if not remat:
@@ -333,11 +341,7 @@ class Transformer(nnx.Module):
         params = nnx.to_pure_dict(nnx.state(self, nnx.Param))
         if not isinstance(self.layers, nnx.List):
             return params
-        layers = [params["layers"][i] for i in range(self.config.n_layers)]
-        if self.layers[0].attention.transposed:
-            layers = [{part: {k: w.T if k in LINEAR_WEIGHTS else w for k, w in ws.items()}
-                       for part, ws in layer.items()} for layer in layers]
-        return dict(params, layers=jax.tree.map(lambda *xs: jnp.stack(xs), *layers))
+        return stack_layers(params, self.config.n_layers, transposed=self.layers[0].attention.transposed)
 
     def init_cache(self, batch: int, max_len: int, dtype=None, sharding=None) -> list[KVCache] | KVCache:
         """An all-zero KV cache matching the layer layout: a list of per-layer [B, S, K, E] caches, or

@@ -79,6 +79,23 @@ def default_micro_batches(batch: int, stages: int, data: int = 1) -> int:
                      f"a micro-batch of at least one row in flight, so the batch needs at least {stages} rows")
 
 
+def _data_parallel(mesh) -> int:
+    """How many devices split the batch and nothing else (sharding.data_axes)."""
+    return math.prod(mesh.shape[a] for a in sharding.data_axes(mesh))
+
+
+def micro_batch_count(mesh, n_layers: int, batch: int, micro_batches: int | None = None) -> int | None:
+    """The micro-batches a batch of `batch` rows flows through the stages of `mesh` in: None when the
+    mesh has no stages (no pipeline); else micro_batches, or default_micro_batches(batch, S, dp),
+    checked (ValueError naming the counts that work)."""
+    stages = 1 if mesh is None or mesh.empty else sharding.axis_size("layers", mesh)
+    if stages == 1:
+        return None
+    m = micro_batches or default_micro_batches(batch, stages, _data_parallel(mesh))
+    check(n_layers, stages, batch, m)
+    return m
+
+
 def _scan(body, stream, layers, per_row):
     """The layers in order, one lax.scan: the reference the pipeline equals."""
     return jax.lax.scan(lambda s, layer: (body(s, layer, per_row), None), stream, layers)[0]
@@ -105,23 +122,19 @@ def pipeline(body, stream, layers, per_row, *, micro_batches: int | None = None)
     Micro-batch m is rows m, m + M, m + 2M, ... (a strided split keeps every micro-batch spread
     over the data-parallel devices when B / M is a multiple of their count); the body must treat
     rows independently, as a transformer layer does. micro_batches: M, or None for
-    default_micro_batches(B, S). Returns the final stream [B, ...].
+    default_micro_batches(B, S, dp). Returns the final stream [B, ...].
 
     Without a mesh, or with one stage, this is one lax.scan over the layers and micro_batches is
     ignored. Differentiable: the backward runs the schedule in reverse."""
     mesh = jax.sharding.get_abstract_mesh()
-    stages = 1 if mesh.empty else sharding.axis_size("layers", mesh)
-    if stages == 1:
+    if mesh.empty or sharding.axis_size("layers", mesh) == 1:
         return _scan(body, stream, layers, per_row)
+    stages = sharding.axis_size("layers", mesh)
     n_layers, batch = _leading(layers, "layers"), _leading(stream, "stream")
     if jax.tree.leaves(per_row) and _leading(per_row, "per_row") != batch:
         raise ValueError(f"pipeline: per_row has {_leading(per_row, 'per_row')} rows, the stream {batch}")
-    data = sharding.data_axes(mesh)
-    if micro_batches is None:
-        micro_batches = default_micro_batches(batch, stages, math.prod(mesh.shape[a] for a in data))
-    check(n_layers, stages, batch, micro_batches)
+    m = micro_batch_count(mesh, n_layers, batch, micro_batches)
     axis = sharding.spec(("layers",), mesh)[0]  # the stage axis, by its rule
-    m = micro_batches
 
     def split(a):  # (B, ...) -> (M, B/M, ...): micro-batch i is rows i, i + M, ...
         return jnp.moveaxis(a.reshape(batch // m, m, *a.shape[1:]), 1, 0)
@@ -153,7 +166,8 @@ def pipeline(body, stream, layers, per_row, *, micro_batches: int | None = None)
     # context and model stay Auto. Manual over the data axes, each device's weight gradient is
     # summed over them once, where the shard_map ends; left Auto, XLA all-reduces every layer's
     # gradient inside the tick loop, M + S - 1 times per step (read from the HLO, CPU and H100).
-    if data and (batch // m) % math.prod(mesh.shape[a] for a in data):
+    data = sharding.data_axes(mesh)
+    if (batch // m) % _data_parallel(mesh):
         data = ()  # micro-batches the data axes do not divide: those axes stay Auto
     rows = spec(None, data if len(data) != 1 else data[0]) if data else spec()
     # check_vma=False: with it on, a loop in the body whose carry starts from a constant (the

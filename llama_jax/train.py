@@ -27,7 +27,7 @@ import os
 import shutil
 import sys
 import time
-from typing import Callable, Iterable
+from typing import Iterable
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +39,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from llama_jax import pipeline, sharding
 from llama_jax.config import LlamaConfig, default_dtype
 from llama_jax.data import pack_documents  # noqa: F401  (part of this module's API: llama_jax.train.pack_documents)
-from llama_jax.model import LINEAR_WEIGHTS, Transformer
+from llama_jax.model import LINEAR_WEIGHTS, Transformer, stack_layers
 
 # Policies that jax.checkpoint takes as they are (the others in jax.checkpoint_policies are factories).
 REMAT_POLICIES = ("everything_saveable", "nothing_saveable", "dots_saveable", "checkpoint_dots",
@@ -315,12 +315,8 @@ class _Program:
     @classmethod
     def of(cls, model: LlamaConfig, config: TrainConfig, mesh=None) -> "_Program":
         scan = config.scan_layers if config.scan_layers is not None else jax.default_backend() != "cpu"
-        micro = None
-        stages = 1 if mesh is None else sharding.axis_size("layers", mesh)
-        if stages > 1:  # the pipeline runs the stacked layers
-            data = math.prod(mesh.shape[a] for a in sharding.data_axes(mesh))
-            micro = config.micro_batches or pipeline.default_micro_batches(config.batch_size, stages, data)
-            pipeline.check(model.n_layers, stages, config.batch_size, micro)
+        micro = pipeline.micro_batch_count(mesh, model.n_layers, config.batch_size, config.micro_batches)
+        if micro is not None:  # the pipeline runs the stacked layers
             scan = True
         return cls(model, config.grad_accum, config.remat, config.loss_chunk, config.grad_clip is not None, scan,
                    micro)
@@ -352,18 +348,12 @@ def _merge(config: LlamaConfig, params: dict, scan: bool = True) -> Transformer:
 
 
 def _per_layer(params: dict, n_layers: int) -> dict:
-    """Stacked [in, out] params -> per-layer blocks with linear weights [out, in] (one copy)."""
+    """Stacked [in, out] params -> per-layer blocks with linear weights [out, in] (one copy); the
+    inverse of model.stack_layers(..., transposed=True)."""
     def layer(i):
         return {part: {k: w[i].T if k in LINEAR_WEIGHTS else w[i] for k, w in ws.items()}
                 for part, ws in params["layers"].items()}
     return dict(params, layers={i: layer(i) for i in range(n_layers)})
-
-
-def _stacked(params: dict, n_layers: int) -> dict:
-    """The inverse of _per_layer."""
-    layers = [{part: {k: w.T if k in LINEAR_WEIGHTS else w for k, w in ws.items()}
-               for part, ws in params["layers"][i].items()} for i in range(n_layers)]
-    return dict(params, layers=jax.tree.map(lambda *xs: jnp.stack(xs), *layers))
 
 
 def _batch_sums(prog: _Program, params, batch):
@@ -379,7 +369,7 @@ def _grad_sums(prog: _Program, params, batch):
     if prog.scan_layers:
         return _grad_sums_in(prog, params, batch)
     s, n, g = _grad_sums_in(prog, _per_layer(params, prog.model.n_layers), batch)
-    return s, n, _stacked(g, prog.model.n_layers)
+    return s, n, stack_layers(g, prog.model.n_layers, transposed=True)
 
 
 def _grad_sums_in(prog: _Program, params, batch):
@@ -441,12 +431,17 @@ def _eval_sums(prog: _Program, params, batch):
     return _batch_sums(dataclasses.replace(prog, remat=False), params, batch)
 
 
+def _training_config(config: LlamaConfig, train_config: TrainConfig) -> LlamaConfig:
+    """The model a training step runs: float32 parameters, activations in the compute dtype."""
+    compute = train_config.compute_dtype or default_dtype()
+    return dataclasses.replace(config, param_dtype="float32", dtype=compute).resolved()
+
+
 def gradient_program(config: LlamaConfig, train_config: TrainConfig, mesh):
     """(jitted function, abstract arguments) of the step's gradient program, as a Trainer of a model
     of `config` on `mesh` runs it, with nothing allocated: for compiling it for another target
     (benchmarks/gpu_compile.py compiles it for H100s). `fn.trace(*args)` traces it."""
-    compute = train_config.compute_dtype or default_dtype()
-    config = dataclasses.replace(config, param_dtype="float32", dtype=compute).resolved()
+    config = _training_config(config, train_config)
     prog = _Program.of(config, train_config, mesh)
     model = _abstract_model(config)
     shapes = nnx.to_pure_dict(nnx.state(model))
@@ -512,8 +507,7 @@ class Trainer:
         # What llama() needs of the source model; not its arrays, which the caller may free.
         self._source = dict(config=mc, tokenizer=model.tokenizer, chat_format=model.chat_format,
                             unstacked=isinstance(model.model.layers, nnx.List))
-        compute = config.compute_dtype or default_dtype()
-        self.model_config: LlamaConfig = dataclasses.replace(mc, param_dtype="float32", dtype=compute).resolved()
+        self.model_config: LlamaConfig = _training_config(mc, config)
         self._prog = _Program.of(self.model_config, config, self.mesh)
         self._shardings = None
         if self.mesh is not None:
