@@ -55,14 +55,9 @@ import llama_jax  # noqa: E402
 from llama_jax import context_parallel as cpa  # noqa: E402
 from llama_jax import sharding  # noqa: E402
 from pallas_kernels.blocked_attention import BLOCK_K, BLOCK_Q  # noqa: E402
+from hlo_shapes import shape_bytes  # noqa: E402
 
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "collective-permute")
-_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1, "s8": 1, "u8": 1, "f64": 8, "s64": 8}
-
-
-def _type_bytes(text: str) -> int:
-    return sum(_BYTES.get(dt, 4) * int(np.prod([int(d) for d in dims.split(",") if d]))
-               for dt, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", text))
 
 
 def collective_bytes(hlo: str) -> tuple[int, dict]:
@@ -93,7 +88,7 @@ def collective_bytes(hlo: str) -> tuple[int, dict]:
             calls.append((kind, typ, args))
     total, counts = 0, {}
     for kind, typ, args in calls:
-        total += _type_bytes(typ) + sum(_type_bytes(types.get(a, "")) for a in args)
+        total += shape_bytes(typ) + sum(shape_bytes(types.get(a, "")) for a in args)
         counts[kind] = counts.get(kind, 0) + 1
     return total, counts
 

@@ -53,6 +53,7 @@ import llama_jax  # noqa: E402
 import pallas_kernels as pk  # noqa: E402
 from llama_jax import generate, sharding, train  # noqa: E402
 from llama_jax.model import CACHE_AXES, KVCache, Transformer  # noqa: E402
+from hlo_shapes import shape_bytes  # noqa: E402
 
 TARGET = ROOT / "benchmarks" / "gpu" / "h100_sxm.txtpb"
 OUR_KERNELS = ("flash_attention_fwd", "flash_attention_dq", "flash_attention_dkv", "decode_attention",
@@ -202,8 +203,6 @@ def launches(thunks, trip_count=lambda t: 1) -> collections.Counter:
 
 # --- Optimized HLO: computations, bytes, and XLA's cost analysis -----------------------------------
 
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
-                "f32": 4, "s64": 8, "u64": 8, "f64": 8, "f8e4m3fn": 1, "f8e5m2": 1}
 _COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "collective-permute", "all-to-all",
                 "ragged-all-to-all")
 # Instructions that only move or reformat data; one of these writing a whole weight or KV cache per
@@ -211,11 +210,6 @@ _COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "collective-permut
 _MOVES = {"copy", "pad", "transpose", "concatenate", "broadcast", "slice", "dynamic-slice", "convert",
           "reverse", "gather"}
 _VIEWS = {"parameter", "constant", "bitcast", "reshape", "get-tuple-element", "tuple", "iota"}
-
-
-def shape_bytes(shape: str) -> int:
-    return sum(_DTYPE_BYTES.get(dt, 4) * int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
-               for dt, dims in re.findall(r"\b([a-z]+\d*[a-z0-9]*)\[([\d,]*)\]", shape))
 
 
 def _split_shape(text: str) -> tuple[str, str]:

@@ -29,13 +29,14 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import functools  # noqa: E402
-import math  # noqa: E402
 import re  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
+
+from hlo_shapes import shape_bytes  # noqa: E402
 
 MESHES = {  # name -> make_mesh arguments; None: one device, no mesh
     "single": None,
@@ -51,16 +52,9 @@ SMALL = dict(vocab_size=2048, dim=256, n_layers=4, n_heads=8, n_kv_heads=2, ffn_
              max_seq_len=1024, rope_theta=10000.0, bos_id=1, eos_ids=(2,), param_dtype="float32", dtype="float32")
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "collective-permute", "all-to-all")
 _KEYS = COLLECTIVES + ("ops",)
-_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
-          "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1}
-_SHAPE = re.compile(r"\b(" + "|".join(_BYTES) + r")\[([\d,]*)\]")
 _INSTR = re.compile(r"^\s*(?:ROOT )?%?[\w.\-]+ = (.+?) ([a-z][a-z0-9\-]*)\(")
 _HEADER = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
-
-
-def _shape_bytes(text: str) -> int:
-    return sum(_BYTES[t] * math.prod(int(d) for d in dims.split(",") if d) for t, dims in _SHAPE.findall(text))
 
 
 def collective_bytes(hlo: str) -> tuple[dict, bool]:
@@ -106,7 +100,7 @@ def collective_bytes(hlo: str) -> tuple[dict, bool]:
             shape, op = m.groups()
             kind = op[:-len("-done")] if op.endswith("-done") else op
             if kind in COLLECTIVES and not op.endswith("-start"):
-                total[kind] += _shape_bytes(shape)
+                total[kind] += shape_bytes(shape)
                 total["ops"] += 1
             if op == "while":
                 body = re.search(r"body=%?([\w.\-]+)", line).group(1)
