@@ -140,7 +140,7 @@ def load(path: str | os.PathLike, *, dtype=None, mesh=None, attention_impl: str 
     onto its sharding (from Orbax each device reads only its shard). attention_impl ("auto", "xla",
     "pallas", "cudnn") and norm_impl ("auto", "xla", "pallas") choose the kernels; "auto" is pallas
     on GPU and xla on CPU. prefill_chunk: prompt tokens per prefill step (a multiple of 16; None:
-    512 on CPU, 2048 on GPU); a longer prompt is prefilled chunk by chunk at bounded memory."""
+    2048); a longer prompt is prefilled chunk by chunk at bounded memory."""
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: no such model directory")

@@ -98,14 +98,10 @@ def apply_rope(x: jax.Array, rope: Rope) -> jax.Array:
 # --- Attention, MLP, block --------------------------------------------------------------------------
 
 
-def _dot(x, w, spec, dtype, transposed=False):
-    """Matmul in the compute dtype, accumulated in f32. spec names w as stored [in, out] (the
-    checkpoint layout); transposed: w is stored [out, in] instead (see `Transformer.unstack_layers`)."""
-    if transposed:
-        lhs, rhs_out = spec.split(",")
-        rhs, out = rhs_out.split("->")
-        spec = f"{lhs},{rhs[::-1]}->{out}"
-    return jnp.einsum(spec, x, w.astype(dtype), preferred_element_type=jnp.float32).astype(dtype)
+def _dot(x, w, dtype, transposed=False):
+    """x [B, T, in] @ w in the compute dtype, accumulated in f32. w is stored [in, out] (the checkpoint
+    layout), or [out, in] if transposed (see `Transformer.unstack_layers`)."""
+    return ops.linear(x, w.astype(dtype), transposed=transposed).astype(dtype)
 
 
 class Attention(nnx.Module):
@@ -130,9 +126,9 @@ class Attention(nnx.Module):
         every row writes its keys at start..start+T-1, start = positions[0, 0], and attends to the
         cached keys before them and to its own (chunked prefill). Returns (out, cache)."""
         b, t, _ = x.shape
-        q = _dot(x, self.wq[...], "BTD,DN->BTN", self.dtype, self.transposed).reshape(b, t, self.n_heads, self.head_dim)
-        k = _dot(x, self.wk[...], "BTD,DN->BTN", self.dtype, self.transposed).reshape(b, t, self.n_kv_heads, self.head_dim)
-        v = _dot(x, self.wv[...], "BTD,DN->BTN", self.dtype, self.transposed).reshape(b, t, self.n_kv_heads, self.head_dim)
+        q = _dot(x, self.wq[...], self.dtype, self.transposed).reshape(b, t, self.n_heads, self.head_dim)
+        k = _dot(x, self.wk[...], self.dtype, self.transposed).reshape(b, t, self.n_kv_heads, self.head_dim)
+        v = _dot(x, self.wv[...], self.dtype, self.transposed).reshape(b, t, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, rope), apply_rope(k, rope)  # (B, T, H|K, E)
 
         if cache is None:
@@ -152,7 +148,7 @@ class Attention(nnx.Module):
             # a padded key sits after every real query of its row.
             out = ops.prefill_attention(q, cache.k, cache.v, q_offset=start, kv_length=start + t, impl=self.impl)
         out = out.reshape(b, t, self.n_heads * self.head_dim)  # (B, T, H*E)
-        return _dot(out, self.wo[...], "BTN,ND->BTD", self.dtype, self.transposed), cache
+        return _dot(out, self.wo[...], self.dtype, self.transposed), cache
 
 
 class FeedForward(nnx.Module):
@@ -169,9 +165,9 @@ class FeedForward(nnx.Module):
         self.transposed = False
 
     def __call__(self, x):
-        gate = _dot(x, self.w1[...], "BTD,DF->BTF", self.dtype, self.transposed)
-        up = _dot(x, self.w3[...], "BTD,DF->BTF", self.dtype, self.transposed)
-        return _dot(jax.nn.silu(gate) * up, self.w2[...], "BTF,FD->BTD", self.dtype, self.transposed)
+        gate = _dot(x, self.w1[...], self.dtype, self.transposed)
+        up = _dot(x, self.w3[...], self.dtype, self.transposed)
+        return _dot(jax.nn.silu(gate) * up, self.w2[...], self.dtype, self.transposed)
 
 
 class TransformerBlock(nnx.Module):
@@ -302,11 +298,9 @@ class Transformer(nnx.Module):
 
     def head(self, x):
         """Logits [..., V] float32 of normed hidden states x [..., D]."""
-        if self.config.tie_embeddings:  # contract with the embedding as stored: no transposed copy
-            w, spec = self.tok_embeddings[...], "...D,VD->...V"
-        else:
-            w, spec = self.output[...], "...D,DV->...V"
-        return jnp.einsum(spec, x, w.astype(self.dtype), preferred_element_type=jnp.float32)
+        tied = self.config.tie_embeddings  # contract with the embedding as stored: no transposed copy
+        w = self.tok_embeddings[...] if tied else self.output[...]
+        return ops.linear(x, w.astype(self.dtype), transposed=tied)
 
     def unstack_layers(self, transpose: bool = True) -> None:
         """Replaces the stacked layers by a list of per-layer blocks (on CPU this decodes about 1.5x

@@ -3,8 +3,11 @@ pure-jnp references: `rms_norm`, `prefill_attention`, `decode_attention`.
 
 `impl` is fixed at load time: "auto" is pallas on GPU and xla elsewhere; on CPU "pallas" runs the
 kernels in interpret mode (slow, for tests). "xla" is the memory-bounded blocked attention in plain
-JAX (pallas_kernels/blocked_attention.py); the naive references stay as the tests' yardstick.
+JAX (pallas_kernels/blocked_attention.py), whose forward runs as llama_jax.cpu_kernels' MKL kernel
+on CPU; the naive references stay as the tests' yardstick.
 "cudnn" is jax.nn.dot_product_attention's cuDNN path.
+`linear` and `contract_rows`, the model's and the loss's matrix products, go to MKL on CPU
+(llama_jax.cpu_kernels) and to XLA's dot elsewhere.
 Under a mesh (`jax.set_mesh`), a Pallas kernel runs per device inside `jax.shard_map` over the local
 batch and heads (specs from llama_jax.sharding's logical axes); the XLA paths follow the shardings
 of their inputs.
@@ -19,7 +22,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 import pallas_kernels as pk
-from llama_jax import context_parallel, sharding
+from llama_jax import context_parallel, cpu_kernels, sharding
 
 # Logical axes of what the kernels see.
 _HEADS = ("batch", "seq", "q_heads", "head_dim")  # q and outputs [B, T, H, E]
@@ -59,6 +62,35 @@ def _per_device(fn, in_axes: list, out_axes):
         # check_vma=False: Pallas calls do not declare how their outputs vary over the mesh.
         return jax.shard_map(fn, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)
     return mapped
+
+
+def _cpu_or(kernel, xla, *args):
+    """kernel(*args) where the program runs on the CPU, xla(*args) elsewhere: decided when it is
+    lowered, so that a program traced here and compiled for a GPU (make gpu-check) has no CPU
+    custom call in it."""
+    return jax.lax.platform_dependent(*args, cpu=kernel, default=xla)
+
+
+def linear(x, w, *, transposed=False):
+    """x [..., K] @ w [K, N] -> [..., N] f32 (w stored [N, K] if transposed), accumulated in f32."""
+    spec = "...K,NK->...N" if transposed else "...K,KN->...N"
+    xla = functools.partial(jnp.einsum, spec, preferred_element_type=jnp.float32)
+    if x.size // x.shape[-1] < cpu_kernels.MIN_ROWS or not cpu_kernels.enabled_for(x, w):
+        return xla(x, w)
+
+    def kernel(x, w):
+        y = cpu_kernels.gemm(x.reshape(-1, x.shape[-1]), w, False, transposed)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+    return _cpu_or(kernel, xla, x, w)
+
+
+def contract_rows(a, b):
+    """a [..., M] and b [..., N] -> [M, N] f32: the sum over rows of a^T b (a weight's gradient)."""
+    xla = functools.partial(jnp.einsum, "...M,...N->MN", preferred_element_type=jnp.float32)
+    if not cpu_kernels.enabled_for(a, b):
+        return xla(a, b)
+    return _cpu_or(lambda a, b: cpu_kernels.gemm(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]), True, False),
+                   xla, a, b)
 
 
 def embed(table, tokens):
@@ -142,8 +174,12 @@ def prefill_attention(q, k, v, *, q_offset=None, kv_length=None, segment_ids=Non
     q_off = jnp.broadcast_to(jnp.asarray(0 if q_offset is None else q_offset, jnp.int32), (b,))
     kv_len = jnp.broadcast_to(jnp.asarray(s if kv_length is None else kv_length, jnp.int32), (b,))
     if impl == "xla":
-        return pk.blocked_attention(q, k, v, causal=True, q_offset=q_off, kv_lengths=kv_len,
-                                    q_segment_ids=segment_ids)
+        def run(attention):
+            return lambda: attention(q, k, v, causal=True, q_offset=q_off, kv_lengths=kv_len,
+                                     q_segment_ids=segment_ids)
+        if not cpu_kernels.enabled_for(q, k, v):
+            return run(pk.blocked_attention)()
+        return _cpu_or(run(cpu_kernels.attention), run(pk.blocked_attention))
     # "pallas", and "cudnn" for what jax's cuDNN attention does not take (a query offset, segments).
     def kernel(q, k, v, off, n, seg):
         return pk.flash_attention(q, k, v, causal=True, q_offset=off, kv_lengths=n, q_segment_ids=seg)

@@ -36,7 +36,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from llama_jax import pipeline, sharding
+from llama_jax import ops, pipeline, sharding
 from llama_jax.config import LlamaConfig, default_dtype
 from llama_jax.data import pack_documents  # noqa: F401  (part of this module's API: llama_jax.train.pack_documents)
 from llama_jax.model import LINEAR_WEIGHTS, Transformer, stack_layers
@@ -189,8 +189,7 @@ def _targets(tokens, segment_ids):
 def _head(tied: bool, w, x):
     """Logits [B, C, V] f32 of hidden states x [B, C, D]: Transformer.head with its weight passed in
     (the embedding [V, D] when tied, else the output [D, V]), so the loss can differentiate it by hand."""
-    spec = "BCD,VD->BCV" if tied else "BCD,DV->BCV"
-    return jnp.einsum(spec, x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+    return ops.linear(x, w.astype(x.dtype), transposed=tied)
 
 
 def _chunk_loss(tied, w, hc, tc, wc):
@@ -225,12 +224,8 @@ def _cross_entropy_fwd(tied, w, h, targets, weights):
         loss, p = _chunk_loss(tied, w, hc, tc, wc)
         onehot = tc[..., None] == jnp.arange(p.shape[-1])
         dlogits = (jnp.where(onehot, p - 1, p) * wc[..., None]).astype(hc.dtype)  # (softmax - one-hot) * weight
-        if tied:
-            dh = jnp.einsum("BCV,VD->BCD", dlogits, wx, preferred_element_type=jnp.float32)
-            dw = dw + jnp.einsum("BCV,BCD->VD", dlogits, hc, preferred_element_type=jnp.float32)
-        else:
-            dh = jnp.einsum("BCV,DV->BCD", dlogits, wx, preferred_element_type=jnp.float32)
-            dw = dw + jnp.einsum("BCD,BCV->DV", hc, dlogits, preferred_element_type=jnp.float32)
+        dh = ops.linear(dlogits, wx, transposed=not tied)  # (B, C, D)
+        dw = dw + (ops.contract_rows(dlogits, hc) if tied else ops.contract_rows(hc, dlogits))
         return dw, (loss, dh.astype(hc.dtype))
 
     dw, (losses, dh) = jax.lax.scan(body, jnp.zeros(w.shape, jnp.float32), (h, targets, weights))

@@ -50,9 +50,9 @@ def out_and_grads(fn, q, k, v, do, opts, **kw):
     return f(q, k, v, do, arrays)
 
 
-def check(case, dtype, **kw):
+def check(case, dtype, impl=blocked_attention, **kw):
     q, k, v, do, opts = make_inputs(case, dtype)
-    out, grads = out_and_grads(blocked_attention, q, k, v, do, opts, **kw)
+    out, grads = out_and_grads(impl, q, k, v, do, opts, **kw)
     ref, ref_grads = out_and_grads(flash_attention_reference, q, k, v, do, opts)
     S = k.shape[1]
     assert out.dtype == q.dtype
