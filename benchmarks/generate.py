@@ -56,7 +56,7 @@ def main(argv=None):
 
     model_dir = args.model
     if model_dir is None:
-        from conftest import _cache_root, prepare_smollm2
+        from smollm2 import _cache_root, prepare_smollm2
         model_dir = str(prepare_smollm2(_cache_root() / "smollm2-135m-instruct-hf"))
     model = llama_jax.load(model_dir, dtype=args.dtype)
     decode = time_generate(model, prompt_len=16, new_tokens=args.new_tokens)

@@ -44,7 +44,7 @@ def main(argv=None):
 
     model_dir = args.model
     if model_dir is None:
-        from conftest import _cache_root, prepare_smollm2
+        from smollm2 import _cache_root, prepare_smollm2
         model_dir = str(prepare_smollm2(_cache_root() / "smollm2-135m-instruct-hf"))
     print(f"device {jax.devices()[0].device_kind}")
     print(f"{'layers':<12} {'decode tok/s':>13} {'decode compile s':>17} {'32-layer compile s':>19}")

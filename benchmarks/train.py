@@ -190,7 +190,7 @@ def main(argv=None):
 
     model_dir = args.model
     if model_dir is None:
-        from conftest import _cache_root, prepare_smollm2
+        from smollm2 import _cache_root, prepare_smollm2
         model_dir = str(prepare_smollm2(_cache_root() / "smollm2-135m-instruct-hf"))
     tmp = tempfile.mkdtemp(prefix="bench_train_")
     import torch

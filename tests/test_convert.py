@@ -19,7 +19,7 @@ from jax.sharding import PartitionSpec as P
 import llama_jax
 from checkpoints_tools import convert as conv
 from checkpoints_tools.synthetic import convert_in_subprocess, write_random_hf
-from conftest import smollm2_gguf_path
+from smollm2 import smollm2_gguf_path
 from llama_jax import cli, orbax_io
 from llama_jax.api import Llama, _build
 from llama_jax.checkpoint import read_hf_params
