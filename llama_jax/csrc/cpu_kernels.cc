@@ -15,6 +15,7 @@
 //   backward, which stays XLA's blocked attention).
 #include <algorithm>
 #include <cmath>
+#include <immintrin.h>
 #include <vector>
 #include <atomic>
 #include <condition_variable>
@@ -146,6 +147,31 @@ struct AttentionArgs {
   float scale, lse_empty;
 };
 
+// max(init, x[0..n)) and sum(x[0..n)), 8 lanes at a time (AVX2).
+float RowMax(const float* x, int64_t n, float init) {
+  __m256 acc = _mm256_set1_ps(init);
+  int64_t c = 0;
+  for (; c + 8 <= n; c += 8) acc = _mm256_max_ps(acc, _mm256_loadu_ps(x + c));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, acc);
+  float mx = init;
+  for (float lane : lanes) mx = std::max(mx, lane);
+  for (; c < n; ++c) mx = std::max(mx, x[c]);
+  return mx;
+}
+
+float RowSum(const float* x, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t c = 0;
+  for (; c + 8 <= n; c += 8) acc = _mm256_add_ps(acc, _mm256_loadu_ps(x + c));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, acc);
+  float sum = 0.0f;
+  for (float lane : lanes) sum += lane;
+  for (; c < n; ++c) sum += x[c];
+  return sum;
+}
+
 // Query block qb of kv head kh of sequence b.
 void AttentionBlock(const AttentionArgs& x, int64_t b, int64_t kh, int64_t qb) {
   const int64_t G = x.H / x.K, E = x.E, t0 = qb * x.block_q, kBlockK = x.block_k;
@@ -196,9 +222,7 @@ void AttentionBlock(const AttentionArgs& x, int64_t b, int64_t kh, int64_t qb) {
           for (int64_t c = 0; c < n; ++c)
             if (kseg[start + c] != qseg[i]) row[c] = -INFINITY;
       }
-      float mx = m[r];
-#pragma omp simd reduction(max : mx)
-      for (int64_t c = 0; c < cols; ++c) mx = std::max(mx, row[c]);
+      const float mx = RowMax(row, cols, m[r]);
       const float alpha = std::exp(m[r] - mx);
       m[r] = mx, l[r] *= alpha;
       for (int64_t c = 0; c < cols; ++c) row[c] -= mx;
@@ -209,11 +233,7 @@ void AttentionBlock(const AttentionArgs& x, int64_t b, int64_t kh, int64_t qb) {
     // 24 bits), 1.3x faster than the default (1 ulp).
     vmsExp(R * cols, sc.data(), sc.data(), 0x1 /* VML_LA */);
     for (int64_t r = 0; r < R; ++r) {
-      const float* row = sc.data() + r * cols;
-      float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t c = 0; c < cols; ++c) sum += row[c];
-      l[r] += sum;
+      l[r] += RowSum(sc.data() + r * cols, cols);
     }
     cblas_sgemm(kRowMajor, kNoTrans, kNoTrans, R, E, cols, 1.0f, sc.data(), cols, vp, kv_stride,
                 1.0f, acc.data(), E);
