@@ -85,7 +85,10 @@ class Rope(NamedTuple):
 
 def rope_angles(positions: jax.Array, inv_freq: jax.Array) -> Rope:
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # (B, T, E/2), f32 at any position
-    return Rope(jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :])  # (B, T, 1, E/2)
+    # The barrier keeps cos and sin computed once: left alone, XLA fuses them into every layer's
+    # rotation, recomputing them 2 x L times (3% of a CPU prefill in sincos).
+    cos, sin = jax.lax.optimization_barrier((jnp.cos(angles), jnp.sin(angles)))
+    return Rope(cos[:, :, None, :], sin[:, :, None, :])  # (B, T, 1, E/2)
 
 
 def apply_rope(x: jax.Array, rope: Rope) -> jax.Array:
