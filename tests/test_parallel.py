@@ -79,7 +79,11 @@ def test_training_step_equals_single_device(name, reference):
     _assert_close(_hf(grads), grads_1, 1e-5, f"{name} gradients")
     losses = [trainer.step(b)["loss"] for b in batches]
     np.testing.assert_allclose(losses, losses_1, rtol=1e-5)
-    _assert_close(_hf(trainer.params), params_1, 1e-5, f"{name} weights after 3 steps")
+    # 5e-5: on one device the products run through MKL (llama_jax.cpu_kernels), under a mesh through
+    # XLA; AdamW divides each gradient by its own running scale, so a weight whose gradient is near
+    # zero moves by about lr either way and the products' last-bit differences reach 1.3e-5 of a
+    # weight's scale in 3 steps. A wrong reduction or sharding is off by orders more.
+    _assert_close(_hf(trainer.params), params_1, 5e-5, f"{name} weights after 3 steps")
 
 
 def _state_bytes_per_device(trainer) -> int:
