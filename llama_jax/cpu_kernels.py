@@ -3,11 +3,11 @@
 - `gemm`: matrix products through MKL's sgemm. XLA:CPU's GEMM runs at 0.7-0.9x of MKL's on this
   project's layer shapes, and jaxlib 0.10 has no working oneDNN path (`--xla_cpu_use_onednn` and
   its kin change nothing); transformers + torch call MKL.
-- `attention`: the causal GQA attention forward, FlashAttention-2 style, per (sequence, kv head,
-  query block) on XLA's thread pool, MKL GEMMs on an L2-resident tile and one pass of mask, max
+- `attention`: causal GQA attention, forward and backward, FlashAttention-2 style, per (sequence,
+  kv head, block) on XLA's thread pool, MKL GEMMs on an L2-resident tile and one pass of mask, max
   and exp between them (what torch's CPU flash kernel does). XLA's blocked attention
   (pallas_kernels.blocked_attention) spends 1.5-2x torch's time per score: each softmax step is its
-  own XLA op over the tile. The backward stays that module's, from the saved log-sum-exp.
+  own XLA op over the tile.
 
 They are used (`enabled_for`) when all of these hold, else the callers' XLA code runs as before:
 - JAX's default backend is the CPU, and both operands are float32;
@@ -35,7 +35,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import pallas_kernels as pk
 from llama_jax.default_model import cache_dir
 from pallas_kernels._common import MASK_VALUE, normalize_masks, sm_scale_or_default
 
@@ -43,7 +42,7 @@ ENV = "LLAMA_JAX_CPU_KERNELS"
 # Products of fewer rows (decode steps) stay XLA's: its matrix-vector product streams the weights
 # at 25 GB/s here, MKL's (single product, or split over the pool) at 14-19 GB/s.
 MIN_ROWS = 16
-_GEMM, _ATTENTION = "llama_jax_gemm", "llama_jax_attention"
+_GEMM, _ATTENTION, _ATTENTION_BWD = "llama_jax_gemm", "llama_jax_attention", "llama_jax_attention_bwd"
 _SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "cpu_kernels.cc")
 
 
@@ -101,6 +100,7 @@ def _loaded() -> bool:
         lib.llama_jax_gemm_init()
         jax.ffi.register_ffi_target(_GEMM, jax.ffi.pycapsule(lib.LlamaJaxGemm), platform="cpu")
         jax.ffi.register_ffi_target(_ATTENTION, jax.ffi.pycapsule(lib.LlamaJaxAttention), platform="cpu")
+        jax.ffi.register_ffi_target(_ATTENTION_BWD, jax.ffi.pycapsule(lib.LlamaJaxAttentionBwd), platform="cpu")
     except (OSError, RuntimeError) as e:
         warnings.warn(f"llama_jax.cpu_kernels: using XLA's code ({e})", stacklevel=3)
         return False
@@ -206,8 +206,17 @@ def _attention_fwd(q, k, v, q_off, kv_len, q_seg, kv_seg, causal, sm_scale, bloc
 
 def _attention_bwd(causal, sm_scale, blocks, res, do):
     q, k, v, q_off, kv_len, q_seg, kv_seg, o, lse = res
-    dq, dk, dv = pk.blocked_attention_bwd(q, k, v, o, lse, do, causal=causal, q_offset=q_off, kv_lengths=kv_len,
-                                          q_segment_ids=q_seg, kv_segment_ids=kv_seg, sm_scale=sm_scale)
+    B, T, H, E = q.shape
+    K = k.shape[2]
+    # rowsum(o * do) per (kv head, t, g) row, in lse's layout.
+    delta = jnp.sum(o * do, axis=-1).reshape(B, T, K, H // K).transpose(0, 2, 1, 3).reshape(B, K, -1)
+    if q_seg is None:
+        q_seg = kv_seg = jnp.zeros((B, 0), jnp.int32)
+    out = (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct(k.shape, jnp.float32),
+           jax.ShapeDtypeStruct(v.shape, jnp.float32))
+    dq, dk, dv = jax.ffi.ffi_call(_ATTENTION_BWD, out, vmap_method="sequential")(
+        q, k, v, do.astype(jnp.float32), lse, delta, q_off, kv_len, q_seg, kv_seg, causal=causal,
+        sm_scale=np.float32(sm_scale), block_q=np.int64(blocks[0]), block_k=np.int64(blocks[1]))
     return dq, dk, dv, None, None, None, None  # the int inputs have no cotangent
 
 
@@ -217,7 +226,7 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 def attention(q, k, v, *, causal=True, q_offset=None, kv_lengths=None, q_segment_ids=None,
               kv_segment_ids=None, sm_scale=None, block_q=BLOCK_Q, block_k=BLOCK_K):
     """`pallas_kernels.blocked_attention`'s function and contract (q [B, T, H, E], k, v [B, S, K, E],
-    f32; a query that sees no key gets 0), forward by the CPU kernel, differentiable. Call it when
+    f32; a query that sees no key gets 0), forward and backward by the CPU kernel. Call it when
     `enabled_for(q, k, v)`."""
     B, T, H, E = q.shape
     S, K = k.shape[1], k.shape[2]

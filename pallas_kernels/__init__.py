@@ -5,7 +5,7 @@ Every kernel also runs on CPU in interpret mode. The model's XLA path is the mem
 pallas_kernels imports nothing from llama_jax.
 """
 
-from pallas_kernels.blocked_attention import blocked_attention, blocked_attention_bwd, blocked_decode_attention
+from pallas_kernels.blocked_attention import blocked_attention, blocked_decode_attention
 from pallas_kernels.decode_attention import BlockSizes as DecodeBlockSizes
 from pallas_kernels.decode_attention import decode_attention, decode_attention_reference
 from pallas_kernels.flash_attention import BlockSizes as FlashBlockSizes
@@ -15,7 +15,6 @@ from pallas_kernels.rms_norm import rms_norm, rms_norm_reference
 
 __all__ = [
     "blocked_attention",
-    "blocked_attention_bwd",
     "blocked_decode_attention",
     "DecodeBlockSizes",
     "FlashBlockSizes",

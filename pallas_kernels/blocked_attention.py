@@ -306,23 +306,6 @@ def blocked_attention(q, k, v, *, causal=True, q_offset=None, kv_lengths=None,
                     min(block_q, T), min(block_k, S))
 
 
-def blocked_attention_bwd(q, k, v, o, lse, do, *, causal=True, q_offset=None, kv_lengths=None,
-                          q_segment_ids=None, kv_segment_ids=None, sm_scale=None):
-    """(dq, dk, dv) of `blocked_attention` (same arguments), given its output o and the log-sum-exp
-    lse (B, K, T * G) f32 of each query row (rows in (t, g) order, natural log; any value >= the
-    row's logits for a row that sees no key): the backward of a forward computed elsewhere
-    (llama_jax's CPU kernel), blocked the same way as blocked_attention's own."""
-    B, T, H, E = q.shape
-    S, K = k.shape[1], k.shape[2]
-    G = H // K
-    sm_scale = sm_scale_or_default(sm_scale, E)
-    q_off, kv_len, q_seg, kv_seg = normalize_masks(
-        B, T, S, q_offset, kv_lengths, q_segment_ids, kv_segment_ids)
-    bq, bk = min(BLOCK_Q, T), min(BLOCK_K, S)
-    lse = jnp.pad(lse, ((0, 0), (0, 0), (0, (-(-T // bq) * bq - T) * G)), constant_values=-MASK_VALUE)
-    return _bwd(q, k, v, q_off, kv_len, q_seg, kv_seg, o, lse, do, causal, sm_scale, bq, bk)
-
-
 @functools.partial(jax.jit, static_argnames=("sm_scale", "block_k"))
 def blocked_decode_attention(q, k_cache, v_cache, *, lengths, sm_scale=None,
                              block_k=DECODE_BLOCK_K):

@@ -7,12 +7,13 @@
 //   One product at a time, with MKL's (GNU OpenMP) threads: XLA runs independent products at
 //   once (the q, k and v projections), and two MKL thread teams oversubscribe the cores.
 //
-// Attention: causal (or not) GQA attention forward in the FlashAttention-2 way, per (batch,
-//   kv head, query block) on XLA's intra-op pool: the G query heads of a kv head stacked as rows,
-//   S = Q K^T and acc += P V as single-threaded MKL GEMMs over a tile that stays in L2, the mask,
-//   max, exp (MKL VML) and sums in one pass over the tile in between. Key blocks every row of the
-//   query block has masked are never computed. Returns the output and the log-sum-exp (for the
-//   backward, which stays XLA's blocked attention).
+// Attention: causal (or not) GQA attention in the FlashAttention-2 way, per (sequence, kv head,
+//   block) on XLA's intra-op pool: the G query heads of a kv head stacked as rows, MKL GEMMs
+//   (single-threaded) over a tile that stays in L2, and the mask, max and exp (MKL VML) over the
+//   tile between them. Key blocks every row of a query block has masked are never computed. The
+//   forward returns the log-sum-exp; the backward recomputes the probabilities from it, in a pass
+//   over key blocks (dk, dv) and one over query blocks (dq), so no two work items write the same
+//   gradient.
 #include <algorithm>
 #include <cmath>
 #include <immintrin.h>
@@ -140,11 +141,15 @@ struct AttentionArgs {
   const float *q, *k, *v;          // [B, T, H, E], [B, S, K, E], [B, S, K, E]
   const int32_t *q_off, *kv_len;   // [B]
   const int32_t *q_seg, *kv_seg;   // [B, T], [B, S], or null
-  float *out, *lse;                // [B, T, H, E], [B, K, T * G]
+  float *out, *lse;                // forward: [B, T, H, E], [B, K, T * G]
   int64_t B, T, S, H, K, E;
   int64_t block_q, block_k;  // query positions per work item (x G rows), keys per tile
   bool causal;
   float scale, lse_empty;
+  // Backward: the output's cotangent [B, T, H, E]; the forward's lse and rowsum(o * do), each
+  // [B, K, T * G]; the gradients [B, T, H, E], [B, S, K, E], [B, S, K, E].
+  const float *dout = nullptr, *lse_in = nullptr, *delta = nullptr;
+  float *dq = nullptr, *dk = nullptr, *dv = nullptr;
 };
 
 // max(init, x[0..n)) and sum(x[0..n)), 8 lanes at a time (AVX2).
@@ -172,56 +177,93 @@ float RowSum(const float* x, int64_t n) {
   return sum;
 }
 
-// Query block qb of kv head kh of sequence b.
-void AttentionBlock(const AttentionArgs& x, int64_t b, int64_t kh, int64_t qb) {
-  const int64_t G = x.H / x.K, E = x.E, t0 = qb * x.block_q, kBlockK = x.block_k;
-  const int64_t tb = std::min(x.block_q, x.T - t0), R = tb * G;
-  const int64_t kv_stride = x.K * E;  // between consecutive keys of one head
-  thread_local std::vector<float> qs, sc, acc, m, l;
-  thread_local std::vector<int64_t> lim;
-  qs.resize(R * E), sc.resize(R * kBlockK), acc.assign(R * E, 0.0f);
-  m.assign(R, kMInit), l.assign(R, 0.0f), lim.resize(tb);
-  // Rows (t, g), queries scaled; lim[i]: position t0 + i sees the keys below it.
-  int64_t lo_lim = x.S, hi_lim = 0;
-  const int64_t len = std::clamp<int64_t>(x.kv_len[b], 0, x.S);
-  for (int64_t i = 0; i < tb; ++i) {
-    int64_t li = len;
-    if (x.causal) li = std::min<int64_t>(li, std::max<int64_t>(0, x.q_off[b] + t0 + i + 1));
-    lim[i] = li, lo_lim = std::min(lo_lim, li), hi_lim = std::max(hi_lim, li);
-    for (int64_t g = 0; g < G; ++g) {
-      const float* src = x.q + ((b * x.T + t0 + i) * x.H + kh * G + g) * E;
-      float* dst = qs.data() + (i * G + g) * E;
-      for (int64_t e = 0; e < E; ++e) dst[e] = src[e] * x.scale;
-    }
-  }
-  const int32_t* qseg = x.q_seg ? x.q_seg + b * x.T + t0 : nullptr;
-  const int32_t* kseg = x.kv_seg ? x.kv_seg + b * x.S : nullptr;
+// The rows of query block qb of a sequence: positions [t0, t0 + tb), each with its G heads.
+struct QueryRows {
+  int64_t t0, tb, R;
+  std::vector<int64_t> lim;  // position t0 + i sees the keys below lim[i]
+  int64_t lo_lim, hi_lim;    // their min and max
+  const int32_t* qseg;       // the positions' segment ids, or null
   int32_t seg_lo = 0, seg_hi = 0;
-  if (qseg) {
-    seg_lo = seg_hi = qseg[0];
-    for (int64_t i = 1; i < tb; ++i) seg_lo = std::min(seg_lo, qseg[i]), seg_hi = std::max(seg_hi, qseg[i]);
+};
+
+QueryRows Rows(const AttentionArgs& x, int64_t b, int64_t qb) {
+  QueryRows q;
+  q.t0 = qb * x.block_q, q.tb = std::min(x.block_q, x.T - q.t0), q.R = q.tb * (x.H / x.K);
+  q.lim.resize(q.tb), q.lo_lim = x.S, q.hi_lim = 0;
+  const int64_t len = std::clamp<int64_t>(x.kv_len[b], 0, x.S);
+  for (int64_t i = 0; i < q.tb; ++i) {
+    int64_t li = len;
+    if (x.causal) li = std::min<int64_t>(li, std::max<int64_t>(0, x.q_off[b] + q.t0 + i + 1));
+    q.lim[i] = li, q.lo_lim = std::min(q.lo_lim, li), q.hi_lim = std::max(q.hi_lim, li);
   }
-  for (int64_t start = 0; start < hi_lim; start += kBlockK) {
-    const int64_t cols = std::min(kBlockK, hi_lim - start);
-    if (kseg) {  // skip a block whose documents the query block does not hold
-      int32_t lo = kseg[start], hi = kseg[start];
-      for (int64_t c = 1; c < cols; ++c) lo = std::min(lo, kseg[start + c]), hi = std::max(hi, kseg[start + c]);
-      if (hi < seg_lo || lo > seg_hi) continue;
+  q.qseg = x.q_seg ? x.q_seg + b * x.T + q.t0 : nullptr;
+  if (q.qseg) {
+    q.seg_lo = q.seg_hi = q.qseg[0];
+    for (int64_t i = 1; i < q.tb; ++i)
+      q.seg_lo = std::min(q.seg_lo, q.qseg[i]), q.seg_hi = std::max(q.seg_hi, q.qseg[i]);
+  }
+  return q;
+}
+
+// dst [R, E]: the rows (t, g) of kv head kh in src [B, T, H, E], times scale.
+void Gather(const AttentionArgs& x, const float* src, int64_t b, int64_t kh, const QueryRows& q,
+            float scale, float* dst) {
+  const int64_t G = x.H / x.K, E = x.E;
+  for (int64_t i = 0; i < q.tb; ++i)
+    for (int64_t g = 0; g < G; ++g) {
+      const float* from = src + ((b * x.T + q.t0 + i) * x.H + kh * G + g) * E;
+      float* to = dst + (i * G + g) * E;
+      for (int64_t e = 0; e < E; ++e) to[e] = from[e] * scale;
     }
-    const float* kp = x.k + (b * x.S + start) * kv_stride + kh * E;
-    const float* vp = x.v + (b * x.S + start) * kv_stride + kh * E;
-    cblas_sgemm(kRowMajor, kNoTrans, kTrans, R, cols, E, 1.0f, qs.data(), E, kp, kv_stride, 0.0f,
-                sc.data(), cols);
-    const bool masked = start + cols > lo_lim || kseg;
-    for (int64_t r = 0; r < R; ++r) {  // mask, and subtract the new running max
+}
+
+// How many keys of the block at `start` a row of q may see (0: skip the block): none past the
+// block's latest limit, and none of a block whose documents the query block does not hold.
+int64_t BlockKeys(const AttentionArgs& x, int64_t b, const QueryRows& q, int64_t start) {
+  const int64_t cols = std::min(x.block_k, q.hi_lim - start);
+  if (cols <= 0) return 0;
+  if (x.kv_seg) {
+    const int32_t* kseg = x.kv_seg + b * x.S + start;
+    int32_t lo = kseg[0], hi = kseg[0];
+    for (int64_t c = 1; c < cols; ++c) lo = std::min(lo, kseg[c]), hi = std::max(hi, kseg[c]);
+    if (hi < q.seg_lo || lo > q.seg_hi) return 0;
+  }
+  return cols;
+}
+
+// sc [R, cols] = qs K^T over keys [start, start + cols) of kv head kh, -inf where masked.
+void Scores(const AttentionArgs& x, int64_t b, int64_t kh, const QueryRows& q, const float* qs,
+            int64_t start, int64_t cols, float* sc) {
+  const int64_t G = x.H / x.K, E = x.E, kv_stride = x.K * E;
+  cblas_sgemm(kRowMajor, kNoTrans, kTrans, q.R, cols, E, 1.0f, qs, E,
+              x.k + (b * x.S + start) * kv_stride + kh * E, kv_stride, 0.0f, sc, cols);
+  const int32_t* kseg = x.kv_seg ? x.kv_seg + b * x.S + start : nullptr;
+  if (start + cols <= q.lo_lim && !kseg) return;  // every row sees every key
+  for (int64_t r = 0; r < q.R; ++r) {
+    float* row = sc + r * cols;
+    const int64_t i = r / G, n = std::clamp<int64_t>(q.lim[i] - start, 0, cols);
+    for (int64_t c = n; c < cols; ++c) row[c] = -INFINITY;
+    if (kseg)
+      for (int64_t c = 0; c < n; ++c)
+        if (kseg[c] != q.qseg[i]) row[c] = -INFINITY;
+  }
+}
+
+// The forward of query block qb of kv head kh of sequence b.
+void AttentionBlock(const AttentionArgs& x, int64_t b, int64_t kh, int64_t qb) {
+  const int64_t G = x.H / x.K, E = x.E, kv_stride = x.K * E;
+  const QueryRows q = Rows(x, b, qb);
+  const int64_t R = q.R;
+  thread_local std::vector<float> qs, sc, acc, m, l;
+  qs.resize(R * E), sc.resize(R * x.block_k), acc.assign(R * E, 0.0f);
+  m.assign(R, kMInit), l.assign(R, 0.0f);
+  Gather(x, x.q, b, kh, q, x.scale, qs.data());
+  for (int64_t start = 0; start < q.hi_lim; start += x.block_k) {
+    const int64_t cols = BlockKeys(x, b, q, start);
+    if (cols == 0) continue;
+    Scores(x, b, kh, q, qs.data(), start, cols, sc.data());
+    for (int64_t r = 0; r < R; ++r) {  // subtract the new running max
       float* row = sc.data() + r * cols;
-      if (masked) {
-        const int64_t i = r / G, n = std::clamp<int64_t>(lim[i] - start, 0, cols);
-        for (int64_t c = n; c < cols; ++c) row[c] = -INFINITY;
-        if (kseg)
-          for (int64_t c = 0; c < n; ++c)
-            if (kseg[start + c] != qseg[i]) row[c] = -INFINITY;
-      }
       const float mx = RowMax(row, cols, m[r]);
       const float alpha = std::exp(m[r] - mx);
       m[r] = mx, l[r] *= alpha;
@@ -232,21 +274,113 @@ void AttentionBlock(const AttentionArgs& x, int64_t b, int64_t kh, int64_t qb) {
     // exp(-inf) = 0: a masked key adds nothing. VML_LA: low accuracy, 4 ulp at most (of the f32's
     // 24 bits), 1.3x faster than the default (1 ulp).
     vmsExp(R * cols, sc.data(), sc.data(), 0x1 /* VML_LA */);
-    for (int64_t r = 0; r < R; ++r) {
-      l[r] += RowSum(sc.data() + r * cols, cols);
-    }
-    cblas_sgemm(kRowMajor, kNoTrans, kNoTrans, R, E, cols, 1.0f, sc.data(), cols, vp, kv_stride,
-                1.0f, acc.data(), E);
+    for (int64_t r = 0; r < R; ++r) l[r] += RowSum(sc.data() + r * cols, cols);
+    cblas_sgemm(kRowMajor, kNoTrans, kNoTrans, R, E, cols, 1.0f, sc.data(), cols,
+                x.v + (b * x.S + start) * kv_stride + kh * E, kv_stride, 1.0f, acc.data(), E);
   }
-  for (int64_t i = 0; i < tb; ++i)
+  for (int64_t i = 0; i < q.tb; ++i)
     for (int64_t g = 0; g < G; ++g) {
       const int64_t r = i * G + g;
       const bool empty = l[r] == 0.0f;  // a row that sees no key: output 0, never NaN
       const float inv = empty ? 0.0f : 1.0f / l[r];
-      float* dst = x.out + ((b * x.T + t0 + i) * x.H + kh * G + g) * E;
+      float* dst = x.out + ((b * x.T + q.t0 + i) * x.H + kh * G + g) * E;
       for (int64_t e = 0; e < E; ++e) dst[e] = acc[r * E + e] * inv;
-      x.lse[(b * x.K + kh) * x.T * G + t0 * G + r] = empty ? x.lse_empty : m[r] + std::log(l[r]);
+      x.lse[(b * x.K + kh) * x.T * G + q.t0 * G + r] = empty ? x.lse_empty : m[r] + std::log(l[r]);
     }
+}
+
+// Backward, shared by both passes: for the rows of q (queries qs, scaled; cotangents dos) over
+// keys [start, start + cols) of kv head kh, p = exp(s - lse) and ds = p * (do v^T - delta), into
+// p and ds [R, cols].
+void ProbsAndGrads(const AttentionArgs& x, int64_t b, int64_t kh, const QueryRows& q,
+                   const float* qs, const float* dos, int64_t start, int64_t cols, float* p,
+                   float* ds) {
+  const int64_t E = x.E, kv_stride = x.K * E, G = x.H / x.K;
+  const float* lse = x.lse_in + (b * x.K + kh) * x.T * G + q.t0 * G;
+  const float* delta = x.delta + (b * x.K + kh) * x.T * G + q.t0 * G;
+  Scores(x, b, kh, q, qs, start, cols, p);
+  for (int64_t r = 0; r < q.R; ++r)
+    for (int64_t c = 0; c < cols; ++c) p[r * cols + c] -= lse[r];
+  vmsExp(q.R * cols, p, p, 0x1 /* VML_LA */);
+  cblas_sgemm(kRowMajor, kNoTrans, kTrans, q.R, cols, E, 1.0f, dos, E,
+              x.v + (b * x.S + start) * kv_stride + kh * E, kv_stride, 0.0f, ds, cols);
+  for (int64_t r = 0; r < q.R; ++r)
+    for (int64_t c = 0; c < cols; ++c) ds[r * cols + c] = p[r * cols + c] * (ds[r * cols + c] - delta[r]);
+}
+
+// dK and dV of key block kb of kv head kh: over every query block that sees it.
+void KeyBlockGrads(const AttentionArgs& x, int64_t b, int64_t kh, int64_t kb) {
+  const int64_t E = x.E, kv_stride = x.K * E, start = kb * x.block_k;
+  const int64_t nq = (x.T + x.block_q - 1) / x.block_q, width = std::min(x.block_k, x.S - start);
+  thread_local std::vector<float> qs, dos, p, ds, dk, dv;
+  dk.assign(width * E, 0.0f), dv.assign(width * E, 0.0f);
+  for (int64_t qb = 0; qb < nq; ++qb) {
+    const QueryRows q = Rows(x, b, qb);
+    const int64_t cols = BlockKeys(x, b, q, start);
+    if (cols == 0) continue;
+    qs.resize(q.R * E), dos.resize(q.R * E), p.resize(q.R * cols), ds.resize(q.R * cols);
+    Gather(x, x.q, b, kh, q, x.scale, qs.data());
+    Gather(x, x.dout, b, kh, q, 1.0f, dos.data());
+    ProbsAndGrads(x, b, kh, q, qs.data(), dos.data(), start, cols, p.data(), ds.data());
+    cblas_sgemm(kRowMajor, kTrans, kNoTrans, cols, E, q.R, 1.0f, p.data(), cols, dos.data(), E,
+                1.0f, dv.data(), E);  // dv += p^T do
+    cblas_sgemm(kRowMajor, kTrans, kNoTrans, cols, E, q.R, 1.0f, ds.data(), cols, qs.data(), E,
+                1.0f, dk.data(), E);  // dk += ds^T (q * scale)
+  }
+  for (int64_t c = 0; c < width; ++c) {
+    const int64_t at = (b * x.S + start + c) * kv_stride + kh * E;
+    std::copy(dk.begin() + c * E, dk.begin() + (c + 1) * E, x.dk + at);
+    std::copy(dv.begin() + c * E, dv.begin() + (c + 1) * E, x.dv + at);
+  }
+}
+
+// dQ of query block qb of kv head kh: over the key blocks it sees.
+void QueryBlockGrads(const AttentionArgs& x, int64_t b, int64_t kh, int64_t qb) {
+  const int64_t G = x.H / x.K, E = x.E, kv_stride = x.K * E;
+  const QueryRows q = Rows(x, b, qb);
+  thread_local std::vector<float> qs, dos, p, ds, dq;
+  qs.resize(q.R * E), dos.resize(q.R * E), dq.assign(q.R * E, 0.0f);
+  p.resize(q.R * x.block_k), ds.resize(q.R * x.block_k);
+  Gather(x, x.q, b, kh, q, x.scale, qs.data());
+  Gather(x, x.dout, b, kh, q, 1.0f, dos.data());
+  for (int64_t start = 0; start < q.hi_lim; start += x.block_k) {
+    const int64_t cols = BlockKeys(x, b, q, start);
+    if (cols == 0) continue;
+    ProbsAndGrads(x, b, kh, q, qs.data(), dos.data(), start, cols, p.data(), ds.data());
+    cblas_sgemm(kRowMajor, kNoTrans, kNoTrans, q.R, E, cols, 1.0f, ds.data(), cols,
+                x.k + (b * x.S + start) * kv_stride + kh * E, kv_stride, 1.0f, dq.data(), E);
+  }
+  for (int64_t i = 0; i < q.tb; ++i)
+    for (int64_t g = 0; g < G; ++g) {
+      float* dst = x.dq + ((b * x.T + q.t0 + i) * x.H + kh * G + g) * E;
+      for (int64_t e = 0; e < E; ++e) dst[e] = dq[(i * G + g) * E + e] * x.scale;
+    }
+}
+
+// Runs block(b, kh, j) for every sequence, kv head and block j < n on the pool, MKL
+// single-threaded; the largest j first if last_first (under a causal mask the last query blocks
+// see the most keys, and the first key blocks are seen by the most queries).
+template <typename F>
+void ForEachBlock(ffi::ThreadPool& pool, const AttentionArgs& x, int64_t n, bool last_first, F block) {
+  const int64_t items = x.B * x.K * n;
+  ParallelFor(pool, items, [&](int64_t p) {
+    const int64_t i = last_first ? items - 1 - p : p;
+    MKL_Set_Num_Threads_Local(1);  // this item's GEMMs on this thread only
+    block(x, i / (x.K * n), i % x.K, i / x.K % n);
+    MKL_Set_Num_Threads_Local(0);  // back to the global setting
+  });
+}
+
+ffi::Error CheckShapes(const AttentionArgs& x, ffi::Span<const int64_t> kd,
+                       ffi::Span<const int64_t> vd) {
+  if (kd.size() != 4 || vd.size() != 4)
+    return ffi::Error::InvalidArgument("cpu attention: q, k, v must be [B, T|S, heads, E]");
+  if (x.block_q < 1 || x.block_k < 1)
+    return ffi::Error::InvalidArgument("cpu attention: block sizes < 1");
+  if (x.H % x.K || kd[3] != x.E || kd[0] != x.B || vd[0] != x.B || vd[1] != x.S || vd[2] != x.K ||
+      vd[3] != x.E)
+    return ffi::Error::InvalidArgument("cpu attention: q, k and v shapes do not match");
+  return ffi::Error::Success();
 }
 
 ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
@@ -256,25 +390,41 @@ ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buf
                          ffi::ResultBuffer<ffi::F32> lse, bool causal, float sm_scale,
                          float lse_empty, int64_t block_q, int64_t block_k) {
   auto qd = q.dimensions(), kd = k.dimensions();
-  if (qd.size() != 4 || kd.size() != 4 || v.dimensions().size() != 4)
-    return ffi::Error::InvalidArgument("cpu attention: q, k, v must be [B, T|S, heads, E]");
+  if (qd.size() != 4) return ffi::Error::InvalidArgument("cpu attention: q must be [B, T, H, E]");
   AttentionArgs x{q.typed_data(), k.typed_data(), v.typed_data(), q_off.typed_data(),
                   kv_len.typed_data(), nullptr, nullptr, out->typed_data(), lse->typed_data(),
-                  qd[0], qd[1], kd[1], qd[2], kd[2], qd[3], block_q, block_k, causal, sm_scale,
-                  lse_empty};
-  if (block_q < 1 || block_k < 1) return ffi::Error::InvalidArgument("cpu attention: block sizes < 1");
-  if (x.H % x.K || kd[3] != x.E || kd[0] != x.B)
-    return ffi::Error::InvalidArgument("cpu attention: q and k shapes do not match");
+                  qd[0], qd[1], kd.size() == 4 ? kd[1] : 0, qd[2], kd.size() == 4 ? kd[2] : 1,
+                  qd[3], block_q, block_k, causal, sm_scale, lse_empty};
+  if (auto error = CheckShapes(x, kd, v.dimensions()); error.failure()) return error;
   if (q_seg.element_count() == x.B * x.T && kv_seg.element_count() == x.B * x.S && x.T > 0)
     x.q_seg = q_seg.typed_data(), x.kv_seg = kv_seg.typed_data();
-  const int64_t nq = (x.T + block_q - 1) / block_q, items = x.B * x.K * nq;
-  // Longest items (the last query blocks, under a causal mask) first.
-  ParallelFor(pool, items, [&](int64_t p) {
-    const int64_t i = items - 1 - p;
-    MKL_Set_Num_Threads_Local(1);  // this item's GEMMs on this thread only
-    AttentionBlock(x, i / (x.K * nq), i % x.K, i / x.K % nq);
-    MKL_Set_Num_Threads_Local(0);  // back to the global setting
-  });
+  ForEachBlock(pool, x, (x.T + block_q - 1) / block_q, true, AttentionBlock);
+  return ffi::Error::Success();
+}
+
+// The gradients from the forward's lse: one pass over key blocks for dk and dv, one over query
+// blocks for dq (FlashAttention-2's backward, with no write shared between work items).
+ffi::Error AttentionBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                            ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> dout,
+                            ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> delta,
+                            ffi::Buffer<ffi::S32> q_off, ffi::Buffer<ffi::S32> kv_len,
+                            ffi::Buffer<ffi::S32> q_seg, ffi::Buffer<ffi::S32> kv_seg,
+                            ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
+                            ffi::ResultBuffer<ffi::F32> dv, bool causal, float sm_scale,
+                            int64_t block_q, int64_t block_k) {
+  auto qd = q.dimensions(), kd = k.dimensions();
+  if (qd.size() != 4) return ffi::Error::InvalidArgument("cpu attention: q must be [B, T, H, E]");
+  AttentionArgs x{q.typed_data(), k.typed_data(), v.typed_data(), q_off.typed_data(),
+                  kv_len.typed_data(), nullptr, nullptr, nullptr, nullptr,
+                  qd[0], qd[1], kd.size() == 4 ? kd[1] : 0, qd[2], kd.size() == 4 ? kd[2] : 1,
+                  qd[3], block_q, block_k, causal, sm_scale, 0.0f};
+  if (auto error = CheckShapes(x, kd, v.dimensions()); error.failure()) return error;
+  if (q_seg.element_count() == x.B * x.T && kv_seg.element_count() == x.B * x.S && x.T > 0)
+    x.q_seg = q_seg.typed_data(), x.kv_seg = kv_seg.typed_data();
+  x.dout = dout.typed_data(), x.lse_in = lse.typed_data(), x.delta = delta.typed_data();
+  x.dq = dq->typed_data(), x.dk = dk->typed_data(), x.dv = dv->typed_data();
+  ForEachBlock(pool, x, (x.S + block_k - 1) / block_k, false, KeyBlockGrads);
+  ForEachBlock(pool, x, (x.T + block_q - 1) / block_q, true, QueryBlockGrads);
   return ffi::Error::Success();
 }
 
@@ -303,6 +453,27 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LlamaJaxAttention, AttentionImpl,
                                   .Attr<bool>("causal")
                                   .Attr<float>("sm_scale")
                                   .Attr<float>("lse_empty")
+                                  .Attr<int64_t>("block_q")
+                                  .Attr<int64_t>("block_k"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LlamaJaxAttentionBwd, AttentionBwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // v
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dout
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // lse
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // delta
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("causal")
+                                  .Attr<float>("sm_scale")
                                   .Attr<int64_t>("block_q")
                                   .Attr<int64_t>("block_k"));
 
