@@ -126,7 +126,9 @@ def keep_freed_memory() -> bool:
     except OSError:
         return False
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # malloc.h
-    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**30))
+    # No mmap for large blocks, and no trimming of the heap's top (-1: never; a step's temporaries
+    # run to gigabytes, so a 1 GB threshold still gave them back: 3% of a step).
+    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, -1))
 
 
 def _require():
