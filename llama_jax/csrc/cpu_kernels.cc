@@ -14,15 +14,16 @@
 //   forward returns the log-sum-exp; the backward recomputes the probabilities from it, in a pass
 //   over key blocks (dk, dv) and one over query blocks (dq), so no two work items write the same
 //   gradient.
-#include <algorithm>
-#include <cmath>
 #include <immintrin.h>
-#include <vector>
+
+#include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <condition_variable>
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
