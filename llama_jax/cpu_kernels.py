@@ -159,10 +159,10 @@ def _gemm_fwd(a, b, trans_a, trans_b):
 
 def _gemm_bwd(trans_a, trans_b, res, g):
     a, b = res
+    if a.ndim == 2 and b.ndim > 2:  # a shared by the batch: c^T = op(b)^T op(a)^T, b's case below
+        return _gemm_bwd(not trans_b, not trans_a, (b, a), jnp.swapaxes(g, -1, -2))[::-1]
     # c = op(a) op(b): d op(a) = g op(b)^T, d op(b) = op(a)^T g, each transposed back if op was.
     da = _call(b, g, trans_b, True) if trans_a else _call(g, b, False, not trans_b)
-    if a.ndim == 2 and b.ndim > 2:  # a shared by the batch: its gradient sums over it
-        return _gemm_bwd(not trans_b, not trans_a, (b, a), jnp.swapaxes(g, -1, -2))[::-1]
     if b.ndim == 2 and a.ndim > 2:  # b shared by the batch: its gradient sums over it
         a2, g2 = a.reshape(-1, *a.shape[-2:]), g.reshape(-1, *g.shape[-2:])
         if not trans_a:  # rows stack: one GEMM over all of them
@@ -188,8 +188,6 @@ def _attention_call(q, k, v, q_off, kv_len, q_seg, kv_seg, causal, sm_scale, blo
     _require()
     B, T, H, _ = q.shape
     K = k.shape[2]
-    if q_seg is None:  # empty: no segments
-        q_seg = kv_seg = jnp.zeros((B, 0), jnp.int32)
     out = (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct((B, K, T * (H // K)), jnp.float32))
     return jax.ffi.ffi_call(_ATTENTION, out, vmap_method="sequential")(
         q, k, v, q_off, kv_len, q_seg, kv_seg, causal=causal, sm_scale=np.float32(sm_scale),
@@ -212,8 +210,6 @@ def _attention_bwd(causal, sm_scale, blocks, res, do):
     K = k.shape[2]
     # rowsum(o * do) per (kv head, t, g) row, in lse's layout.
     delta = jnp.sum(o * do, axis=-1).reshape(B, T, K, H // K).transpose(0, 2, 1, 3).reshape(B, K, -1)
-    if q_seg is None:
-        q_seg = kv_seg = jnp.zeros((B, 0), jnp.int32)
     out = (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct(k.shape, jnp.float32),
            jax.ShapeDtypeStruct(v.shape, jnp.float32))
     dq, dk, dv = jax.ffi.ffi_call(_ATTENTION_BWD, out, vmap_method="sequential")(
@@ -237,5 +233,7 @@ def attention(q, k, v, *, causal=True, q_offset=None, kv_lengths=None, q_segment
     q_off, kv_len, q_seg, kv_seg = normalize_masks(B, T, S, q_offset, kv_lengths, q_segment_ids, kv_segment_ids)
     if T == 0 or S == 0:
         return jnp.zeros_like(q)
+    if q_seg is None:  # no documents: empty segment ids, which the kernel reads as none
+        q_seg = kv_seg = jnp.zeros((B, 0), jnp.int32)
     return _attention(q, k, v, q_off, kv_len, q_seg, kv_seg, causal, sm_scale_or_default(sm_scale, E),
                       (block_q, block_k))

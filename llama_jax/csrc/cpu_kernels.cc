@@ -35,8 +35,6 @@ void cblas_sgemm(int layout, int trans_a, int trans_b, int m, int n, int k, floa
                  const float* a, int lda, const float* b, int ldb, float beta, float* c, int ldc);
 void vmsExp(int n, const float* a, float* y, long long mode);
 int MKL_Set_Num_Threads_Local(int n);
-void cblas_sgemv(int layout, int trans, int m, int n, float alpha, const float* a, int lda,
-                 const float* x, int incx, float beta, float* y, int incy);
 int MKL_Set_Threading_Layer(int code);
 }
 
@@ -88,24 +86,6 @@ Matrices Split(ffi::Span<const int64_t> dims) {
   return m;
 }
 
-// c [m, n] = op(a) op(b), rows [r0, r1) and columns [c0, c1) of c only.
-void Block(const float* a, const float* b, float* c, int64_t m, int64_t n, int64_t k, bool ta,
-           bool tb, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
-  const int64_t lda = ta ? m : k, ldb = tb ? k : n;
-  const float* pa = a + (ta ? r0 : r0 * lda);
-  const float* pb = b + (tb ? c0 * ldb : c0);
-  float* pc = c + r0 * n + c0;
-  if (r1 - r0 == 1 && !ta) {  // a row vector: a matrix-vector product reads b once, no packing
-    if (tb)
-      cblas_sgemv(kRowMajor, kNoTrans, c1 - c0, k, 1.0f, pb, ldb, pa, 1, 0.0f, pc, 1);
-    else
-      cblas_sgemv(kRowMajor, kTrans, k, c1 - c0, 1.0f, pb, ldb, pa, 1, 0.0f, pc, 1);
-    return;
-  }
-  cblas_sgemm(kRowMajor, ta ? kTrans : kNoTrans, tb ? kTrans : kNoTrans, r1 - r0, c1 - c0, k, 1.0f,
-              pa, lda, pb, ldb, 0.0f, pc, n);
-}
-
 ffi::Error GemmImpl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
                     ffi::ResultBuffer<ffi::F32> c, bool trans_a, bool trans_b) {
   if (a.dimensions().size() < 2 || b.dimensions().size() < 2)
@@ -125,11 +105,11 @@ ffi::Error GemmImpl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
     std::fill(pc, pc + batch * m * n, 0.0f);
     return ffi::Error::Success();
   }
-  auto pa = [&](int64_t i) { return a.typed_data() + (ma.batch == 1 ? 0 : i * m * k); };
-  auto pb = [&](int64_t i) { return b.typed_data() + (mb.batch == 1 ? 0 : i * k * n); };
   std::lock_guard<std::mutex> lock(mkl_mutex);
   for (int64_t i = 0; i < batch; ++i)
-    Block(pa(i), pb(i), pc + i * m * n, m, n, k, trans_a, trans_b, 0, m, 0, n);
+    cblas_sgemm(kRowMajor, trans_a ? kTrans : kNoTrans, trans_b ? kTrans : kNoTrans, m, n, k, 1.0f,
+                a.typed_data() + (ma.batch == 1 ? 0 : i * m * k), ma.cols,
+                b.typed_data() + (mb.batch == 1 ? 0 : i * k * n), mb.cols, 0.0f, pc + i * m * n, n);
   return ffi::Error::Success();
 }
 
@@ -372,15 +352,25 @@ void ForEachBlock(ffi::ThreadPool& pool, const AttentionArgs& x, int64_t n, bool
   });
 }
 
-ffi::Error CheckShapes(const AttentionArgs& x, ffi::Span<const int64_t> kd,
-                       ffi::Span<const int64_t> vd) {
-  if (kd.size() != 4 || vd.size() != 4)
+// The arguments both attention handlers share, checked; the outputs are left to the caller.
+ffi::Error Prepare(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                   ffi::Buffer<ffi::S32> q_off, ffi::Buffer<ffi::S32> kv_len,
+                   ffi::Buffer<ffi::S32> q_seg, ffi::Buffer<ffi::S32> kv_seg, bool causal,
+                   float sm_scale, int64_t block_q, int64_t block_k, AttentionArgs& x) {
+  auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4)
     return ffi::Error::InvalidArgument("cpu attention: q, k, v must be [B, T|S, heads, E]");
-  if (x.block_q < 1 || x.block_k < 1)
+  x = AttentionArgs{q.typed_data(), k.typed_data(), v.typed_data(), q_off.typed_data(),
+                    kv_len.typed_data(), nullptr, nullptr, nullptr, nullptr,
+                    qd[0], qd[1], kd[1], qd[2], kd[2], qd[3], block_q, block_k, causal, sm_scale,
+                    0.0f};
+  if (block_q < 1 || block_k < 1)
     return ffi::Error::InvalidArgument("cpu attention: block sizes < 1");
   if (x.H % x.K || kd[3] != x.E || kd[0] != x.B || vd[0] != x.B || vd[1] != x.S || vd[2] != x.K ||
       vd[3] != x.E)
     return ffi::Error::InvalidArgument("cpu attention: q, k and v shapes do not match");
+  if (q_seg.element_count() == x.B * x.T && kv_seg.element_count() == x.B * x.S && x.T > 0)
+    x.q_seg = q_seg.typed_data(), x.kv_seg = kv_seg.typed_data();
   return ffi::Error::Success();
 }
 
@@ -390,15 +380,12 @@ ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buf
                          ffi::Buffer<ffi::S32> kv_seg, ffi::ResultBuffer<ffi::F32> out,
                          ffi::ResultBuffer<ffi::F32> lse, bool causal, float sm_scale,
                          float lse_empty, int64_t block_q, int64_t block_k) {
-  auto qd = q.dimensions(), kd = k.dimensions();
-  if (qd.size() != 4) return ffi::Error::InvalidArgument("cpu attention: q must be [B, T, H, E]");
-  AttentionArgs x{q.typed_data(), k.typed_data(), v.typed_data(), q_off.typed_data(),
-                  kv_len.typed_data(), nullptr, nullptr, out->typed_data(), lse->typed_data(),
-                  qd[0], qd[1], kd.size() == 4 ? kd[1] : 0, qd[2], kd.size() == 4 ? kd[2] : 1,
-                  qd[3], block_q, block_k, causal, sm_scale, lse_empty};
-  if (auto error = CheckShapes(x, kd, v.dimensions()); error.failure()) return error;
-  if (q_seg.element_count() == x.B * x.T && kv_seg.element_count() == x.B * x.S && x.T > 0)
-    x.q_seg = q_seg.typed_data(), x.kv_seg = kv_seg.typed_data();
+  AttentionArgs x{};
+  if (auto error = Prepare(q, k, v, q_off, kv_len, q_seg, kv_seg, causal, sm_scale, block_q,
+                           block_k, x);
+      error.failure())
+    return error;
+  x.out = out->typed_data(), x.lse = lse->typed_data(), x.lse_empty = lse_empty;
   ForEachBlock(pool, x, (x.T + block_q - 1) / block_q, true, AttentionBlock);
   return ffi::Error::Success();
 }
@@ -413,15 +400,11 @@ ffi::Error AttentionBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::
                             ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
                             ffi::ResultBuffer<ffi::F32> dv, bool causal, float sm_scale,
                             int64_t block_q, int64_t block_k) {
-  auto qd = q.dimensions(), kd = k.dimensions();
-  if (qd.size() != 4) return ffi::Error::InvalidArgument("cpu attention: q must be [B, T, H, E]");
-  AttentionArgs x{q.typed_data(), k.typed_data(), v.typed_data(), q_off.typed_data(),
-                  kv_len.typed_data(), nullptr, nullptr, nullptr, nullptr,
-                  qd[0], qd[1], kd.size() == 4 ? kd[1] : 0, qd[2], kd.size() == 4 ? kd[2] : 1,
-                  qd[3], block_q, block_k, causal, sm_scale, 0.0f};
-  if (auto error = CheckShapes(x, kd, v.dimensions()); error.failure()) return error;
-  if (q_seg.element_count() == x.B * x.T && kv_seg.element_count() == x.B * x.S && x.T > 0)
-    x.q_seg = q_seg.typed_data(), x.kv_seg = kv_seg.typed_data();
+  AttentionArgs x{};
+  if (auto error = Prepare(q, k, v, q_off, kv_len, q_seg, kv_seg, causal, sm_scale, block_q,
+                           block_k, x);
+      error.failure())
+    return error;
   x.dout = dout.typed_data(), x.lse_in = lse.typed_data(), x.delta = delta.typed_data();
   x.dq = dq->typed_data(), x.dk = dk->typed_data(), x.dv = dv->typed_data();
   ForEachBlock(pool, x, (x.S + block_k - 1) / block_k, false, KeyBlockGrads);
@@ -478,5 +461,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LlamaJaxAttentionBwd, AttentionBwdImpl,
                                   .Attr<int64_t>("block_q")
                                   .Attr<int64_t>("block_k"));
 
-// MKL single-threaded, before its first call: the pieces above are the parallelism.
+// MKL's threads as GNU OpenMP threads (libgomp), set before its first call: gemm's products use
+// them; the attention work items set MKL to one thread each, the pool being their parallelism.
 extern "C" int llama_jax_gemm_init() { return MKL_Set_Threading_Layer(3 /* MKL_THREADING_GNU */); }
