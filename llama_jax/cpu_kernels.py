@@ -3,6 +3,11 @@
 - `gemm`: matrix products through MKL's sgemm. XLA:CPU's GEMM runs at 0.7-0.9x of MKL's on this
   project's layer shapes, and jaxlib 0.10 has no working oneDNN path (`--xla_cpu_use_onednn` and
   its kin change nothing); transformers + torch call MKL.
+- `matvec`: the products of a decode step's few rows, on threads of our own that spin between
+  products: a step is ~200 products of a few MB, one after another, too short for a pool whose
+  threads sleep (XLA's own product ran one thread, 19 GB/s here; ours reads 23-25 GB/s).
+- `decode_attention`: one query per head over a KV cache, each sequence's keys split into chunks
+  over those threads (flash-decoding); XLA's blocked loop ran at half its speed.
 - `attention`: causal GQA attention, forward and backward, FlashAttention-2 style, per (sequence,
   kv head, block) on XLA's thread pool, MKL GEMMs on an L2-resident tile and one pass of mask, max
   and exp between them (what torch's CPU flash kernel does). XLA's blocked attention
@@ -39,10 +44,11 @@ from llama_jax.default_model import cache_dir
 from pallas_kernels._common import MASK_VALUE, normalize_masks, sm_scale_or_default
 
 ENV = "LLAMA_JAX_CPU_KERNELS"
-# Products of fewer rows (decode steps) stay XLA's: its matrix-vector product streams the weights
-# at 25 GB/s here, MKL's (single product, or split over the pool) at 14-19 GB/s.
+# Products of fewer rows (decode steps) go to `matvec`, which reads each weight once for all rows.
 MIN_ROWS = 16
-_GEMM, _ATTENTION, _ATTENTION_BWD = "llama_jax_gemm", "llama_jax_attention", "llama_jax_attention_bwd"
+_GEMM, _MATVEC = "llama_jax_gemm", "llama_jax_matvec"
+_ATTENTION, _ATTENTION_BWD = "llama_jax_attention", "llama_jax_attention_bwd"
+_DECODE_ATTENTION = "llama_jax_decode_attention"
 _SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "cpu_kernels.cc")
 
 
@@ -99,8 +105,10 @@ def _loaded() -> bool:
         lib = ctypes.CDLL(_build())
         lib.llama_jax_gemm_init()
         jax.ffi.register_ffi_target(_GEMM, jax.ffi.pycapsule(lib.LlamaJaxGemm), platform="cpu")
+        jax.ffi.register_ffi_target(_MATVEC, jax.ffi.pycapsule(lib.LlamaJaxMatvec), platform="cpu")
         jax.ffi.register_ffi_target(_ATTENTION, jax.ffi.pycapsule(lib.LlamaJaxAttention), platform="cpu")
         jax.ffi.register_ffi_target(_ATTENTION_BWD, jax.ffi.pycapsule(lib.LlamaJaxAttentionBwd), platform="cpu")
+        jax.ffi.register_ffi_target(_DECODE_ATTENTION, jax.ffi.pycapsule(lib.LlamaJaxDecodeAttention), platform="cpu")
     except (OSError, RuntimeError) as e:
         warnings.warn(f"llama_jax.cpu_kernels: using XLA's code ({e})", stacklevel=3)
         return False
@@ -179,6 +187,25 @@ def _gemm_bwd(trans_a, trans_b, res, g):
 gemm.defvjp(_gemm_fwd, _gemm_bwd)
 
 
+def _matvec_call(x, w, transposed):
+    _require()
+    n = w.shape[0] if transposed else w.shape[1]
+    out = jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32)
+    return jax.ffi.ffi_call(_MATVEC, out, vmap_method="sequential")(x, w, trans=transposed)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def matvec(x, w, transposed: bool = False):
+    """x [M, K] @ w [K, N] (w [N, K] if transposed) for a few rows M (decode steps), f32: the
+    products split over threads that spin between them. Differentiable (the gradients are
+    `gemm`'s). Call it when `enabled_for(x, w)`."""
+    return _matvec_call(x, w, transposed)
+
+
+matvec.defvjp(lambda x, w, transposed: (_matvec_call(x, w, transposed), (x, w)),
+              lambda transposed, res, g: _gemm_bwd(False, transposed, res, g))
+
+
 # Query positions per work item (times G rows) and keys per tile: the (128 * G, 128) f32 score
 # tile stays in L2.
 BLOCK_Q, BLOCK_K = 128, 128
@@ -237,3 +264,17 @@ def attention(q, k, v, *, causal=True, q_offset=None, kv_lengths=None, q_segment
         q_seg = kv_seg = jnp.zeros((B, 0), jnp.int32)
     return _attention(q, k, v, q_off, kv_len, q_seg, kv_seg, causal, sm_scale_or_default(sm_scale, E),
                       (block_q, block_k))
+
+
+def decode_attention(q, k_cache, v_cache, *, lengths, sm_scale=None):
+    """`pallas_kernels.blocked_decode_attention`'s function and contract (q [B, H, E] over the first
+    lengths[b] keys of k_cache, v_cache [B, S, K, E], f32; no keys give 0), forward only: each
+    sequence's keys split into chunks over the spinning threads. Call it when
+    `enabled_for(q, k_cache, v_cache)`."""
+    _require()
+    B, H, E = q.shape
+    if H % k_cache.shape[2]:
+        raise ValueError(f"H={H} query heads is not a multiple of K={k_cache.shape[2]} kv heads")
+    lengths = jnp.broadcast_to(jnp.asarray(lengths, jnp.int32), (B,))
+    return jax.ffi.ffi_call(_DECODE_ATTENTION, jax.ShapeDtypeStruct(q.shape, jnp.float32), vmap_method="sequential")(
+        q, k_cache, v_cache, lengths, sm_scale=np.float32(sm_scale_or_default(sm_scale, E)))

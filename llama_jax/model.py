@@ -139,8 +139,11 @@ class Attention(nnx.Module):
         elif t == 1:
             pos = positions[:, 0]
             batch = jnp.arange(b)
-            cache = KVCache(cache.k.at[batch, pos].set(k[:, 0].astype(cache.k.dtype)),
-                            cache.v.at[batch, pos].set(v[:, 0].astype(cache.v.dtype)))
+            # In bounds by construction (a cache holds every position it is given); said so, XLA
+            # writes the row in place instead of copying the whole cache around the scatter.
+            write = dict(mode="promise_in_bounds", unique_indices=True)
+            cache = KVCache(cache.k.at[batch, pos].set(k[:, 0].astype(cache.k.dtype), **write),
+                            cache.v.at[batch, pos].set(v[:, 0].astype(cache.v.dtype), **write))
             out = ops.decode_attention(q[:, 0], cache.k, cache.v, lengths=pos + 1, impl=self.impl)
             out = out[:, None]  # (B, 1, H, E)
         else:

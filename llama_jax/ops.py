@@ -7,7 +7,8 @@ JAX (pallas_kernels/blocked_attention.py), whose forward runs as llama_jax.cpu_k
 on CPU; the naive references stay as the tests' yardstick.
 "cudnn" is jax.nn.dot_product_attention's cuDNN path.
 `linear` and `contract_rows`, the model's and the loss's matrix products, go to MKL on CPU
-(llama_jax.cpu_kernels) and to XLA's dot elsewhere.
+(llama_jax.cpu_kernels; a decode step's few rows to its matrix-vector kernel) and to XLA's dot
+elsewhere. Decode attention's "xla" impl runs as cpu_kernels' decode kernel on CPU.
 Under a mesh (`jax.set_mesh`), a Pallas kernel runs per device inside `jax.shard_map` over the local
 batch and heads (specs from llama_jax.sharding's logical axes); the XLA paths follow the shardings
 of their inputs.
@@ -75,11 +76,14 @@ def linear(x, w, *, transposed=False):
     """x [..., K] @ w [K, N] -> [..., N] f32 (w stored [N, K] if transposed), accumulated in f32."""
     spec = "...K,NK->...N" if transposed else "...K,KN->...N"
     xla = functools.partial(jnp.einsum, spec, preferred_element_type=jnp.float32)
-    if x.size // x.shape[-1] < cpu_kernels.MIN_ROWS or not cpu_kernels.enabled_for(x, w):
+    rows = x.size // x.shape[-1]
+    if not rows or not cpu_kernels.enabled_for(x, w):
         return xla(x, w)
 
     def kernel(x, w):
-        y = cpu_kernels.gemm(x.reshape(-1, x.shape[-1]), w, False, transposed)
+        x2 = x.reshape(-1, x.shape[-1])
+        y = cpu_kernels.gemm(x2, w, False, transposed) if rows >= cpu_kernels.MIN_ROWS else \
+            cpu_kernels.matvec(x2, w, transposed)
         return y.reshape(*x.shape[:-1], y.shape[-1])
     return _cpu_or(kernel, xla, x, w)
 
@@ -196,6 +200,9 @@ def decode_attention(q, k_cache, v_cache, *, lengths, impl="auto"):
                                            implementation="cudnn")
         return out[:, 0]
     if impl == "xla":
-        return pk.blocked_decode_attention(q, k_cache, v_cache, lengths=lengths)
+        xla = functools.partial(pk.blocked_decode_attention, lengths=lengths)
+        if not cpu_kernels.enabled_for(q, k_cache, v_cache):
+            return xla(q, k_cache, v_cache)
+        return _cpu_or(functools.partial(cpu_kernels.decode_attention, lengths=lengths), xla, q, k_cache, v_cache)
     kernel = lambda q, k, v, n: pk.decode_attention(q, k, v, lengths=n)  # noqa: E731
     return _per_device(kernel, [_DECODE_Q, _KV, _KV, _PER_ROW], _DECODE_Q)(q, k_cache, v_cache, lengths)

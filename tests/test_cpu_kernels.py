@@ -1,5 +1,7 @@
-"""The MKL GEMM custom call (llama_jax.cpu_kernels) against XLA's own dot: values and gradients, every
-transpose, batched and shared operands, and the cases where it must stand aside."""
+"""The CPU custom calls (llama_jax.cpu_kernels) against XLA's own dot and the attention references:
+the MKL GEMM (values and gradients, every transpose, batched and shared operands), the decode
+matrix-vector product, prefill attention with its gradients, decode attention, and the cases where
+they must stand aside."""
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +10,7 @@ import pytest
 
 from llama_jax import cpu_kernels, make_mesh
 from numerics import assert_close, normal, tolerances
+from pallas_kernels.decode_attention import decode_attention_reference
 from pallas_kernels.flash_attention import flash_attention_reference
 from test_blocked_attention import CASES as ATTENTION_CASES, check
 
@@ -56,6 +59,59 @@ def test_empty_contraction_is_zero():
     np.testing.assert_array_equal(out, np.zeros((4, 3), np.float32))
 
 
+# (rows, in, out): one row and a few, widths that do and do not fill the kernel's 8-row blocks and
+# AVX lanes, one small enough to run on one thread and one split over the pool.
+MATVEC_CASES = [(1, 576, 1536), (3, 53, 29), (1, 1000, 300), (15, 40, 2051), (2, 7, 5)]
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("shape", MATVEC_CASES, ids=lambda s: "x".join(map(str, s)))
+def test_matvec_equals_xla(shape, transposed):
+    m, k, n = shape
+    kx, kw, kg = jax.random.split(jax.random.key(hash((shape, transposed)) % 2**31), 3)
+    x, w = normal(kx, (m, k)), normal(kw, (n, k) if transposed else (k, n))
+
+    def xla(x, w):
+        return jnp.matmul(x, _op(w, transposed), precision="highest")
+
+    out = jax.jit(cpu_kernels.matvec, static_argnums=2)(x, w, transposed)
+    assert_close(out, xla(x, w), atol=1e-4, rtol=1e-5, name="value")
+    g = normal(kg, out.shape)
+    grads = jax.grad(lambda x, w: jnp.sum(cpu_kernels.matvec(x, w, transposed) * g), argnums=(0, 1))(x, w)
+    want = jax.grad(lambda x, w: jnp.sum(xla(x, w) * g), argnums=(0, 1))(x, w)
+    for name, a, b in zip(("dx", "dw"), grads, want):
+        assert_close(a, b, atol=1e-3, rtol=1e-5, name=name)
+
+
+def test_matvec_from_two_threads_at_once():
+    # XLA runs independent products concurrently (q, k and v): one takes the pool, the other runs
+    # on its own thread; both must come out right.
+    ks = jax.random.split(jax.random.key(3), 4)
+    x = normal(ks[0], (1, 576))
+    ws = [normal(kk, (1536, 576)) for kk in ks[1:]]
+    outs = jax.jit(lambda x, *ws: [cpu_kernels.matvec(x, w, True) for w in ws])(x, *ws)
+    for out, w in zip(outs, ws):
+        assert_close(out, jnp.matmul(x, w.T, precision="highest"), atol=1e-4, rtol=1e-5, name="value")
+
+
+# (B, S, H, K, lengths): a short cache (one chunk), a ragged batch over several chunks with a row
+# of one key and one that ends inside a tile, a row with no keys (zeros), and MHA.
+DECODE_CASES = [(1, 80, 9, 3, [37]), (3, 1000, 8, 2, [1, 513, 1000]), (2, 300, 4, 4, [0, 257])]
+
+
+@pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: f"B{c[0]}S{c[1]}H{c[2]}K{c[3]}")
+def test_decode_attention_matches_reference(case):
+    B, S, H, K, lengths = case
+    E = 64
+    kq, kk, kv = jax.random.split(jax.random.key(S), 3)
+    q, k, v = normal(kq, (B, H, E)), normal(kk, (B, S, K, E)), normal(kv, (B, S, K, E))
+    lengths = jnp.asarray(lengths, jnp.int32)
+    out = jax.jit(lambda q, k, v, n: cpu_kernels.decode_attention(q, k, v, lengths=n))(q, k, v, lengths)
+    assert_close(out, decode_attention_reference(q, k, v, lengths=lengths), **tolerances(jnp.float32, S), name="out")
+    empty = np.asarray(lengths) == 0
+    np.testing.assert_array_equal(np.asarray(out)[empty], 0.0)
+
+
 def test_stands_aside_for_bf16_and_under_a_mesh():
     x = jnp.zeros((4, 4))
     assert not cpu_kernels.enabled_for(x, x.astype(jnp.bfloat16))
@@ -87,7 +143,8 @@ def test_attention_default_blocks_long_causal():
 
 
 def test_ops_dispatch_to_the_kernels():
-    """The model's ops reach the kernels on CPU (f32, no mesh); a decode step's few rows stay XLA's."""
+    """The model's ops reach the kernels on CPU (f32, no mesh): GEMMs for many rows, the
+    matrix-vector kernel for a decode step's few, and each attention kernel."""
     from llama_jax import ops
 
     def text(fn, *args):
@@ -95,8 +152,12 @@ def test_ops_dispatch_to_the_kernels():
 
     w = jnp.zeros((32, 48))
     assert "llama_jax_gemm" in text(ops.linear, jnp.zeros((2, 16, 32)), w)
-    assert "llama_jax_gemm" not in text(ops.linear, jnp.zeros((4, 1, 32)), w)
+    decode = text(ops.linear, jnp.zeros((4, 1, 32)), w)
+    assert "llama_jax_matvec" in decode and "llama_jax_gemm" not in decode
     assert "llama_jax_gemm" not in text(ops.linear, jnp.zeros((2, 16, 32), jnp.bfloat16), w.astype(jnp.bfloat16))
     assert "llama_jax_gemm" in text(ops.contract_rows, jnp.zeros((2, 16, 32)), jnp.zeros((2, 16, 8)))
     q, kv = jnp.zeros((1, 64, 6, 16)), jnp.zeros((1, 64, 2, 16))
     assert "llama_jax_attention" in text(ops.prefill_attention, q, kv, kv)
+    lengths = jnp.ones((1,), jnp.int32)
+    assert "llama_jax_decode_attention" in text(lambda q, k, v: ops.decode_attention(q, k, v, lengths=lengths),
+                                                q[:, 0], kv, kv)
