@@ -320,17 +320,18 @@ class _Program:
 @functools.lru_cache(maxsize=None)
 def _split_model(config: LlamaConfig, scan: bool = True):
     """(graphdef, abstract state) of a Transformer of `config` with no arrays: stacked layers, or
-    per-layer blocks with linear weights [out, in] (Transformer.unstack_layers)."""
+    per-layer blocks with linear weights [in, out] as stored (Transformer.unstack_layers; the CPU's
+    MKL products take either layout, so no step transposes every weight and gradient)."""
     with sharding.no_mesh():  # abstract arrays carry logical axis names, not a mesh's shardings
         model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
     if not scan:
-        model.unstack_layers(transpose=True)
+        model.unstack_layers(transpose=False)
     return nnx.split(model)
 
 
-def _abstract_model(config: LlamaConfig) -> Transformer:
-    """The model with stacked layers and no arrays (the layout of the train state)."""
-    return nnx.merge(*_split_model(config, True))
+def _abstract_model(config: LlamaConfig, scan: bool = True) -> Transformer:
+    """The model with no arrays, its layers stacked (the checkpoint layout) or per layer."""
+    return nnx.merge(*_split_model(config, scan))
 
 
 def _merge(config: LlamaConfig, params: dict, scan: bool = True) -> Transformer:
@@ -343,12 +344,27 @@ def _merge(config: LlamaConfig, params: dict, scan: bool = True) -> Transformer:
 
 
 def _per_layer(params: dict, n_layers: int) -> dict:
-    """Stacked [in, out] params -> per-layer blocks with linear weights [out, in] (one copy); the
-    inverse of model.stack_layers(..., transposed=True)."""
-    def layer(i):
-        return {part: {k: w[i].T if k in LINEAR_WEIGHTS else w[i] for k, w in ws.items()}
-                for part, ws in params["layers"].items()}
-    return dict(params, layers={i: layer(i) for i in range(n_layers)})
+    """Stacked params -> per-layer blocks (slices, same layout); the inverse of
+    model.stack_layers(..., transposed=False)."""
+    return dict(params, layers={i: jax.tree.map(lambda w: w[i], params["layers"]) for i in range(n_layers)})
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _stacked_tree(tree, n_layers: int):
+    """Every per-layer parameter-shaped dict of tree stacked back (the checkpoint layout)."""
+    return _relayout(tree, lambda p: stack_layers(p, n_layers, transposed=False))
+
+
+def _relayout(tree, fn):
+    """fn applied to every parameter-shaped dict (one with "layers") in tree: the params, a
+    gradient, or the moments inside an optax state (named tuples of such dicts)."""
+    if isinstance(tree, dict):
+        return fn(tree) if "layers" in tree else {k: _relayout(v, fn) for k, v in tree.items()}
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
+        return type(tree)(*(_relayout(v, fn) for v in tree))
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(_relayout(v, fn) for v in tree)
+    return tree
 
 
 def _batch_sums(prog: _Program, params, batch):
@@ -358,16 +374,8 @@ def _batch_sums(prog: _Program, params, batch):
 
 def _grad_sums(prog: _Program, params, batch):
     """(loss sum, target count, gradient of the loss sum) over the micro-batches of one step; the
-    micro-batches run one after another (lax.scan), accumulating in f32. Without scan_layers the
-    gradient is taken with respect to per-layer copies of the weights and stacked once at the end
-    (differentiating the slicing itself would add a full-size zero buffer per layer)."""
-    if prog.scan_layers:
-        return _grad_sums_in(prog, params, batch)
-    s, n, g = _grad_sums_in(prog, _per_layer(params, prog.model.n_layers), batch)
-    return s, n, stack_layers(g, prog.model.n_layers, transposed=True)
-
-
-def _grad_sums_in(prog: _Program, params, batch):
+    micro-batches run one after another (lax.scan), accumulating in f32. params and the gradient
+    are in the program's layout (Trainer keeps its state in it)."""
     grad_fn = jax.value_and_grad(functools.partial(_batch_sums, prog), has_aux=True)
     k = prog.grad_accum
     if k == 1:
@@ -393,7 +401,8 @@ def _mean_loss_and_grads(prog: _Program, params, batch):
     g = jax.tree.map(lambda x: x / n, g)
     mesh = jax.sharding.get_abstract_mesh()
     if not mesh.empty:  # each gradient split as its parameter: a reduce-scatter under 'fsdp', not an all-reduce
-        g = jax.lax.with_sharding_constraint(g, sharding.param_shardings(_abstract_model(prog.model), mesh))
+        g = jax.lax.with_sharding_constraint(
+            g, sharding.param_shardings(_abstract_model(prog.model, prog.scan_layers), mesh))
     return s / n, g
 
 
@@ -421,8 +430,6 @@ def _apply_update(clip: bool, params, opt_state, grads, loss, lr):
 
 @functools.partial(jax.jit, static_argnums=0)
 def _eval_sums(prog: _Program, params, batch):
-    if not prog.scan_layers:
-        params = _per_layer(params, prog.model.n_layers)
     return _batch_sums(dataclasses.replace(prog, remat=False), params, batch)
 
 
@@ -506,14 +513,19 @@ class Trainer:
                             unstacked=isinstance(model.model.layers, nnx.List))
         self.model_config: LlamaConfig = _training_config(mc, config)
         self._prog = _Program.of(self.model_config, config, self.mesh)
-        self._shardings = None
+        self._tx = optimizer(config)
+        # The state lives in the program's layout (per layer without scan_layers: a step then slices
+        # and stacks nothing, which cost 10% of a CPU step); `params` and checkpoints are stacked.
+        self._shardings = self._stacked_shardings = None
         if self.mesh is not None:
-            self._shardings = sharding.param_shardings(_abstract_model(self.model_config), self.mesh)
-        self.params: dict = self._place(_stacked_params(model))
-        tx = optimizer(config)
+            self._shardings = sharding.param_shardings(_abstract_model(self.model_config, self._prog.scan_layers),
+                                                       self.mesh)
+            self._stacked_shardings = sharding.param_shardings(_abstract_model(self.model_config), self.mesh)
+        self._params: dict = self._place(self._to_program(_stacked_params(model)), self._shardings)
         with sharding.on_mesh(self.mesh):
             # The optimizer's moments are split as their parameters are (ZeRO under 'fsdp').
-            self.opt_state = jax.jit(tx.init, out_shardings=self._opt_shardings(tx))(self.params)
+            self._opt_state = jax.jit(self._tx.init, out_shardings=self._opt_shardings(self._params, self._shardings)
+                                      )(self._params)
         self.step_count = 0
         self.data_state: dict | None = None  # the data position restored from a checkpoint
         if resume_from is not None:
@@ -521,20 +533,57 @@ class Trainer:
 
     # --- placement and batches
 
-    def _opt_shardings(self, tx):
-        """Where each leaf of the optimizer state goes: a parameter's moments with the parameter, the
-        rest (counts, hyperparameters) replicated; None without a mesh."""
-        if self._shardings is None:
+    def _opt_shardings(self, params, shardings):
+        """Where each leaf of the optimizer state of `params` goes, given the params' shardings: a
+        parameter's moments with the parameter, the rest (counts, hyperparameters) replicated; None
+        without a mesh."""
+        if shardings is None:
             return None
-        shapes = jax.eval_shape(tx.init, self.params)
+        shapes = jax.eval_shape(self._tx.init, params)
         rest = NamedSharding(self.mesh, P())
-        return optax.tree_map_params(tx, lambda _, where: where, shapes, self._shardings,
+        return optax.tree_map_params(self._tx, lambda _, where: where, shapes, shardings,
                                      transform_non_params=lambda _: rest)
 
-    def _place(self, params: dict) -> dict:
-        if self._shardings is None:
-            return jax.device_put(params)
-        return jax.tree.map(jax.device_put, params, self._shardings)
+    @staticmethod
+    def _place(tree, shardings):
+        return jax.device_put(tree) if shardings is None else jax.device_put(tree, shardings)
+
+    # --- layouts: the program's (the state) and the checkpoint's (stacked layers)
+
+    def _to_program(self, tree):
+        if self._prog.scan_layers:
+            return tree
+        return _relayout(tree, lambda p: _per_layer(p, self.model_config.n_layers))
+
+    def _to_stacked(self, tree):
+        """tree (params, a gradient or an optimizer state) in the checkpoint layout: new arrays, split
+        as the stacked parameters are."""
+        if self._prog.scan_layers:
+            return tree
+        with sharding.on_mesh(self.mesh):
+            out = _stacked_tree(tree, self.model_config.n_layers)
+        if self._stacked_shardings is None:
+            return out
+        if isinstance(tree, dict):  # params or a gradient
+            return jax.device_put(out, self._stacked_shardings)
+        abstract = nnx.to_pure_dict(nnx.state(_abstract_model(self.model_config), nnx.Param))
+        return jax.device_put(out, self._opt_shardings(abstract, self._stacked_shardings))
+
+    @property
+    def params(self) -> dict:
+        """The weights as a nested dict of float32 arrays in the checkpoint layout (layers stacked on
+        axis 0, linear weights [in, out]; to_hf_state_dict maps it to Hugging Face names)."""
+        return self._to_stacked(self._params)
+
+    @params.setter
+    def params(self, value: dict) -> None:
+        """Replaces the weights (a dict like `params`'s); the optimizer state stays."""
+        self._params = self._place(self._to_program(value), self._shardings)
+
+    @property
+    def opt_state(self):
+        """The optimizer state, its moments in the checkpoint layout."""
+        return self._to_stacked(self._opt_state)
 
     def _batch(self, batch: dict, *, micro: int) -> dict:
         """Checks a host batch and puts it on the device(s); fills positions from segment_ids."""
@@ -607,17 +656,17 @@ class Trainer:
         clipping or updating. `llama_jax.checkpoint.to_hf_state_dict` maps the gradient to HF names."""
         b = self._batch(batch, micro=self.config.grad_accum)
         with sharding.on_mesh(self.mesh):
-            loss, grads = _loss_and_grads(self._prog, self.params, b)
-        return float(loss), grads
+            loss, grads = _loss_and_grads(self._prog, self._params, b)
+        return float(loss), self._to_stacked(grads)
 
     def lower(self, batch: dict) -> dict:
         """The step's two programs lowered for `batch` (jax.stages.Lowered, by name: "grads" and
         "update"), for reading their compiled HLO, memory and collectives (benchmarks/parallel.py)."""
         b = self._batch(batch, micro=self.config.grad_accum)
         with sharding.on_mesh(self.mesh):
-            grads = jax.eval_shape(functools.partial(_loss_and_grads, self._prog), self.params, b)
-            return {"grads": _loss_and_grads.lower(self._prog, self.params, b),
-                    "update": _apply_update.lower(self._prog.clip, self.params, self.opt_state, grads[1],
+            grads = jax.eval_shape(functools.partial(_loss_and_grads, self._prog), self._params, b)
+            return {"grads": _loss_and_grads.lower(self._prog, self._params, b),
+                    "update": _apply_update.lower(self._prog.clip, self._params, self._opt_state, grads[1],
                                                   grads[0], np.float32(0.0))}
 
     def lr(self, step: int | None = None) -> float:
@@ -634,10 +683,10 @@ class Trainer:
             else int(np.size(batch["tokens"]))
         lr = self.lr()
         with sharding.on_mesh(self.mesh):
-            loss, grads = _loss_and_grads(self._prog, self.params, b)
+            loss, grads = _loss_and_grads(self._prog, self._params, b)
             # The weights and the count change together (a Ctrl-C while we wait below finds them agreeing).
-            self.params, self.opt_state, grad_norm = _apply_update(self._prog.clip, self.params, self.opt_state,
-                                                                   grads, loss, np.float32(lr))
+            self._params, self._opt_state, grad_norm = _apply_update(self._prog.clip, self._params, self._opt_state,
+                                                                     grads, loss, np.float32(lr))
             self.step_count += 1
         loss, grad_norm = float(loss), float(grad_norm)
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
@@ -655,7 +704,7 @@ class Trainer:
         for batch in batches:
             b = self._batch(batch, micro=1)
             with sharding.on_mesh(self.mesh):
-                s, n = _eval_sums(self._prog, self.params, b)
+                s, n = _eval_sums(self._prog, self._params, b)
             total, count = total + float(s), count + float(n)
         if count == 0:
             raise ValueError("evaluate: the batches hold no target tokens")
@@ -728,15 +777,20 @@ class Trainer:
             step = mngr.latest_step() if step is None else step
             if step is None:
                 raise FileNotFoundError(f"{directory}: no complete checkpoint to resume from")
-            abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, (self.params, self.opt_state))
+            stacked = (self.params, self.opt_state)  # the checkpoint layout, with its shardings
+            abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, stacked)
+            del stacked
             r = mngr.restore(step, args=ocp.args.Composite(
                 params=ocp.args.StandardRestore(abstract[0]), opt_state=ocp.args.StandardRestore(abstract[1]),
                 meta=ocp.args.JsonRestore()))
-        # Restore into our own tree structure (optax's named tuples), leaf for leaf.
-        self.params = jax.tree.unflatten(jax.tree.structure(self.params), jax.tree.leaves(r.params))
-        self.opt_state = jax.tree.unflatten(jax.tree.structure(self.opt_state), jax.tree.leaves(r.opt_state))
+        # Into our own tree structure (optax's named tuples), leaf for leaf, then the program's layout.
+        params = jax.tree.unflatten(jax.tree.structure(abstract[0]), jax.tree.leaves(r.params))
+        opt_state = jax.tree.unflatten(jax.tree.structure(abstract[1]), jax.tree.leaves(r.opt_state))
         self.step_count = int(r.meta["step"])
         self.data_state = r.meta.get("data_state")
+        del r
+        self._params = self._place(self._to_program(params), self._shardings)
+        self._opt_state = self._place(self._to_program(opt_state), self._opt_shardings(self._params, self._shardings))
 
     # --- results
 

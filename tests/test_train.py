@@ -208,7 +208,9 @@ def test_nan_loss_stops_keeping_the_last_good_checkpoint(untied, tmp_path):
     trainer.save(tmp_path / "ckpt")
     before = _snapshot(tmp_path / "ckpt")
     good = {k: np.asarray(v) for k, v in to_hf_state_dict(trainer.params, llama.config).items()}
-    trainer.params["norm"]["weight"] = trainer.params["norm"]["weight"] * np.nan  # the run diverges
+    params = trainer.params
+    params["norm"]["weight"] = params["norm"]["weight"] * np.nan  # the run diverges
+    trainer.params = params
     with pytest.raises(TrainingDiverged, match=r"step 2: the loss is nan.*weights are those after step 1"):
         trainer.step(_batch(21))
     assert trainer.step_count == 1
@@ -395,7 +397,9 @@ def test_cli_nan_loss_stops_with_a_clear_message(tok_model, in_process, tmp_path
 
     def diverge_at_4(self, batch):
         if self.step_count == 3:
-            self.params["norm"]["weight"] = self.params["norm"]["weight"] * np.inf
+            params = self.params
+            params["norm"]["weight"] = params["norm"]["weight"] * np.inf
+            self.params = params
         return real_step(self, batch)
 
     monkeypatch.setattr(Trainer, "step", diverge_at_4)
