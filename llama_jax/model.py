@@ -107,6 +107,17 @@ def _dot(x, w, dtype, transposed=False):
     return ops.linear(x, w.astype(dtype), transposed=transposed).astype(dtype)
 
 
+def _dots(x, ws, dtype, transposed, fuse):
+    """[x @ w for w in ws] (weights with the same input); with `fuse`, one product over the weights
+    concatenated along their outputs, split after: one pass over x instead of several, and in the
+    backward one product for x's gradient (the trainer on CPU, where each product is an MKL call)."""
+    if not fuse:
+        return [_dot(x, w, dtype, transposed) for w in ws]
+    out_axis = 0 if transposed else 1
+    y = _dot(x, jnp.concatenate(ws, axis=out_axis), dtype, transposed)
+    return jnp.split(y, np.cumsum([w.shape[out_axis] for w in ws])[:-1].tolist(), axis=-1)
+
+
 class Attention(nnx.Module):
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, stack: tuple[int, ...] = ()):
         c, d, h, k, e = config, config.dim, config.n_heads, config.n_kv_heads, config.head_dim
@@ -121,6 +132,7 @@ class Attention(nnx.Module):
         self.dtype = jnp.dtype(c.dtype)
         self.impl = c.attention_impl
         self.transposed = False  # weights stored [in, out]; [out, in] after unstack_layers(transpose=True)
+        self.fuse = False  # q, k and v as one product (see _dots)
 
     def __call__(self, x, rope: Rope, cache: KVCache | None, segment_ids, positions):
         """x [B, T, D]. Without a cache: causal self-attention over x (within each document when
@@ -129,9 +141,10 @@ class Attention(nnx.Module):
         every row writes its keys at start..start+T-1, start = positions[0, 0], and attends to the
         cached keys before them and to its own (chunked prefill). Returns (out, cache)."""
         b, t, _ = x.shape
-        q = _dot(x, self.wq[...], self.dtype, self.transposed).reshape(b, t, self.n_heads, self.head_dim)
-        k = _dot(x, self.wk[...], self.dtype, self.transposed).reshape(b, t, self.n_kv_heads, self.head_dim)
-        v = _dot(x, self.wv[...], self.dtype, self.transposed).reshape(b, t, self.n_kv_heads, self.head_dim)
+        q, k, v = _dots(x, [self.wq[...], self.wk[...], self.wv[...]], self.dtype, self.transposed, self.fuse)
+        q = q.reshape(b, t, self.n_heads, self.head_dim)
+        k = k.reshape(b, t, self.n_kv_heads, self.head_dim)
+        v = v.reshape(b, t, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, rope), apply_rope(k, rope)  # (B, T, H|K, E)
 
         if cache is None:
@@ -169,10 +182,10 @@ class FeedForward(nnx.Module):
         self.w2 = _param(rngs, (*stack, f, d), (*lx, "ffn", "embed"), pd, 1.0 / math.sqrt(f))
         self.dtype = jnp.dtype(config.dtype)
         self.transposed = False
+        self.fuse = False  # w1 and w3 as one product (see _dots)
 
     def __call__(self, x):
-        gate = _dot(x, self.w1[...], self.dtype, self.transposed)
-        up = _dot(x, self.w3[...], self.dtype, self.transposed)
+        gate, up = _dots(x, [self.w1[...], self.w3[...]], self.dtype, self.transposed, self.fuse)
         return _dot(jax.nn.silu(gate) * up, self.w2[...], self.dtype, self.transposed)
 
 

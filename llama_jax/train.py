@@ -306,6 +306,11 @@ class _Program:
     clip: bool
     scan_layers: bool
     micro_batches: int | None  # pipeline micro-batches (None: no pipeline)
+    # The per-layer walk without a mesh (CPU, one device): the state kept per layer, so a step slices
+    # and stacks nothing, and q/k/v and w1/w3 as one product each (model._dots). Under a mesh the
+    # state stays stacked and is sliced inside the step: fused weights would mix columns that
+    # tensor parallelism splits differently.
+    per_layer: bool
 
     @classmethod
     def of(cls, model: LlamaConfig, config: TrainConfig, mesh=None) -> "_Program":
@@ -314,30 +319,33 @@ class _Program:
         if micro is not None:  # the pipeline runs the stacked layers
             scan = True
         return cls(model, config.grad_accum, config.remat, config.loss_chunk, config.grad_clip is not None, scan,
-                   micro)
+                   micro, not scan and mesh is None)
 
 
 @functools.lru_cache(maxsize=None)
-def _split_model(config: LlamaConfig, scan: bool = True):
+def _split_model(config: LlamaConfig, scan: bool = True, fuse: bool = False):
     """(graphdef, abstract state) of a Transformer of `config` with no arrays: stacked layers, or
     per-layer blocks with linear weights [in, out] as stored (Transformer.unstack_layers; the CPU's
-    MKL products take either layout, so no step transposes every weight and gradient)."""
+    MKL products take either layout, so no step transposes every weight and gradient), their
+    q/k/v and w1/w3 products fused if asked."""
     with sharding.no_mesh():  # abstract arrays carry logical axis names, not a mesh's shardings
         model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
     if not scan:
         model.unstack_layers(transpose=False)
+        for block in model.layers:
+            block.attention.fuse = block.feed_forward.fuse = fuse
     return nnx.split(model)
 
 
-def _abstract_model(config: LlamaConfig, scan: bool = True) -> Transformer:
-    """The model with no arrays, its layers stacked (the checkpoint layout) or per layer."""
-    return nnx.merge(*_split_model(config, scan))
+def _abstract_model(config: LlamaConfig) -> Transformer:
+    """The model with stacked layers and no arrays (the checkpoint layout)."""
+    return nnx.merge(*_split_model(config, True))
 
 
-def _merge(config: LlamaConfig, params: dict, scan: bool = True) -> Transformer:
+def _merge(config: LlamaConfig, params: dict, scan: bool = True, fuse: bool = False) -> Transformer:
     """The model whose weights are `params` (a nested dict like nnx.to_pure_dict's, in the layout
     `scan` says: see _per_layer)."""
-    graphdef, abstract = _split_model(config, scan)
+    graphdef, abstract = _split_model(config, scan, fuse)
     state = jax.tree.map(lambda x: x, abstract)  # a fresh State to fill
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)
@@ -368,14 +376,23 @@ def _relayout(tree, fn):
 
 
 def _batch_sums(prog: _Program, params, batch):
-    return loss_sums(_merge(prog.model, params, prog.scan_layers), batch["tokens"], batch["segment_ids"],
+    return loss_sums(_merge(prog.model, params, prog.scan_layers, prog.per_layer), batch["tokens"], batch["segment_ids"],
                      batch["positions"], remat=prog.remat, chunk=prog.loss_chunk, micro_batches=prog.micro_batches)
 
 
 def _grad_sums(prog: _Program, params, batch):
     """(loss sum, target count, gradient of the loss sum) over the micro-batches of one step; the
     micro-batches run one after another (lax.scan), accumulating in f32. params and the gradient
-    are in the program's layout (Trainer keeps its state in it)."""
+    are in the state's layout; a stacked state walked per layer is sliced here and its gradient
+    stacked once at the end (differentiating the slicing itself would add a full-size zero buffer
+    per layer)."""
+    if prog.scan_layers or prog.per_layer:
+        return _grad_sums_in(prog, params, batch)
+    s, n, g = _grad_sums_in(prog, _per_layer(params, prog.model.n_layers), batch)
+    return s, n, stack_layers(g, prog.model.n_layers, transposed=False)
+
+
+def _grad_sums_in(prog: _Program, params, batch):
     grad_fn = jax.value_and_grad(functools.partial(_batch_sums, prog), has_aux=True)
     k = prog.grad_accum
     if k == 1:
@@ -401,8 +418,7 @@ def _mean_loss_and_grads(prog: _Program, params, batch):
     g = jax.tree.map(lambda x: x / n, g)
     mesh = jax.sharding.get_abstract_mesh()
     if not mesh.empty:  # each gradient split as its parameter: a reduce-scatter under 'fsdp', not an all-reduce
-        g = jax.lax.with_sharding_constraint(
-            g, sharding.param_shardings(_abstract_model(prog.model, prog.scan_layers), mesh))
+        g = jax.lax.with_sharding_constraint(g, sharding.param_shardings(_abstract_model(prog.model), mesh))
     return s / n, g
 
 
@@ -430,6 +446,8 @@ def _apply_update(clip: bool, params, opt_state, grads, loss, lr):
 
 @functools.partial(jax.jit, static_argnums=0)
 def _eval_sums(prog: _Program, params, batch):
+    if not (prog.scan_layers or prog.per_layer):
+        params = _per_layer(params, prog.model.n_layers)
     return _batch_sums(dataclasses.replace(prog, remat=False), params, batch)
 
 
@@ -514,13 +532,11 @@ class Trainer:
         self.model_config: LlamaConfig = _training_config(mc, config)
         self._prog = _Program.of(self.model_config, config, self.mesh)
         self._tx = optimizer(config)
-        # The state lives in the program's layout (per layer without scan_layers: a step then slices
-        # and stacks nothing, which cost 10% of a CPU step); `params` and checkpoints are stacked.
-        self._shardings = self._stacked_shardings = None
+        # The state is stacked, or per layer on the per-layer walk without a mesh (slicing and
+        # stacking it in each step cost 10% of a CPU step); `params` and checkpoints are stacked.
+        self._shardings = None
         if self.mesh is not None:
-            self._shardings = sharding.param_shardings(_abstract_model(self.model_config, self._prog.scan_layers),
-                                                       self.mesh)
-            self._stacked_shardings = sharding.param_shardings(_abstract_model(self.model_config), self.mesh)
+            self._shardings = sharding.param_shardings(_abstract_model(self.model_config), self.mesh)
         self._params: dict = self._place(self._to_program(_stacked_params(model)), self._shardings)
         with sharding.on_mesh(self.mesh):
             # The optimizer's moments are split as their parameters are (ZeRO under 'fsdp').
@@ -548,26 +564,17 @@ class Trainer:
     def _place(tree, shardings):
         return jax.device_put(tree) if shardings is None else jax.device_put(tree, shardings)
 
-    # --- layouts: the program's (the state) and the checkpoint's (stacked layers)
+    # --- layouts: the state's and the checkpoint's (stacked layers)
 
     def _to_program(self, tree):
-        if self._prog.scan_layers:
+        if not self._prog.per_layer:
             return tree
         return _relayout(tree, lambda p: _per_layer(p, self.model_config.n_layers))
 
     def _to_stacked(self, tree):
-        """tree (params, a gradient or an optimizer state) in the checkpoint layout: new arrays, split
-        as the stacked parameters are."""
-        if self._prog.scan_layers:
-            return tree
-        with sharding.on_mesh(self.mesh):
-            out = _stacked_tree(tree, self.model_config.n_layers)
-        if self._stacked_shardings is None:
-            return out
-        if isinstance(tree, dict):  # params or a gradient
-            return jax.device_put(out, self._stacked_shardings)
-        abstract = nnx.to_pure_dict(nnx.state(_abstract_model(self.model_config), nnx.Param))
-        return jax.device_put(out, self._opt_shardings(abstract, self._stacked_shardings))
+        """tree (params, a gradient or an optimizer state) in the checkpoint layout (new arrays if
+        the state is per layer)."""
+        return _stacked_tree(tree, self.model_config.n_layers) if self._prog.per_layer else tree
 
     @property
     def params(self) -> dict:
@@ -789,8 +796,7 @@ class Trainer:
         self.step_count = int(r.meta["step"])
         self.data_state = r.meta.get("data_state")
         del r
-        self._params = self._place(self._to_program(params), self._shardings)
-        self._opt_state = self._place(self._to_program(opt_state), self._opt_shardings(self._params, self._shardings))
+        self._params, self._opt_state = self._to_program(params), self._to_program(opt_state)
 
     # --- results
 
