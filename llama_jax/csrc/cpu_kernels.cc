@@ -184,6 +184,7 @@ class SpinPool {
       for (int spins = 1; generation_.load() == seen; ++spins) {
         _mm_pause();
         if (spins % 256) continue;
+        std::this_thread::yield();  // to any other thread waiting for this core (XLA's)
         if (std::chrono::steady_clock::now() - start < std::chrono::nanoseconds(kSpinNs)) continue;
         std::unique_lock<std::mutex> lock(sleep_mu_);
         sleepers_.fetch_add(1);
