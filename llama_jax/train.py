@@ -39,7 +39,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from llama_jax import cpu_kernels, ops, pipeline, sharding
 from llama_jax.config import LlamaConfig, default_dtype
 from llama_jax.data import pack_documents  # noqa: F401  (part of this module's API: llama_jax.train.pack_documents)
-from llama_jax.model import LINEAR_WEIGHTS, Transformer, stack_layers
+from llama_jax.model import Transformer, stack_layers
 
 # Policies that jax.checkpoint takes as they are (the others in jax.checkpoint_policies are factories).
 REMAT_POLICIES = ("everything_saveable", "nothing_saveable", "dots_saveable", "checkpoint_dots",
@@ -537,7 +537,7 @@ class Trainer:
         self._shardings = None
         if self.mesh is not None:
             self._shardings = sharding.param_shardings(_abstract_model(self.model_config), self.mesh)
-        self._params: dict = self._place(self._to_program(_stacked_params(model)), self._shardings)
+        self._params: dict = self._place(self._to_state(_stacked_params(model)), self._shardings)
         with sharding.on_mesh(self.mesh):
             # The optimizer's moments are split as their parameters are (ZeRO under 'fsdp').
             self._opt_state = jax.jit(self._tx.init, out_shardings=self._opt_shardings(self._params, self._shardings)
@@ -566,7 +566,7 @@ class Trainer:
 
     # --- layouts: the state's and the checkpoint's (stacked layers)
 
-    def _to_program(self, tree):
+    def _to_state(self, tree):
         if not self._prog.per_layer:
             return tree
         return _relayout(tree, lambda p: _per_layer(p, self.model_config.n_layers))
@@ -585,7 +585,7 @@ class Trainer:
     @params.setter
     def params(self, value: dict) -> None:
         """Replaces the weights (a dict like `params`'s); the optimizer state stays."""
-        self._params = self._place(self._to_program(value), self._shardings)
+        self._params = self._place(self._to_state(value), self._shardings)
 
     @property
     def opt_state(self):
@@ -784,19 +784,22 @@ class Trainer:
             step = mngr.latest_step() if step is None else step
             if step is None:
                 raise FileNotFoundError(f"{directory}: no complete checkpoint to resume from")
-            stacked = (self.params, self.opt_state)  # the checkpoint layout, with its shardings
-            abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, stacked)
-            del stacked
+            if self._prog.per_layer:  # no mesh: the stacked state's shapes, on this device
+                device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+                abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                                        jax.eval_shape(self._to_stacked, (self._params, self._opt_state)))
+            else:
+                abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, (self._params, self._opt_state))
             r = mngr.restore(step, args=ocp.args.Composite(
                 params=ocp.args.StandardRestore(abstract[0]), opt_state=ocp.args.StandardRestore(abstract[1]),
                 meta=ocp.args.JsonRestore()))
-        # Into our own tree structure (optax's named tuples), leaf for leaf, then the program's layout.
+        # Into our own tree structure (optax's named tuples), leaf for leaf, then the state's layout.
         params = jax.tree.unflatten(jax.tree.structure(abstract[0]), jax.tree.leaves(r.params))
         opt_state = jax.tree.unflatten(jax.tree.structure(abstract[1]), jax.tree.leaves(r.opt_state))
         self.step_count = int(r.meta["step"])
         self.data_state = r.meta.get("data_state")
         del r
-        self._params, self._opt_state = self._to_program(params), self._to_program(opt_state)
+        self._params, self._opt_state = self._to_state(params), self._to_state(opt_state)
 
     # --- results
 
