@@ -51,7 +51,10 @@ int MKL_Set_Threading_Layer(int code);
 namespace {
 
 constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
-constexpr long long kVmlLA = 0x1;  // MKL VML's low-accuracy mode: 4 ulp at most
+// MKL VML's mode for exp: low accuracy (VML_LA, 4 ulp at most), errors ignored
+// (VML_ERRMODE_IGNORE): an underflow to 0 is what the softmax wants, and reporting it went through
+// VML's error handler once per tile (a third of a short decode attention's time).
+constexpr long long kVmlLA = 0x1 | 0x100;
 
 // One product at a time: when XLA runs two independent products at once (the q, k and v
 // projections), each with MKL's threads, the cores are oversubscribed and both crawl.
