@@ -219,11 +219,21 @@ float HorizontalSum(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
+// a[0..n) . b[0..n) (AVX2).
+float Dot(const float* a, const float* b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  float s = HorizontalSum(acc);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
 // y[m, n] = x[m, :] . w[n, :] for n in [n0, n1): w [N, K], eight rows of w streamed at a time,
 // each prefetched 512 bytes ahead (measured here: more rows, longer or non-temporal prefetches
 // were no faster).
-template <int R>
 void DotRows(const float* x, const float* r, float* y, int64_t K) {
+  constexpr int R = 8;
   __m256 a[R];
   for (int i = 0; i < R; ++i) a[i] = _mm256_setzero_ps();
   int64_t k = 0;
@@ -245,9 +255,9 @@ void MatvecRows(const float* x, const float* w, float* y, int64_t M, int64_t N, 
                 int64_t n1) {
   int64_t n = n0;
   for (; n + 8 <= n1; n += 8)
-    for (int64_t m = 0; m < M; ++m) DotRows<8>(x + m * K, w + n * K, y + m * N + n, K);
+    for (int64_t m = 0; m < M; ++m) DotRows(x + m * K, w + n * K, y + m * N + n, K);
   for (; n < n1; ++n)
-    for (int64_t m = 0; m < M; ++m) DotRows<1>(x + m * K, w + n * K, y + m * N + n, K);
+    for (int64_t m = 0; m < M; ++m) y[m * N + n] = Dot(x + m * K, w + n * K, K);
 }
 
 // y[m, n] = sum_k x[m, k] w[k, n] for n in [n0, n1): w [K, N], read row by row in slices of
@@ -333,10 +343,7 @@ float RowSum(const float* x, int64_t n) {
   __m256 acc = _mm256_setzero_ps();
   int64_t c = 0;
   for (; c + 8 <= n; c += 8) acc = _mm256_add_ps(acc, _mm256_loadu_ps(x + c));
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, acc);
-  float sum = 0.0f;
-  for (float lane : lanes) sum += lane;
+  float sum = HorizontalSum(acc);
   for (; c < n; ++c) sum += x[c];
   return sum;
 }
@@ -610,15 +617,6 @@ struct DecodeArgs {
   int64_t B, S, H, K, E;
   float scale;
 };
-
-float Dot(const float* a, const float* b, int64_t n) {
-  __m256 acc = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-  float s = HorizontalSum(acc);
-  for (; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
 
 // y[0..n) = y * a + p * x (AVX2).
 void ScaleAdd(float* y, float a, float p, const float* x, int64_t n) {
