@@ -135,7 +135,7 @@ def roofline(quick: bool) -> None:
           "| bound (published BW) tok/s | fraction |\n| --- | --- | --- | --- | --- | --- | --- |", flush=True)
     for name in ROOFLINE_PRESETS:
         config = llama_jax.PRESETS[name]
-        model = llama_jax.from_config(dataclasses.replace(config, param_dtype="bfloat16", dtype="bfloat16"))
+        model = llama_jax.from_config(config, llama_jax.RuntimeConfig(param_dtype="bfloat16", dtype="bfloat16"))
         tok_s = time_generate(model, prompt_len=prompt_len, new_tokens=new_tokens)["decode_tok_s"]
         per_token = decode_bytes_per_token(model, prompt_len + new_tokens // 2)
         b_meas = measured / per_token

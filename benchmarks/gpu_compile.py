@@ -52,7 +52,10 @@ sys.path.insert(0, str(ROOT))  # run from a checkout
 import llama_jax  # noqa: E402
 import pallas_kernels as pk  # noqa: E402
 from llama_jax import generate, sharding, train  # noqa: E402
-from llama_jax.model import CACHE_AXES, KVCache, Transformer  # noqa: E402
+from llama_jax import model as model_lib  # noqa: E402
+from llama_jax.api import INFERENCE_LAYOUT  # noqa: E402
+from llama_jax.model import KVCache  # noqa: E402
+from llama_jax.sharding import CACHE_AXES  # noqa: E402
 from hlo_shapes import shape_bytes  # noqa: E402
 
 TARGET = ROOT / "benchmarks" / "gpu" / "h100_sxm.txtpb"
@@ -432,16 +435,17 @@ def _base(name: str) -> str:
 def programs(config, where, *, batch=1, context=4096, prompt=2048, layout="layers"):
     """The jitted prefill and decode loop of `config` in bf16 with the Pallas kernels, from abstract
     parameters. where: a Device (one GPU) or a ('data', 'model') Mesh. layout: "layers" (per-layer
-    arrays after `unstack_layers()`, what `Llama` runs by default) or "scan" (stacked layers under
-    lax.scan). The prefill is one chunk of `prompt` tokens written into the cache. Returns
+    arrays, `llama_jax.api.INFERENCE_LAYOUT`, what `Llama` runs by default) or "scan" (the stored
+    stacked layers under lax.scan). The prefill is one chunk of `prompt` tokens written into the cache. Returns
     [(name, jitted_fn, abstract_args, meta)]; meta["min_bytes"] = (weight bytes, KV bytes) one
     decode step must read per device, with a full cache of `context` tokens.
 
     The one place that knows the generation API (llama_jax.generate.prefill_chunk and decode_chunk,
     as generate_ids calls them): change it with that API."""
     mesh = where if isinstance(where, Mesh) else None
-    cfg = dataclasses.replace(config, param_dtype="bfloat16", dtype="bfloat16", attention_impl="pallas",
-                              norm_impl="pallas")
+    runtime = llama_jax.RuntimeConfig(param_dtype="bfloat16", dtype="bfloat16", attention_impl="pallas",
+                                      norm_impl="pallas")
+    cfg = config
     if mesh is not None:  # as load(): KV heads repeated so that each device holds whole heads
         r = sharding.kv_replication(cfg, sharding.axis_size("kv_heads", mesh))
         cfg = dataclasses.replace(cfg, n_kv_heads=cfg.n_kv_heads * r)
@@ -450,9 +454,7 @@ def programs(config, where, *, batch=1, context=4096, prompt=2048, layout="layer
     def sds(shape, dtype, axes=None):  # an abstract array on the target, from logical axes
         return jax.ShapeDtypeStruct(shape, dtype, sharding=place(axes or (None,) * len(shape), shape))
 
-    model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
-    if layout == "layers":
-        model.unstack_layers()
+    model = model_lib.abstract(cfg, runtime, INFERENCE_LAYOUT if layout == "layers" else model_lib.STORED)
     graphdef, state = nnx.split(model)
     specs = nnx.to_pure_dict(nnx.get_partition_spec(state))
     params = jax.tree.map(lambda spec, a: sds(a.shape, a.dtype, tuple(spec)), specs, nnx.to_pure_dict(state),
@@ -583,11 +585,14 @@ def program_specs(quick=False):
                     ("Llama 3.1 8B tp=8", eight, 8, "scan", ("decode",))]
 
 
+PALLAS = llama_jax.RuntimeConfig(attention_impl="pallas", norm_impl="pallas")
+
+
 def train_specs(quick=False):
     """(label, config, make_mesh sizes, TrainConfig) of each training step compiled for 8 H100s: the
     gradient program (forward, loss and backward; the optimizer update is elementwise), bf16 compute
     with f32 master weights, Pallas kernels, layers scanned and recomputed in the backward."""
-    one = dataclasses.replace(llama_jax.LLAMA3_2_1B, attention_impl="pallas", norm_impl="pallas")
+    one = llama_jax.LLAMA3_2_1B
     tc = train.TrainConfig(seq_len=4096, batch_size=8, compute_dtype="bfloat16", remat=True, scan_layers=True)
     specs = [("Llama 3.2 1B train fsdp4 x tp2", one, dict(fsdp=4, tp=2), tc)]
     if quick:
@@ -760,7 +765,7 @@ def main(argv=None) -> int:
     for label, config, sizes, tc in train_specs(args.quick):
         mesh = train_mesh(h100(8), sizes)
         try:
-            fn, fargs = train.gradient_program(config, tc, mesh)
+            fn, fargs = train.gradient_program(config, tc, mesh, PALLAS)
         except Exception as e:  # noqa: BLE001 -- e.g. the training API changed under gradient_program
             failures.append(Failure(f"build: {label}", _error_line(e)))
             _progress(f"program {label}: not built", failures[-1:])

@@ -44,9 +44,9 @@ def main(argv=None):
         config = llama_jax.LlamaConfig(**TINY, max_seq_len=args.tokens + args.new_tokens)
     else:
         config = llama_jax.PRESETS[args.config]
-    config = dataclasses.replace(config, max_seq_len=max(config.max_seq_len, args.tokens + args.new_tokens),
-                                 param_dtype=args.dtype, dtype=args.dtype, prefill_chunk=args.prefill_chunk)
-    model = llama_jax.from_config(config)
+    config = dataclasses.replace(config, max_seq_len=max(config.max_seq_len, args.tokens + args.new_tokens))
+    runtime = llama_jax.RuntimeConfig(param_dtype=args.dtype, dtype=args.dtype, prefill_chunk=args.prefill_chunk)
+    model = llama_jax.from_config(config, runtime)
     c = model.config
     prompt = np.random.RandomState(0).randint(0, c.vocab_size, args.tokens).tolist()
 
@@ -58,8 +58,8 @@ def main(argv=None):
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     device = jax.devices()[0]
     stats = device.memory_stats() or {}
-    kv = kv_cache_bytes(c, args.tokens + args.new_tokens, np.dtype(c.dtype).itemsize)
-    print(f"{args.config}: {c.n_layers} layers, dim {c.dim}, {c.n_heads}/{c.n_kv_heads} heads, {c.dtype}, "
+    kv = kv_cache_bytes(c, args.tokens + args.new_tokens, np.dtype(model.runtime.dtype).itemsize)
+    print(f"{args.config}: {c.n_layers} layers, dim {c.dim}, {c.n_heads}/{c.n_kv_heads} heads, {model.runtime.dtype}, "
           f"prefill chunk {c.prefill_chunk}, {device.platform} ({device.device_kind})")
     print(f"{'context':>8} {'prefill s':>10} {'decode tok/s':>13} {'peak RSS':>10} {'peak device':>12} {'KV cache':>10}")
     peak_dev = f"{stats['peak_bytes_in_use'] / 2**30:.2f} GiB" if "peak_bytes_in_use" in stats else "-"

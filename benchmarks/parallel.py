@@ -49,7 +49,7 @@ MESHES = {  # name -> make_mesh arguments; None: one device, no mesh
 # The tests' tiny config (tests/test_parallel.py) scaled up until a CPU step takes a fraction of a
 # second: 4 layers (2 stages), 8 query / 2 KV heads (tp=2), every split dimension divisible by 8.
 SMALL = dict(vocab_size=2048, dim=256, n_layers=4, n_heads=8, n_kv_heads=2, ffn_dim=688, head_dim=32,
-             max_seq_len=1024, rope_theta=10000.0, bos_id=1, eos_ids=(2,), param_dtype="float32", dtype="float32")
+             max_seq_len=1024, rope_theta=10000.0, bos_id=1, eos_ids=(2,))
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "collective-permute", "all-to-all")
 _KEYS = COLLECTIVES + ("ops",)
 _INSTR = re.compile(r"^\s*(?:ROOT )?%?[\w.\-]+ = (.+?) ([a-z][a-z0-9\-]*)\(")
@@ -157,7 +157,8 @@ def measure(mesh_args: dict | None, config, args) -> dict:
     mesh = None if mesh_args is None else llama_jax.make_mesh(**mesh_args)
     train = TrainConfig(seq_len=args.seq_len, batch_size=args.batch_size, peak_lr=1e-4, warmup_steps=0,
                         total_steps=1000, compute_dtype=args.compute_dtype, remat=args.remat)
-    trainer = Trainer(llama_jax.from_config(config, seed=0, mesh=mesh), train)
+    f32 = llama_jax.RuntimeConfig(param_dtype="float32", dtype="float32")
+    trainer = Trainer(llama_jax.from_config(config, f32, seed=0, mesh=mesh), train)
     batch = _batch(config.vocab_size, args.batch_size, args.seq_len)
     lowered = trainer.lower(batch)
     compiled = {k: v.compile() for k, v in lowered.items()}
@@ -204,7 +205,7 @@ def main(argv=None):
     if args.config is None:
         config = llama_jax.LlamaConfig(**SMALL)
     elif args.config in llama_jax.PRESETS:
-        config = dataclasses.replace(llama_jax.PRESETS[args.config], param_dtype="float32")
+        config = llama_jax.PRESETS[args.config]
     else:
         p.error(f"unknown --config {args.config!r}; known: {sorted(llama_jax.PRESETS)}")
     config = dataclasses.replace(config, max_seq_len=max(config.max_seq_len, args.seq_len))

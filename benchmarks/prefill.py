@@ -105,7 +105,7 @@ def main(argv=None):
         hf_decode = statistics.median(hf_decode_rate() for _ in range(3))
 
     print(f"model {os.path.basename(os.path.normpath(model_dir))}, float32, {jax.devices()[0].device_kind}, "
-          f"prefill chunk {ours.config.prefill_chunk}; seconds to the first token, median of 3 after a warm-up")
+          f"prefill chunk {ours.runtime.prefill_chunk}; seconds to the first token, median of 3 after a warm-up")
     print(f"{'prompt tokens':>13} {'llama-jax s':>12} {'transformers s':>15} {'ratio':>7} {'our peak RSS growth':>20}")
     for n, r in rows.items():
         hf_s = f"{r['hf']:>15.3f}" if "hf" in r else f"{'-':>15}"

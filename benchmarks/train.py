@@ -54,8 +54,8 @@ def _ours(model_dir, batch, seq, preset=None, compute_dtype=None, remat=False):
 
     if preset:
         config = llama_jax.PRESETS[preset]
-        llama = llama_jax.from_config(config.__class__(**{**config.to_dict(), "param_dtype": "float32",
-                                                          "dtype": "float32"}), unstack_layers=False)
+        llama = llama_jax.from_config(config, llama_jax.RuntimeConfig(param_dtype="float32", dtype="float32"),
+                                      unstack_layers=False)
     else:
         llama = llama_jax.load(model_dir, dtype="float32", unstack_layers=False)
     trainer = Trainer(llama, TrainConfig(seq_len=seq, batch_size=batch, warmup_steps=0, total_steps=1000,

@@ -30,9 +30,6 @@ import time
 from typing import Callable, Iterator
 
 DTYPES = ("bfloat16", "float32")
-# Files copied as they are from a Hugging Face directory, when present.
-_TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                    "chat_template.jinja", "generation_config.json")
 
 
 class ConvertError(ValueError):
@@ -87,6 +84,7 @@ def _is_gguf(src: str) -> bool:
 def _hf_source(src: str, allow_extra: bool) -> _Source:
     from llama_jax.checkpoint import CheckpointError, HFCheckpoint, iter_hf_tensors
     from llama_jax.config import LlamaConfig
+    from llama_jax.export import copy_tokenizer_files
     from llama_jax.gguf_io import drop_mapped_pages
 
     if not os.path.isfile(os.path.join(src, "config.json")):
@@ -112,9 +110,7 @@ def _hf_source(src: str, allow_extra: bool) -> _Source:
             drop_mapped_pages(a)  # written by now: let its pages leave our resident set
 
     def write_tokenizer(dst):
-        found = [n for n in _TOKENIZER_FILES if os.path.isfile(os.path.join(src, n))]
-        for name in found:
-            shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+        found = copy_tokenizer_files(src, dst)
         if "tokenizer.model" not in found and "tokenizer.json" not in found:
             print(f"warning: {src}: no tokenizer.json or tokenizer.model; the converted checkpoint has no "
                   "tokenizer", file=sys.stderr)
@@ -182,7 +178,7 @@ def convert(src, dst, *, dtype: str = "bfloat16", force: bool = False, allow_ext
         raise UsageError(f"{parent}: no such directory (the parent of DST)")
     start = time.time()
     source = _open_source(src, allow_extra)
-    config = dataclasses.replace(source.config, param_dtype=dtype, dtype=None)
+    config = source.config
     shapes = param_shapes(config)
     n_tensors = sum(s[0] if p[0] == "layers" else 1 for p, s in shapes.items())
     itemsize = 2 if dtype == "bfloat16" else 4
@@ -206,7 +202,7 @@ def convert(src, dst, *, dtype: str = "bfloat16", force: bool = False, allow_ext
         orbax_io.write_params(os.path.join(tmp, orbax_io.PARAMS_DIR), config, dtype, source.tensors(),
                               on_tensor=on_tensor)
         bar.close()
-        orbax_io.write_config(tmp, config)
+        orbax_io.write_config(tmp, config, dtype)
         source.write_tokenizer(tmp)
         _fsync_dir(tmp)
         if os.path.lexists(dst):  # force: the old one goes only now that the new one is complete

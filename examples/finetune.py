@@ -15,7 +15,8 @@ import time
 
 import llama_jax
 from llama_jax import data
-from llama_jax.default_model import cache_dir, default_model_path
+from llama_jax.default_model import default_model_path
+from llama_jax.paths import cache_dir
 from llama_jax.train import Trainer, TrainConfig
 
 p = argparse.ArgumentParser()

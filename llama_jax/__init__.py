@@ -14,10 +14,11 @@ from llama_jax.config import (
     SMOLLM2_135M,
     LlamaConfig,
     RopeScaling,
+    RuntimeConfig,
 )
 
 __all__ = [
-    "Llama", "LlamaConfig", "RopeScaling", "load", "from_config", "make_mesh", "PRESETS",
+    "Llama", "LlamaConfig", "RopeScaling", "RuntimeConfig", "load", "from_config", "make_mesh", "PRESETS",
     "LLAMA3_8B", "LLAMA3_70B", "LLAMA3_1_8B", "LLAMA3_1_70B", "LLAMA3_1_405B", "LLAMA3_2_1B",
     "LLAMA3_2_3B", "SMOLLM2_135M",
 ]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 
@@ -11,32 +10,39 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llama_jax import ops, orbax_io, requests, sharding
+from llama_jax import context_parallel, ops, orbax_io, requests, sharding
 from llama_jax import generate as gen
+from llama_jax import model as model_lib
 from llama_jax.checkpoint import read_hf_params
-from llama_jax.config import LlamaConfig, default_dtype
-from llama_jax.model import Transformer
+from llama_jax.config import LlamaConfig, RuntimeConfig, default_dtype
+from llama_jax.model import Layout, Transformer
+
+# How inference reads the weights: per-layer arrays (a decode step on a CPU runs about 1.5x faster
+# than scanning the stacked ones) stored [out, in] (XLA's GPU matrix-vector product then reads each
+# weight once). docs/PERFORMANCE.md and docs/GPU_COMPILE.md have the measurements.
+INFERENCE_LAYOUT = Layout(per_layer=True, transposed=True)
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _logits(graphdef, state, tokens, positions):
-    logits, _ = nnx.merge(graphdef, state)(tokens, positions)
-    return sharding.replicated(logits)
+    model = nnx.merge(graphdef, state)
+    x, _ = context_parallel.hidden(model, tokens, positions)
+    return sharding.replicated(model.head(x))
 
 
 class Llama:
-    """A loaded model: `config`, `tokenizer`, `mesh`, `logits`, `generate`, `chat`, `stream`.
+    """A loaded model: `config` (the architecture), `runtime` (how it runs), `tokenizer`, `mesh`,
+    `logits`, `generate`, `chat`, `stream`.
 
     A thin handle: the model is split once into `graphdef` and `state` (its arrays), which the
     jitted functions of llama_jax.generate take, so nothing re-traces per call."""
 
-    def __init__(self, model: Transformer, *, tokenizer=None, chat_format=None, mesh=None,
-                 unstack_layers: bool = True):
-        ops.resolve(model.config.attention_impl)  # fails now, not at the first call
-        if unstack_layers:
-            model.unstack_layers()
+    def __init__(self, model: Transformer, *, tokenizer=None, chat_format=None, mesh=None):
+        ops.resolve(model.runtime.attention_impl)  # fails now, not at the first call
         sharding.place(model, mesh)
         self.config: LlamaConfig = model.config
+        self.runtime: RuntimeConfig = model.runtime
+        self.layout: Layout = model.layout
         self.tokenizer = tokenizer
         self.mesh = mesh
         self.chat_format = chat_format
@@ -45,6 +51,12 @@ class Llama:
     @property
     def model(self) -> Transformer:
         return nnx.merge(self.graphdef, self.state)
+
+    @property
+    def params(self) -> dict:
+        """The weights in the stored layout (layers stacked on axis 0, linear weights [in, out]) as a
+        nested dict; new arrays where the model runs another layout."""
+        return model_lib.stored(nnx.to_pure_dict(nnx.state(self.model, nnx.Param)), self.layout, self.config)
 
     def init_cache(self, batch: int, max_len: int):
         """A zero KV cache for `batch` sequences of up to `max_len` tokens, on the mesh when sharded
@@ -131,30 +143,33 @@ class Llama:
 
 
 def load(path: str | os.PathLike, *, dtype=None, mesh=None, attention_impl: str = "auto",
-         norm_impl: str = "auto", prefill_chunk: int | None = None, unstack_layers: bool = True) -> Llama:
+         norm_impl: str = "auto", prefill_chunk: int | None = None, cpu_kernels: str = "auto",
+         unstack_layers: bool = True) -> Llama:
     """Loads a model directory: a Hugging Face one (config.json with model.safetensors, or shards
     with model.safetensors.index.json) or one made by `llama-jax convert` (Orbax).
 
-    dtype: parameter and compute dtype ("float32" or "bfloat16"); None picks float32 on CPU and
-    bfloat16 on GPU. mesh: a ('data', 'model') mesh from `make_mesh`; each parameter goes straight
-    onto its sharding (from Orbax each device reads only its shard). attention_impl ("auto", "xla",
-    "pallas", "cudnn") and norm_impl ("auto", "xla", "pallas") choose the kernels; "auto" is pallas
-    on GPU and xla on CPU. prefill_chunk: prompt tokens per prefill step (a multiple of 16; None:
-    2048); a longer prompt is prefilled chunk by chunk at bounded memory."""
+    mesh: a mesh from `make_mesh`; each parameter goes straight onto its sharding (from Orbax each
+    device reads only its shard). The rest fill the model's RuntimeConfig: dtype (parameters and
+    compute, "float32" or "bfloat16"; None picks float32 on CPU and bfloat16 on GPU);
+    attention_impl ("auto", "xla", "pallas", "cudnn") and norm_impl ("auto", "xla", "pallas"), where
+    "auto" is pallas on GPU and xla on CPU; prefill_chunk (prompt tokens per prefill step, a
+    multiple of 16; None: 2048); cpu_kernels ("auto", "on", "off": the optional C++ CPU backend).
+    unstack_layers: run per-layer arrays (INFERENCE_LAYOUT, the default) or scan the stacked ones."""
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: no such model directory")
     dtype = jnp.dtype(dtype or default_dtype()).name
+    runtime = RuntimeConfig(param_dtype=dtype, dtype=dtype, attention_impl=attention_impl, norm_impl=norm_impl,
+                            prefill_chunk=prefill_chunk, cpu_kernels=cpu_kernels)
     tp = 1 if mesh is None else sharding.axis_size("kv_heads", mesh)
-    impls = dict(attention_impl=attention_impl, norm_impl=norm_impl, prefill_chunk=prefill_chunk)
     if orbax_io.is_converted(path):
-        config = dataclasses.replace(orbax_io.read_config(path), param_dtype=dtype, dtype=dtype, **impls)
+        config = orbax_io.read_config(path)
         r = sharding.kv_replication(config, tp)
         # With KV heads to repeat, wk/wv are restored whole and repeated on the host.
-        shardings = None if mesh is None or r > 1 else _stacked_shardings(config, mesh)
+        shardings = None if mesh is None or r > 1 else _stored_shardings(config, runtime, mesh)
         _, params = orbax_io.read_converted(path, dtype=dtype, shardings=shardings)
     elif os.path.isfile(os.path.join(path, "config.json")):
-        config = LlamaConfig.from_hf(path, param_dtype=dtype, dtype=dtype, **impls)
+        config = LlamaConfig.from_hf(path)
         r = sharding.kv_replication(config, tp)
         params = read_hf_params(path, config, np.dtype(jnp.dtype(dtype)))
     else:
@@ -162,13 +177,36 @@ def load(path: str | os.PathLike, *, dtype=None, mesh=None, attention_impl: str 
                                 f"{orbax_io.CONFIG_FILE} (not a converted one)")
     config, params = sharding.replicate_kv_heads(config, params, r)
     tokenizer, chat_format = _load_tokenizer(path)
-    return Llama(_build(config, params), tokenizer=tokenizer, chat_format=chat_format, mesh=mesh,
-                 unstack_layers=unstack_layers)
+    layout = INFERENCE_LAYOUT if unstack_layers else model_lib.STORED
+    return Llama(model_lib.build(config, _view_freeing(params, layout, config), runtime, layout),
+                 tokenizer=tokenizer, chat_format=chat_format, mesh=mesh)
 
 
-def _stacked_shardings(config: LlamaConfig, mesh) -> dict:
-    """The NamedSharding of every stacked parameter, from its logical axes."""
-    return sharding.param_shardings(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))), mesh)
+def _view_freeing(params: dict, layout: Layout, config: LlamaConfig) -> dict:
+    """model.view of a parameter tree that `load` owns, one weight kind at a time, each stored
+    device array deleted once viewed: the peak is the model plus one weight kind, not two models
+    (host arrays are viewed without a copy anyway)."""
+    n_layers = config.n_layers
+    if layout.fused:
+        return model_lib.view(params, layout, config)
+    stored = params.pop("layers")
+    viewed = dict(params)  # a view changes only the layers
+    viewed["layers"] = {} if not layout.per_layer else {i: {} for i in range(n_layers)}
+    for part in list(stored):
+        for name in list(stored[part]):
+            w = stored[part].pop(name)
+            one = model_lib.view({"layers": {part: {name: w}}}, layout, config)["layers"]
+            for block, got in ([(viewed["layers"][i], one[i]) for i in range(n_layers)] if layout.per_layer
+                               else [(viewed["layers"], one)]):
+                block.setdefault(part, {}).update(got[part])
+            if isinstance(w, jax.Array) and layout != model_lib.STORED:
+                w.delete()
+    return viewed
+
+
+def _stored_shardings(config: LlamaConfig, runtime: RuntimeConfig, mesh) -> dict:
+    """The NamedSharding of every parameter in the stored layout, from its logical axes."""
+    return sharding.param_shardings(model_lib.abstract(config, runtime), mesh)
 
 
 def _load_tokenizer(path: str):
@@ -186,18 +224,22 @@ def _load_tokenizer(path: str):
     return tokenizer, chat_format
 
 
-def _build(config: LlamaConfig, params: dict) -> Transformer:
-    """A Transformer whose parameters are `params` (a nested dict of arrays), with no random init."""
-    model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(model)
-    # Host arrays stay on the host here: `Llama` places each one on its device(s).
-    nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(graphdef, state)
+def from_params(config: LlamaConfig, params: dict, runtime: RuntimeConfig | None = None, *, tokenizer=None,
+                chat_format=None, mesh=None, layout: Layout = INFERENCE_LAYOUT) -> Llama:
+    """A Llama over `params` (a nested dict of arrays in the stored layout: layers stacked, linear
+    weights [in, out]), read in `layout`. Host arrays stay on the host until `Llama` places each
+    one on its device(s), so no device holds the stored and the viewed copy of a host weight."""
+    params = model_lib.view(params, layout, config)
+    return Llama(model_lib.build(config, params, runtime, layout), tokenizer=tokenizer, chat_format=chat_format,
+                 mesh=mesh)
 
 
-def from_config(config: LlamaConfig, *, seed: int = 0, mesh=None, unstack_layers: bool = True) -> Llama:
+def from_config(config: LlamaConfig, runtime: RuntimeConfig | None = None, *, seed: int = 0, mesh=None,
+                unstack_layers: bool = True) -> Llama:
     """A randomly initialized model (for tests and benchmarks)."""
-    return Llama(Transformer(config, rngs=nnx.Rngs(seed)), mesh=mesh, unstack_layers=unstack_layers)
+    params = nnx.to_pure_dict(nnx.state(Transformer(config, runtime, rngs=nnx.Rngs(seed)), nnx.Param))
+    return from_params(config, params, runtime, mesh=mesh,
+                       layout=INFERENCE_LAYOUT if unstack_layers else model_lib.STORED)
 
 
-__all__ = ["Llama", "load", "from_config"]
+__all__ = ["INFERENCE_LAYOUT", "Llama", "load", "from_config", "from_params"]

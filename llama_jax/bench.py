@@ -56,5 +56,5 @@ def decode_bytes_per_token(model, context: int) -> int:
     if not c.tie_embeddings:  # the input embedding is a lookup of one row, not a read of the table
         emb = model.state["tok_embeddings"][...]
         weights -= emb.nbytes - emb.nbytes // c.vocab_size
-    kv = 2 * c.n_layers * context * c.n_kv_heads * c.head_dim * np.dtype(c.dtype).itemsize
+    kv = 2 * c.n_layers * context * c.n_kv_heads * c.head_dim * np.dtype(model.runtime.dtype).itemsize
     return weights + kv

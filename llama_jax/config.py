@@ -1,4 +1,6 @@
-"""LlamaConfig: one frozen dataclass, named presets, and `from_hf` for a transformers config.json."""
+"""Two frozen configs: `LlamaConfig`, what a checkpoint holds (the architecture; named presets and
+`from_hf` for a transformers config.json), and `RuntimeConfig`, how it runs (dtypes, kernels, the
+CPU backend, the prefill chunk). `load`, `Trainer` and the serving engine take both."""
 
 from __future__ import annotations
 
@@ -10,6 +12,10 @@ from typing import Any
 _DTYPES = ("float32", "bfloat16")
 ATTENTION_IMPLS = ("auto", "xla", "pallas", "cudnn")
 NORM_IMPLS = ("auto", "xla", "pallas")
+CPU_KERNELS = ("auto", "on", "off")
+# Fields that converted checkpoints written before RuntimeConfig existed carry in llama_config.json;
+# they said how that run computed, not what the checkpoint is, and are ignored when read.
+_RUNTIME_FIELDS = ("param_dtype", "dtype", "attention_impl", "norm_impl", "prefill_chunk")
 
 
 def default_dtype() -> str:
@@ -19,11 +25,9 @@ def default_dtype() -> str:
     return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
-def default_prefill_chunk() -> int:
-    """Prompt tokens per prefill chunk: 2048 (docs/PERFORMANCE.md). On CPU, with the MKL kernels
-    (llama_jax.cpu_kernels), larger chunks make larger products: a 2048-token SmolLM2 prompt took
-    2.89 / 2.66 / 2.58 / 2.44 s in chunks of 256 / 512 / 1024 / 2048."""
-    return 2048
+# Prompt tokens per prefill chunk: larger chunks make larger products (docs/PERFORMANCE.md has the
+# CPU figures by chunk size), at activation memory bounded by the chunk.
+DEFAULT_PREFILL_CHUNK = 2048
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +42,8 @@ class RopeScaling:
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
+    """The architecture: what a checkpoint holds, nothing of how it runs (see RuntimeConfig)."""
+
     vocab_size: int
     dim: int
     n_layers: int
@@ -52,14 +58,6 @@ class LlamaConfig:
     tie_embeddings: bool = False
     bos_id: int | None = 128000
     eos_ids: tuple[int, ...] = (128001, 128009)
-    # Numerics: parameters and activations. None picks bfloat16 on GPU/TPU and float32 on CPU.
-    param_dtype: str | None = None
-    dtype: str | None = None
-    # Kernel choice, fixed at load time: "auto" is pallas on GPU and xla on CPU.
-    attention_impl: str = "auto"
-    norm_impl: str = "auto"
-    # Prompt tokens per prefill chunk (a multiple of 16); None picks the backend's default.
-    prefill_chunk: int | None = None
 
     def __post_init__(self):
         if self.head_dim is None:
@@ -76,29 +74,13 @@ class LlamaConfig:
             )
         if self.head_dim % 2:
             raise ValueError(f"LlamaConfig.head_dim must be even for RoPE, got {self.head_dim}")
-        for name in ("param_dtype", "dtype"):
-            if getattr(self, name) not in (None, *_DTYPES):
-                raise ValueError(f"LlamaConfig.{name} must be one of {_DTYPES}, got {getattr(self, name)!r}")
-        if self.attention_impl not in ATTENTION_IMPLS:
-            raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
-        if self.prefill_chunk is not None and (not isinstance(self.prefill_chunk, int) or self.prefill_chunk < 16
-                                               or self.prefill_chunk % 16):
-            raise ValueError(f"prefill_chunk must be a positive multiple of 16 (the kernels' smallest tile), "
-                             f"got {self.prefill_chunk!r}")
-        if self.norm_impl not in NORM_IMPLS:
-            raise ValueError(f"norm_impl must be one of {NORM_IMPLS}, got {self.norm_impl!r}")
-
-    def resolved(self) -> "LlamaConfig":
-        """This config with concrete dtypes and prefill chunk: None becomes the backend's default."""
-        return dataclasses.replace(self, param_dtype=self.param_dtype or default_dtype(),
-                                   dtype=self.dtype or default_dtype(),
-                                   prefill_chunk=self.prefill_chunk or default_prefill_chunk())
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LlamaConfig":
+        d = {k: v for k, v in d.items() if k not in _RUNTIME_FIELDS}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
@@ -122,6 +104,94 @@ class LlamaConfig:
             except json.JSONDecodeError as e:
                 raise ValueError(f"{where}: not valid JSON ({e})") from None
         return cls(**_from_hf_dict(hf, where), **overrides)
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeConfig:
+    """How a model runs, apart from what it is: fixed when a program is built (`load`, `Trainer`,
+    the serving engine), never stored in a checkpoint.
+
+    param_dtype, dtype: parameters and activations ("float32" or "bfloat16"); None picks bfloat16 on
+      a GPU and float32 on a CPU. Matmuls accumulate in f32 either way.
+    attention_impl: "auto" (pallas on a GPU, xla elsewhere), "xla", "pallas" (interpret mode on a
+      CPU: slow, for tests) or "cudnn". norm_impl: "auto", "xla" or "pallas".
+    cpu_kernels: the optional C++ CPU backend (the `cpu_kernels` package, `pip install
+      llama-jax[cpu]`): "auto" uses it where it serves (a CPU, float32, no mesh, built and loaded),
+      "on" the same but fails at load when it cannot build, "off" never.
+    prefill_chunk: prompt tokens per prefill step (a multiple of 16; None: DEFAULT_PREFILL_CHUNK).
+    """
+
+    param_dtype: str | None = None
+    dtype: str | None = None
+    attention_impl: str = "auto"
+    norm_impl: str = "auto"
+    cpu_kernels: str = "auto"
+    prefill_chunk: int | None = None
+
+    def __post_init__(self):
+        for name in ("param_dtype", "dtype"):
+            if getattr(self, name) not in (None, *_DTYPES):
+                raise ValueError(f"{name} must be one of {_DTYPES}, got {getattr(self, name)!r}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
+        if self.norm_impl not in NORM_IMPLS:
+            raise ValueError(f"norm_impl must be one of {NORM_IMPLS}, got {self.norm_impl!r}")
+        if self.cpu_kernels not in CPU_KERNELS:
+            raise ValueError(f"cpu_kernels must be one of {CPU_KERNELS}, got {self.cpu_kernels!r}")
+        if self.prefill_chunk is not None and (not isinstance(self.prefill_chunk, int) or self.prefill_chunk < 16
+                                               or self.prefill_chunk % 16):
+            raise ValueError(f"prefill_chunk must be a positive multiple of 16 (the kernels' smallest tile), "
+                             f"got {self.prefill_chunk!r}")
+
+    def resolved(self) -> "RuntimeConfig":
+        """This config with every choice concrete: dtypes and prefill chunk (None becomes the
+        backend's default) and cpu_kernels "on" or "off" (building the library if "auto" or "on"
+        asks for it; RuntimeError when "on" cannot be served)."""
+        return dataclasses.replace(self, param_dtype=self.param_dtype or default_dtype(),
+                                   dtype=self.dtype or default_dtype(),
+                                   prefill_chunk=self.prefill_chunk or DEFAULT_PREFILL_CHUNK,
+                                   cpu_kernels=_resolve_cpu_kernels(self.cpu_kernels))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _resolve_cpu_kernels(choice: str) -> str:
+    """"on" or "off" for a RuntimeConfig.cpu_kernels choice. "auto" is quietly off where the backend
+    is not installed (no `cpu` extra) or JAX runs on an accelerator; a build that fails where it is
+    installed is a one-line warning, once, and XLA's code."""
+    if choice == "off":
+        return "off"
+    import warnings
+
+    import jax
+
+    if choice == "auto" and (jax.default_backend() != "cpu" or not _has_mkl_wheel()):
+        return "off"
+    import cpu_kernels
+
+    why = cpu_kernels.load()
+    if why is None:
+        return "on"
+    if choice == "on":
+        raise RuntimeError(f"cpu_kernels='on' cannot be served: {why}")
+    if why not in _WARNED:
+        _WARNED.add(why)
+        warnings.warn(f"cpu_kernels: using XLA's code ({why})", stacklevel=4)
+    return "off"
+
+
+_WARNED: set[str] = set()
+
+
+def _has_mkl_wheel() -> bool:
+    import importlib.metadata
+
+    try:
+        importlib.metadata.distribution("mkl")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 def _from_hf_dict(hf: dict[str, Any], where: str) -> dict[str, Any]:

@@ -38,12 +38,6 @@ from jax import lax
 import pallas_kernels as pk
 from llama_jax import sharding
 
-# Logical axes of what the functions take.
-_Q = ("batch", "seq", "q_heads", "head_dim")  # q and outputs [B, T, H, E]
-_KV = ("batch", "seq", "kv_heads", "head_dim")  # attention's own keys and values [B, T, K, E]
-_CACHE = ("batch", "kv_seq", "kv_heads", "head_dim")  # a cache, whole on every context device
-_TOKENS = ("batch", "seq")  # segment ids [B, T]
-_PER_ROW = ("batch",)
 
 # Masked logits and the log-sum-exp of a row that sees no key: finite, so no inf - inf = NaN.
 _NO_KEY = -1e30
@@ -72,6 +66,29 @@ def balanced_order(t: int, cp: int) -> np.ndarray:
 def natural_order(t: int, cp: int) -> np.ndarray:
     """The inverse of balanced_order(t, cp): x_balanced[:, natural_order(t, cp)] is in token order."""
     return np.argsort(balanced_order(t, cp))
+
+
+def context_size(mesh=None) -> int:
+    """How many ways the mesh (default: the active one) splits the sequence; 1 without a mesh."""
+    mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+    return 1 if mesh.empty else sharding.axis_size("seq", mesh)
+
+
+def hidden(model, tokens, positions=None, *, segment_ids=None, **kwargs):
+    """model.hidden(tokens, positions, ...) with no cache, in the balanced order when the active mesh
+    splits the sequence: the tokens (and positions, segment ids) go in permuted, every layer's
+    attention runs context-parallel (llama_jax.ops sees the split), and the hidden states [B, T, D]
+    come back in token order. Without a context split, model.hidden as it is."""
+    cp = context_size()
+    if cp == 1:
+        return model.hidden(tokens, positions, segment_ids=segment_ids, **kwargs)
+    b, t = tokens.shape
+    order, inverse = balanced_order(t, cp), natural_order(t, cp)
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    segment_ids = None if segment_ids is None else segment_ids[:, order]
+    x, cache = model.hidden(tokens[:, order], positions[:, order], segment_ids=segment_ids, **kwargs)
+    return x[:, inverse], cache
 
 
 def _to_natural(x, cp: int):
@@ -140,7 +157,7 @@ def attention(q, k, v, *, segment_ids=None, impl="xla", method="allgather"):
             local = functools.partial(_ring_local, axis=axis, cp=cp)
     if mesh.empty:
         return local(q, k, v, segment_ids)
-    specs = _specs(mesh, [(_Q, q), (_KV, k), (_KV, v), (_TOKENS, segment_ids)])
+    specs = _specs(mesh, [(sharding.HEADS, q), (sharding.KV, k), (sharding.KV, v), (sharding.TOKENS, segment_ids)])
     # check_vma=False: Pallas calls do not declare how their outputs vary over the mesh.
     return jax.shard_map(local, in_specs=tuple(specs), out_specs=specs[0], check_vma=False)(
         q, k, v, segment_ids)
@@ -292,6 +309,7 @@ def attention_cached(q, k_cache, v_cache, *, q_offset, kv_length, impl="xla"):
         return kernel(q, k, v, causal=True, q_offset=off, kv_lengths=n)
     if mesh.empty:
         return local(q, k_cache, v_cache, off, n)
-    specs = _specs(mesh, [(_Q, q), (_CACHE, k_cache), (_CACHE, v_cache), (_PER_ROW, off), (_PER_ROW, n)])
+    specs = _specs(mesh, [(sharding.HEADS, q), (sharding.CACHE_AXES, k_cache), (sharding.CACHE_AXES, v_cache),
+                           (sharding.PER_ROW, off), (sharding.PER_ROW, n)])
     return jax.shard_map(local, in_specs=tuple(specs), out_specs=specs[0], check_vma=False)(
         q, k_cache, v_cache, off, n)

@@ -367,3 +367,14 @@ def eval_batches(rows: PackedRows, batch_size: int, *, max_rows: int | None = No
             batch["tokens"][-short:] = rows.pad_id
         out.append(batch)
     return out
+
+
+def positions_from_segments(segment_ids: np.ndarray) -> np.ndarray:
+    """Positions restarting at 0 at each change of segment id along a row (0 on padding)."""
+    b, t = segment_ids.shape
+    idx = np.broadcast_to(np.arange(t), (b, t))
+    starts = np.concatenate([np.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    first = np.maximum.accumulate(np.where(starts, idx, 0), axis=1)
+    return np.where(segment_ids != 0, idx - first, 0).astype(np.int32)
+
+

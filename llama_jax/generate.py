@@ -122,10 +122,10 @@ def prefill(graphdef, state, cache, prompts: Sequence[Sequence[int]], chunk: int
     tokens = np.zeros((b, n_chunks * chunk), np.int32)
     for i, p in enumerate(prompts):
         tokens[i, : len(p)] = p
-    config = nnx.merge(graphdef, state).config
+    model = nnx.merge(graphdef, state)
     rows = sharding.batch_sharding(mesh, 2)
     lengths = jax.device_put(lengths, sharding.batch_sharding(mesh, 1))
-    last = jax.device_put(np.zeros((b, config.dim), jnp.dtype(config.dtype)), rows)
+    last = jax.device_put(np.zeros((b, model.config.dim), jnp.dtype(model.runtime.dtype)), rows)
     for c in range(n_chunks):
         part = jax.device_put(tokens[:, c * chunk:(c + 1) * chunk], rows)
         cache, last = prefill_chunk(graphdef, state, cache, part, jnp.int32(c * chunk), lengths, last)
@@ -170,14 +170,14 @@ def init_cache(graphdef, state, batch: int, max_len: int, mesh=None):
     return nnx.merge(graphdef, state).init_cache(batch, max_len, sharding=sharding.placement(mesh))
 
 
-def plan(longest: int, max_new_tokens: int, config) -> tuple[int, int]:
+def plan(longest: int, max_new_tokens: int, prefill_chunk: int, max_seq_len: int) -> tuple[int, int]:
     """(prefill chunk, cache length) for a batch whose longest prompt has `longest` tokens. The
-    chunk is config.prefill_chunk, or the prompt's length bucket when that is shorter; the cache
+    chunk is prefill_chunk, or the prompt's length bucket when that is shorter; the cache
     holds the chunk-padded prompt and every new token, bucketed too. So compiled programs are
     bounded by the (chunk, cache) bucket pairs. Past the context only padding is ever written."""
-    chunk = min(bucket(longest), config.prefill_chunk)
+    chunk = min(bucket(longest), prefill_chunk)
     padded = -(-longest // chunk) * chunk
-    return chunk, max(min(bucket(padded + max_new_tokens), config.max_seq_len), padded)
+    return chunk, max(min(bucket(padded + max_new_tokens), max_seq_len), padded)
 
 
 def generate_ids(graphdef, state, prompts: Sequence[Sequence[int]], params: SamplingParams, *, mesh=None
@@ -185,8 +185,9 @@ def generate_ids(graphdef, state, prompts: Sequence[Sequence[int]], params: Samp
     """Yields, chunk by chunk, the new tokens of each prompt (lists, possibly empty per sequence);
     the first chunk holds each sequence's first token. Stop tokens are included. Prompts are
     checked already (llama_jax.requests)."""
-    config = nnx.merge(graphdef, state).config
-    chunk, s = plan(max(len(p) for p in prompts), params.max_new_tokens, config)
+    model = nnx.merge(graphdef, state)
+    chunk, s = plan(max(len(p) for p in prompts), params.max_new_tokens, model.runtime.prefill_chunk,
+                    model.config.max_seq_len)
 
     static = (params.temperature == 0.0, params.top_k)
     temperature = jnp.float32(params.temperature or 1.0)

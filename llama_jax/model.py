@@ -3,13 +3,21 @@
 Shape letters: B batch, T query length, S key length, D model dim, H query heads, K kv heads,
 G group (H // K), E head dim, F ffn dim, V vocab, L layers.
 
-Weights of one kind are stacked over a leading layer axis L (simple checkpoints, one sharding rule per
-kind). The forward either scans that axis or, after `unstack_layers`, runs a Python loop over
-per-layer arrays; docs/PERFORMANCE.md has the measurements behind the default.
+The parameters have one stored layout: each weight kind stacked over a leading layer axis L (simple
+checkpoints, one sharding rule per kind), linear weights [in, out]. A `Layout` is a view of them that
+a program reads (per-layer arrays walked by a Python loop, [out, in] weights, q/k/v and w1/w3 fused
+into one product each): the model is built for a layout, and `view` / `stored` convert parameter
+trees between the stored layout and a view. docs/PERFORMANCE.md has the measurements behind the
+views each program uses.
+
+The model knows no mesh: parallelism is applied from outside (llama_jax.pipeline runs the stacked
+layers over stages through `hidden`'s `walk`; llama_jax.context_parallel reorders the sequence).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from typing import NamedTuple
 
@@ -18,12 +26,31 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llama_jax import ops, pipeline
-from llama_jax.config import LlamaConfig
+from llama_jax import ops
+from llama_jax.config import LlamaConfig, RuntimeConfig
+from llama_jax.sharding import CACHE_AXES, ROWS, no_mesh
 
-# Logical axes of one layer's KV cache [B, S, K, E]; llama_jax.sharding maps them onto a mesh.
-CACHE_AXES = ("batch", "kv_seq", "kv_heads", "head_dim")
-ROWS = ("batch", "seq", "act_embed")  # activations [B, T, D]
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """A view of the stored parameters that a program reads, chosen once where it is built.
+
+    per_layer: the layers as a list of per-layer blocks, walked by a Python loop (on a CPU decode
+      runs about 1.5x faster than scanning the stacked arrays, which copies each layer's slice);
+      False: stacked [L, ...] and scanned (compile time flat in depth).
+    transposed: linear weights [out, in] (the layout in which XLA's GPU matrix-vector product reads a
+      weight once: docs/GPU_COMPILE.md).
+    fused: wq|wk|wv stored as one `wqkv` and w1|w3 as one `w13`, concatenated along their outputs: one
+      product each (and one for x's gradient), which the CPU's MKL calls want. Never under a mesh:
+      tensor parallelism splits the parts' columns differently.
+    """
+
+    per_layer: bool = False
+    transposed: bool = False
+    fused: bool = False
+
+
+STORED = Layout()  # the checkpoint layout: stacked, [in, out], unfused
 
 
 def _param(rngs: nnx.Rngs, shape, axes, dtype, std):
@@ -101,38 +128,37 @@ def apply_rope(x: jax.Array, rope: Rope) -> jax.Array:
 # --- Attention, MLP, block --------------------------------------------------------------------------
 
 
-def _dot(x, w, dtype, transposed=False):
-    """x [B, T, in] @ w in the compute dtype, accumulated in f32. w is stored [in, out] (the checkpoint
-    layout), or [out, in] if transposed (see `Transformer.unstack_layers`)."""
-    return ops.linear(x, w.astype(dtype), transposed=transposed).astype(dtype)
+def _linear(x, w, runtime: RuntimeConfig, layout: Layout):
+    """x [B, T, in] @ w in the compute dtype, accumulated in f32; w [in, out] ([out, in] when the
+    layout is transposed)."""
+    dtype = jnp.dtype(runtime.dtype)
+    y = ops.linear(x, w.astype(dtype), transposed=layout.transposed, cpu_kernels=runtime.cpu_kernels == "on")
+    return y.astype(dtype)
 
 
-def _dots(x, ws, dtype, transposed, fuse):
-    """[x @ w for w in ws] (weights with the same input); with `fuse`, one product over the weights
-    concatenated along their outputs, split after: one pass over x instead of several, and in the
-    backward one product for x's gradient (the trainer on CPU, where each product is an MKL call)."""
-    if not fuse:
-        return [_dot(x, w, dtype, transposed) for w in ws]
-    out_axis = 0 if transposed else 1
-    y = _dot(x, jnp.concatenate(ws, axis=out_axis), dtype, transposed)
-    return jnp.split(y, np.cumsum([w.shape[out_axis] for w in ws])[:-1].tolist(), axis=-1)
+def _weight(rngs, stack, shape, axes, dtype, std, layout: Layout):
+    """A linear weight [*stack, in, out] (or [*stack, out, in] in a transposed layout)."""
+    lx = ("layers",) * len(stack)
+    if layout.transposed:
+        shape, axes = shape[::-1], axes[::-1]
+    return _param(rngs, (*stack, *shape), (*lx, *axes), dtype, std)
 
 
 class Attention(nnx.Module):
-    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, stack: tuple[int, ...] = ()):
-        c, d, h, k, e = config, config.dim, config.n_heads, config.n_kv_heads, config.head_dim
-        pd = jnp.dtype(c.param_dtype)
-        lx = ("layers",) * len(stack)
+    def __init__(self, config: LlamaConfig, runtime: RuntimeConfig, layout: Layout, *, rngs: nnx.Rngs,
+                 stack: tuple[int, ...] = ()):
+        d, h, k, e = config.dim, config.n_heads, config.n_kv_heads, config.head_dim
+        pd = jnp.dtype(runtime.param_dtype)
         std = 1.0 / math.sqrt(d)
-        self.wq = _param(rngs, (*stack, d, h * e), (*lx, "embed", "q_heads"), pd, std)
-        self.wk = _param(rngs, (*stack, d, k * e), (*lx, "embed", "kv_heads"), pd, std)
-        self.wv = _param(rngs, (*stack, d, k * e), (*lx, "embed", "kv_heads"), pd, std)
-        self.wo = _param(rngs, (*stack, h * e, d), (*lx, "q_heads", "embed"), pd, 1.0 / math.sqrt(h * e))
+        if layout.fused:
+            self.wqkv = _weight(rngs, stack, (d, (h + 2 * k) * e), ("embed", "fused"), pd, std, layout)
+        else:
+            self.wq = _weight(rngs, stack, (d, h * e), ("embed", "q_heads"), pd, std, layout)
+            self.wk = _weight(rngs, stack, (d, k * e), ("embed", "kv_heads"), pd, std, layout)
+            self.wv = _weight(rngs, stack, (d, k * e), ("embed", "kv_heads"), pd, std, layout)
+        self.wo = _weight(rngs, stack, (h * e, d), ("q_heads", "embed"), pd, 1.0 / math.sqrt(h * e), layout)
         self.n_heads, self.n_kv_heads, self.head_dim = h, k, e
-        self.dtype = jnp.dtype(c.dtype)
-        self.impl = c.attention_impl
-        self.transposed = False  # weights stored [in, out]; [out, in] after unstack_layers(transpose=True)
-        self.fuse = False  # q, k and v as one product (see _dots)
+        self.runtime, self.layout = runtime, layout
 
     def __call__(self, x, rope: Rope, cache: KVCache | None, segment_ids, positions):
         """x [B, T, D]. Without a cache: causal self-attention over x (within each document when
@@ -141,14 +167,19 @@ class Attention(nnx.Module):
         every row writes its keys at start..start+T-1, start = positions[0, 0], and attends to the
         cached keys before them and to its own (chunked prefill). Returns (out, cache)."""
         b, t, _ = x.shape
-        q, k, v = _dots(x, [self.wq[...], self.wk[...], self.wv[...]], self.dtype, self.transposed, self.fuse)
+        h, kv, e, rt, lt = self.n_heads, self.n_kv_heads, self.head_dim, self.runtime, self.layout
+        if lt.fused:
+            q, k, v = jnp.split(_linear(x, self.wqkv[...], rt, lt), [h * e, (h + kv) * e], axis=-1)
+        else:
+            q, k, v = (_linear(x, w[...], rt, lt) for w in (self.wq, self.wk, self.wv))
         q = q.reshape(b, t, self.n_heads, self.head_dim)
         k = k.reshape(b, t, self.n_kv_heads, self.head_dim)
         v = v.reshape(b, t, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, rope), apply_rope(k, rope)  # (B, T, H|K, E)
 
         if cache is None:
-            out = ops.prefill_attention(q, k, v, segment_ids=segment_ids, impl=self.impl)
+            out = ops.prefill_attention(q, k, v, segment_ids=segment_ids, impl=rt.attention_impl,
+                                        cpu_kernels=rt.cpu_kernels == "on")
         elif t == 1:
             pos = positions[:, 0]
             batch = jnp.arange(b)
@@ -157,7 +188,8 @@ class Attention(nnx.Module):
             write = dict(mode="promise_in_bounds", unique_indices=True)
             cache = KVCache(cache.k.at[batch, pos].set(k[:, 0].astype(cache.k.dtype), **write),
                             cache.v.at[batch, pos].set(v[:, 0].astype(cache.v.dtype), **write))
-            out = ops.decode_attention(q[:, 0], cache.k, cache.v, lengths=pos + 1, impl=self.impl)
+            out = ops.decode_attention(q[:, 0], cache.k, cache.v, lengths=pos + 1, impl=rt.attention_impl,
+                                       cpu_kernels=rt.cpu_kernels == "on")
             out = out[:, None]  # (B, 1, H, E)
         else:
             start = positions[0, 0]
@@ -165,38 +197,46 @@ class Attention(nnx.Module):
                             jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), start, 1))
             # Query i sits at key start + i and sees the keys up to it. Right padding needs no mask:
             # a padded key sits after every real query of its row.
-            out = ops.prefill_attention(q, cache.k, cache.v, q_offset=start, kv_length=start + t, impl=self.impl)
-        out = out.reshape(b, t, self.n_heads * self.head_dim)  # (B, T, H*E)
-        return _dot(out, self.wo[...], self.dtype, self.transposed), cache
+            out = ops.prefill_attention(q, cache.k, cache.v, q_offset=start, kv_length=start + t,
+                                        impl=rt.attention_impl, cpu_kernels=rt.cpu_kernels == "on")
+        out = out.reshape(b, t, h * e)  # (B, T, H*E)
+        return _linear(out, self.wo[...], rt, lt), cache
 
 
 class FeedForward(nnx.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x)."""
 
-    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, stack: tuple[int, ...] = ()):
+    def __init__(self, config: LlamaConfig, runtime: RuntimeConfig, layout: Layout, *, rngs: nnx.Rngs,
+                 stack: tuple[int, ...] = ()):
         d, f = config.dim, config.ffn_dim
-        pd = jnp.dtype(config.param_dtype)
-        lx = ("layers",) * len(stack)
-        self.w1 = _param(rngs, (*stack, d, f), (*lx, "embed", "ffn"), pd, 1.0 / math.sqrt(d))
-        self.w3 = _param(rngs, (*stack, d, f), (*lx, "embed", "ffn"), pd, 1.0 / math.sqrt(d))
-        self.w2 = _param(rngs, (*stack, f, d), (*lx, "ffn", "embed"), pd, 1.0 / math.sqrt(f))
-        self.dtype = jnp.dtype(config.dtype)
-        self.transposed = False
-        self.fuse = False  # w1 and w3 as one product (see _dots)
+        pd = jnp.dtype(runtime.param_dtype)
+        std = 1.0 / math.sqrt(d)
+        if layout.fused:
+            self.w13 = _weight(rngs, stack, (d, 2 * f), ("embed", "fused"), pd, std, layout)
+        else:
+            self.w1 = _weight(rngs, stack, (d, f), ("embed", "ffn"), pd, std, layout)
+            self.w3 = _weight(rngs, stack, (d, f), ("embed", "ffn"), pd, std, layout)
+        self.w2 = _weight(rngs, stack, (f, d), ("ffn", "embed"), pd, 1.0 / math.sqrt(f), layout)
+        self.runtime, self.layout = runtime, layout
 
     def __call__(self, x):
-        gate, up = _dots(x, [self.w1[...], self.w3[...]], self.dtype, self.transposed, self.fuse)
-        return _dot(jax.nn.silu(gate) * up, self.w2[...], self.dtype, self.transposed)
+        rt, lt = self.runtime, self.layout
+        if lt.fused:
+            gate, up = jnp.split(_linear(x, self.w13[...], rt, lt), 2, axis=-1)
+        else:
+            gate, up = _linear(x, self.w1[...], rt, lt), _linear(x, self.w3[...], rt, lt)
+        return _linear(jax.nn.silu(gate) * up, self.w2[...], rt, lt)
 
 
 class TransformerBlock(nnx.Module):
-    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, stack: tuple[int, ...] = ()):
-        pd = jnp.dtype(config.param_dtype)
-        norm = dict(eps=config.norm_eps, impl=config.norm_impl, dtype=pd, stack=stack)
+    def __init__(self, config: LlamaConfig, runtime: RuntimeConfig, layout: Layout, *, rngs: nnx.Rngs,
+                 stack: tuple[int, ...] = ()):
+        pd = jnp.dtype(runtime.param_dtype)
+        norm = dict(eps=config.norm_eps, impl=runtime.norm_impl, dtype=pd, stack=stack)
         self.attention_norm = RMSNorm(config.dim, **norm)
-        self.attention = Attention(config, rngs=rngs, stack=stack)
+        self.attention = Attention(config, runtime, layout, rngs=rngs, stack=stack)
         self.ffn_norm = RMSNorm(config.dim, **norm)
-        self.feed_forward = FeedForward(config, rngs=rngs, stack=stack)
+        self.feed_forward = FeedForward(config, runtime, layout, rngs=rngs, stack=stack)
 
     def __call__(self, x, delta, rope, cache, segment_ids, positions):
         """A pre-norm residual block over the stream x + delta, where delta [B, T, D] is the previous
@@ -208,31 +248,69 @@ class TransformerBlock(nnx.Module):
         return x, self.feed_forward(normed), cache
 
 
-LINEAR_WEIGHTS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+# --- Views of the stored parameters ------------------------------------------------------------------
+
+LINEAR_WEIGHTS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "wqkv", "w13")
+_FUSED = {"attention": ("wqkv", ("wq", "wk", "wv")), "feed_forward": ("w13", ("w1", "w3"))}
 
 
-def _key_name(key) -> str:
-    return str(getattr(key, "key", getattr(key, "name", key)))
+def _map_linear(block: dict, fn) -> dict:
+    """fn(array) -> array over one block's (or the stacked blocks') linear weights."""
+    return {part: {k: fn(w) if k in LINEAR_WEIGHTS else w for k, w in ws.items()} for part, ws in block.items()}
 
 
-def _layer_slice(stacked, i: int, transpose: bool = False):
-    """Layer i of a stacked array (transposed if asked), or of its abstract shape (nnx.eval_shape)."""
-    if isinstance(stacked, jax.ShapeDtypeStruct):
-        shape, sharding = stacked.shape[1:], stacked.sharding
-        if isinstance(sharding, jax.sharding.NamedSharding):
-            spec = tuple(sharding.spec[1:]) + (None,) * (len(shape) - len(sharding.spec[1:]))
-            spec = spec[::-1] if transpose else spec
-            sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
-        return jax.ShapeDtypeStruct(shape[::-1] if transpose else shape, stacked.dtype, sharding=sharding)
-    return stacked[i].T if transpose else stacked[i]
+def _block_view(block: dict, layout: Layout) -> dict:
+    """One block's weights (or the stacked blocks', [L, ...]) in the stored layout -> in `layout`."""
+    block = {part: dict(ws) for part, ws in block.items()}
+    if layout.fused:
+        for part, (name, names) in _FUSED.items():
+            ws = block[part]
+            ws[name] = jnp.concatenate([ws.pop(n) for n in names], axis=-1)  # (..., in, out1 + out2 + ...)
+    if layout.transposed:
+        block = _map_linear(block, _swap_last)
+    return block
 
 
-def stack_layers(params: dict, n_layers: int, *, transposed: bool) -> dict:
-    """Per-layer params (a nested dict, layers keyed 0..L-1, linear weights [out, in] if transposed)
-    -> the checkpoint layout: each kind stacked on a leading layer axis, linear weights [in, out]."""
-    layers = [{part: {k: w.T if transposed and k in LINEAR_WEIGHTS else w for k, w in ws.items()}
-               for part, ws in params["layers"][i].items()} for i in range(n_layers)]
-    return dict(params, layers=jax.tree.map(lambda *xs: jnp.stack(xs), *layers))
+def _swap_last(w):
+    """w with its last two axes swapped: a numpy view for host arrays (nothing copied until placed)."""
+    return np.swapaxes(w, -1, -2) if isinstance(w, np.ndarray) else jnp.swapaxes(w, -1, -2)
+
+
+def _block_stored(block: dict, layout: Layout, config: LlamaConfig) -> dict:
+    """The inverse of _block_view."""
+    if layout.transposed:
+        block = _map_linear(block, _swap_last)
+    block = {part: dict(ws) for part, ws in block.items()}
+    if layout.fused:
+        q, kv, f = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim, config.ffn_dim
+        sizes = {"attention": (q, q + kv), "feed_forward": (f,)}
+        for part, (name, names) in _FUSED.items():
+            ws = block[part]
+            ws.update(zip(names, jnp.split(ws.pop(name), sizes[part], axis=-1)))
+    return block
+
+
+def view(params: dict, layout: Layout, config: LlamaConfig) -> dict:
+    """The parameters (a nested dict as `nnx.to_pure_dict` gives, in the stored layout) as `layout`
+    reads them: the model built for `layout` takes the result. Pure: new arrays where the view
+    differs (numpy inputs give numpy views, no copy, where only slicing and transposing)."""
+    layers = params["layers"]
+    if layout.per_layer:
+        layers = {i: _block_view(jax.tree.map(lambda w: w[i], layers), layout) for i in range(config.n_layers)}
+    else:
+        layers = _block_view(layers, layout)
+    return dict(params, layers=layers)
+
+
+def stored(params: dict, layout: Layout, config: LlamaConfig) -> dict:
+    """The inverse of `view`: parameters (or a gradient) read in `layout` -> the stored layout."""
+    layers = params["layers"]
+    if layout.per_layer:
+        blocks = [_block_stored(layers[i], layout, config) for i in range(config.n_layers)]
+        layers = jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)
+    else:
+        layers = _block_stored(layers, layout, config)
+    return dict(params, layers=layers)
 
 
 def _remat(fn, remat):
@@ -243,20 +321,33 @@ def _remat(fn, remat):
     return jax.checkpoint(fn, policy=policy)
 
 
+def scan_layers(body, stream, layers, per_row):
+    """The stacked layers in order, one lax.scan: stream = body(stream, layers[l], per_row) for each l.
+    The default walk of `Transformer.hidden`; llama_jax.pipeline.pipeline is a drop-in for it."""
+    return jax.lax.scan(lambda s, layer: (body(s, layer, per_row), None), stream, layers)[0]
+
+
 # --- The transformer ------------------------------------------------------------------------------
 
 
 class Transformer(nnx.Module):
-    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
-        c = config.resolved()  # concrete dtypes and kernels from here on
-        pd = jnp.dtype(c.param_dtype)
-        self.config = c
+    """The model of `config` computed as `runtime` says (resolved here: concrete dtypes and kernels),
+    its weights in `layout` (default: the stored layout)."""
+
+    def __init__(self, config: LlamaConfig, runtime: RuntimeConfig | None = None, *, rngs: nnx.Rngs,
+                 layout: Layout = STORED):
+        c, rt = config, (runtime or RuntimeConfig()).resolved()
+        pd = jnp.dtype(rt.param_dtype)
+        self.config, self.runtime, self.layout = c, rt, layout
         self.tok_embeddings = _param(rngs, (c.vocab_size, c.dim), ("vocab", "embed"), pd, 1.0)
-        self.layers = TransformerBlock(c, rngs=rngs, stack=(c.n_layers,))
-        self.norm = RMSNorm(c.dim, eps=c.norm_eps, impl=c.norm_impl, dtype=pd)
+        if layout.per_layer:
+            self.layers = nnx.List([TransformerBlock(c, rt, layout, rngs=rngs) for _ in range(c.n_layers)])
+        else:
+            self.layers = TransformerBlock(c, rt, layout, rngs=rngs, stack=(c.n_layers,))
+        self.norm = RMSNorm(c.dim, eps=c.norm_eps, impl=rt.norm_impl, dtype=pd)
         if not c.tie_embeddings:
             self.output = _param(rngs, (c.dim, c.vocab_size), ("embed", "vocab"), pd, 1.0 / math.sqrt(c.dim))
-        self.dtype = jnp.dtype(c.dtype)
+        self.dtype = jnp.dtype(rt.dtype)
 
     def __call__(self, tokens, positions=None, cache=None):
         """tokens [B, T] int32; positions [B, T] (default 0..T-1); cache: per-layer KVCache list (or
@@ -265,22 +356,15 @@ class Transformer(nnx.Module):
         x, cache = self.hidden(tokens, positions, cache=cache)
         return self.head(x), cache
 
-    def hidden(self, tokens, positions=None, *, cache=None, segment_ids=None, remat=False, micro_batches=None):
+    def hidden(self, tokens, positions=None, *, cache=None, segment_ids=None, remat=False, walk=scan_layers):
         """The final-normed hidden states [B, T, D] and the cache: `__call__` without the output
         head, for a loss that applies the head in chunks. segment_ids [B, T] (packed documents:
         attention stays within a document; no cache); remat: False, True (recompute each layer in
-        the backward) or the name of a `jax.checkpoint_policies` policy. micro_batches: how many
-        pieces the batch flows through the pipeline in when the mesh splits the stacked layers into
-        stages (llama_jax.pipeline; None: pipeline.default_micro_batches)."""
+        the backward) or the name of a `jax.checkpoint_policies` policy. walk: how stacked layers
+        run without a cache, a function like `scan_layers` (the trainer passes the pipeline)."""
         b, t = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        # Context parallelism (a mesh that splits the sequence): without a cache the sequence runs in
-        # an order that balances the causal work over the devices, and comes back in order at the end.
-        order = ops.sequence_order(t) if cache is None else None
-        if order is not None:
-            tokens, positions = tokens[:, order[0]], positions[:, order[0]]
-            segment_ids = None if segment_ids is None else segment_ids[:, order[0]]
         x = ops.constrain(ops.embed(self.tok_embeddings[...], tokens).astype(self.dtype), ROWS)  # (B, T, D)
         rope = rope_angles(positions, jnp.asarray(rope_frequencies(self.config)))  # a trace-time constant
 
@@ -292,69 +376,32 @@ class Transformer(nnx.Module):
             return _remat(body, remat)
 
         stream = (x, jnp.zeros_like(x))  # (residual stream, the last block's output not yet added)
-        if isinstance(self.layers, nnx.List):  # per-layer arrays, a Python loop
+        if self.layout.per_layer:  # per-layer arrays, a Python loop
             new_cache = []
             for i, layer in enumerate(self.layers):
                 graphdef, state = nnx.split(layer)
                 stream, c = step(graphdef)(stream, (state, None if cache is None else cache[i]))
                 new_cache.append(c)
             cache = None if cache is None else new_cache
-        elif cache is None:  # stacked arrays, scanned (pipelined over stages when the mesh has them)
+        elif cache is None:  # stacked arrays, walked (scanned, or pipelined by the caller)
             graphdef, state = nnx.split(self.layers)
 
             def layer(stream, layer_state, per_row):
                 x, delta, _ = nnx.merge(graphdef, layer_state)(*stream, *per_row)
                 return x, delta
 
-            stream = pipeline.pipeline(_remat(layer, remat), stream, state, (rope, None, segment_ids, positions),
-                                       micro_batches=micro_batches)
+            stream = walk(_remat(layer, remat), stream, state, (rope, None, segment_ids, positions))
         else:  # stacked arrays and cache, scanned: compile time flat in depth
             graphdef, state = nnx.split(self.layers)
             stream, cache = jax.lax.scan(step(graphdef), stream, (state, cache))
         x, delta = stream
-        x = self.norm(delta, x)[0]
-        return (x if order is None else x[:, order[1]]), cache
+        return self.norm(delta, x)[0], cache
 
     def head(self, x):
         """Logits [..., V] float32 of normed hidden states x [..., D]."""
         tied = self.config.tie_embeddings  # contract with the embedding as stored: no transposed copy
         w = self.tok_embeddings[...] if tied else self.output[...]
-        return ops.linear(x, w.astype(self.dtype), transposed=tied)
-
-    def unstack_layers(self, transpose: bool = True) -> None:
-        """Replaces the stacked layers by a list of per-layer blocks (on CPU this decodes about 1.5x
-        faster than scanning: docs/PERFORMANCE.md). Each stacked device array is freed once it is
-        sliced, so the peak is the model plus one weight kind, not two models. transpose: store
-        each linear weight [out, in], the layout in which XLA's GPU matrix-vector product reads a
-        weight once (docs/GPU_COMPILE.md); the checkpoint layout is [in, out]."""
-        if isinstance(self.layers, nnx.List):
-            return
-        graphdef, state = nnx.split(self.layers)
-        leaves, treedef = jax.tree_util.tree_flatten_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-        n = self.config.n_layers
-        per_layer = [[] for _ in range(n)]
-        for path, var in leaves:
-            stacked = var.get_value()
-            axes = var.get_metadata()["out_sharding"][1:]  # drop the 'layers' logical axis
-            flip = transpose and _key_name(path[-1]) in LINEAR_WEIGHTS
-            for i in range(n):
-                v = var.replace(value=_layer_slice(stacked, i, flip))
-                v.set_metadata("out_sharding", axes[::-1] if flip else axes)
-                per_layer[i].append(v)
-            if isinstance(stacked, jax.Array):
-                stacked.delete()
-        del state, leaves
-        self.layers = nnx.List([nnx.merge(graphdef, jax.tree.unflatten(treedef, vs)) for vs in per_layer])
-        for block in self.layers:
-            block.attention.transposed = block.feed_forward.transposed = transpose
-
-    def stacked_params(self) -> dict:
-        """The parameters as a nested dict in the checkpoint layout (layers stacked on axis 0, linear
-        weights [in, out]), whatever the layout the model runs in; new arrays when unstacked."""
-        params = nnx.to_pure_dict(nnx.state(self, nnx.Param))
-        if not isinstance(self.layers, nnx.List):
-            return params
-        return stack_layers(params, self.config.n_layers, transposed=self.layers[0].attention.transposed)
+        return ops.linear(x, w.astype(self.dtype), transposed=tied, cpu_kernels=self.runtime.cpu_kernels == "on")
 
     def init_cache(self, batch: int, max_len: int, dtype=None, sharding=None) -> list[KVCache] | KVCache:
         """An all-zero KV cache matching the layer layout: a list of per-layer [B, S, K, E] caches, or
@@ -362,10 +409,34 @@ class Transformer(nnx.Module):
         (logical axes, shape) -> where the arrays go (llama_jax.sharding.placement(mesh))."""
         c = self.config
         shape, axes = (batch, max_len, c.n_kv_heads, c.head_dim), CACHE_AXES
-        if not isinstance(self.layers, nnx.List):
+        if not self.layout.per_layer:
             shape, axes = (c.n_layers, *shape), ("layers", *axes)
         device = None if sharding is None else sharding(axes, shape)
         zeros = lambda: jnp.zeros(shape, dtype or self.dtype, device=device)  # noqa: E731
-        if isinstance(self.layers, nnx.List):
+        if self.layout.per_layer:
             return [KVCache(zeros(), zeros()) for _ in range(c.n_layers)]
         return KVCache(zeros(), zeros())
+
+
+def abstract(config: LlamaConfig, runtime: RuntimeConfig | None = None, layout: Layout = STORED) -> Transformer:
+    """The model with no arrays (shapes, dtypes and logical axes only): for building others and for
+    reading parameter shapes and shardings."""
+    return nnx.merge(*_split(config, runtime, layout))
+
+
+@functools.lru_cache(maxsize=None)
+def _split(config, runtime, layout):
+    # No mesh: abstract arrays carry logical axis names, not a mesh's shardings (even when traced
+    # inside a jitted step under one).
+    with no_mesh():
+        return nnx.split(nnx.eval_shape(lambda: Transformer(config, runtime, rngs=nnx.Rngs(0), layout=layout)))
+
+
+def build(config: LlamaConfig, params: dict, runtime: RuntimeConfig | None = None, layout: Layout = STORED
+          ) -> Transformer:
+    """The model whose weights are `params` (a nested dict in `layout`, e.g. `view(stored_params, ...)`),
+    with no random init; host arrays stay where they are."""
+    graphdef, state = _split(config, runtime, layout)
+    state = jax.tree.map(lambda x: x, state)  # a fresh State to fill
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)

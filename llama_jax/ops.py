@@ -1,14 +1,15 @@
-"""The model's compute ops, one function per phase, dispatching to the Pallas kernels or to their
-pure-jnp references: `rms_norm`, `prefill_attention`, `decode_attention`.
+"""The model's compute ops, one function per phase, dispatching to a kernel backend or to XLA:
+`embed`, `linear`, `contract_rows`, `rms_norm`, `prefill_attention`, `decode_attention`.
 
-`impl` is fixed at load time: "auto" is pallas on GPU and xla elsewhere; on CPU "pallas" runs the
-kernels in interpret mode (slow, for tests). "xla" is the memory-bounded blocked attention in plain
-JAX (pallas_kernels/blocked_attention.py), whose forward runs as llama_jax.cpu_kernels' MKL kernel
-on CPU; the naive references stay as the tests' yardstick.
-"cudnn" is jax.nn.dot_product_attention's cuDNN path.
-`linear` and `contract_rows`, the model's and the loss's matrix products, go to MKL on CPU
-(llama_jax.cpu_kernels; a decode step's few rows to its matrix-vector kernel) and to XLA's dot
-elsewhere. Decode attention's "xla" impl runs as cpu_kernels' decode kernel on CPU.
+The choices come from the RuntimeConfig, fixed when the program is built:
+- `impl` (attention, norm): "auto" is pallas on GPU and xla elsewhere; on CPU "pallas" runs the
+  kernels in interpret mode (slow, for tests). "xla" is the memory-bounded blocked attention in
+  plain JAX (pallas_kernels/blocked_attention.py); "cudnn" is jax.nn.dot_product_attention's.
+- `cpu_kernels` (True when the RuntimeConfig resolved it "on"): the optional C++ backend (the
+  cpu_kernels package) serves `linear`, `contract_rows` and the "xla" attentions where it can: f32
+  operands and no mesh (a custom call has no sharding rule). It is chosen when the program is
+  lowered (`lax.platform_dependent`), so a program traced here and compiled for a GPU (make
+  gpu-check) never holds a CPU custom call. Everywhere else XLA's code runs.
 Under a mesh (`jax.set_mesh`), a Pallas kernel runs per device inside `jax.shard_map` over the local
 batch and heads (specs from llama_jax.sharding's logical axes); the XLA paths follow the shardings
 of their inputs.
@@ -22,16 +23,10 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+import cpu_kernels as ck
 import pallas_kernels as pk
-from llama_jax import context_parallel, cpu_kernels, sharding
-
-# Logical axes of what the kernels see.
-_HEADS = ("batch", "seq", "q_heads", "head_dim")  # q and outputs [B, T, H, E]
-_KV = ("batch", "kv_seq", "kv_heads", "head_dim")  # keys, values and the cache [B, S, K, E]
-_ROWS = ("batch", "seq", "act_embed")  # activations [B, T, D]
-_DECODE_Q = ("batch", "q_heads", "head_dim")  # one query per sequence [B, H, E]
-_PER_ROW = ("batch",)  # lengths [B]
-_TOKENS = ("batch", "seq")  # segment ids [B, T]
+from llama_jax import context_parallel, sharding
+from llama_jax.sharding import CACHE_AXES, DECODE_Q, HEADS, PER_ROW, ROWS, TOKENS
 
 
 def resolve(impl: str) -> str:
@@ -40,6 +35,14 @@ def resolve(impl: str) -> str:
     if impl == "cudnn" and jax.default_backend() != "gpu":
         raise ValueError("attention_impl='cudnn' needs a GPU (use 'xla' or 'pallas')")
     return impl
+
+
+def describe(runtime) -> str:
+    """What computes under a resolved RuntimeConfig, in a few words (llama-jax bench and inspect)."""
+    attention = resolve(runtime.attention_impl)
+    if runtime.cpu_kernels == "on":
+        return "cpu_kernels (C++/MKL: f32 products and attention without a mesh) + xla"
+    return "xla" if attention == "xla" else f"xla + {attention} attention"
 
 
 def _per_device(fn, in_axes: list, out_axes):
@@ -65,6 +68,12 @@ def _per_device(fn, in_axes: list, out_axes):
     return mapped
 
 
+def _cpu_serves(enabled: bool, *arrays) -> bool:
+    """Whether the C++ CPU backend takes these operands: enabled by the RuntimeConfig, all float32,
+    and no mesh (see the module docstring)."""
+    return enabled and all(a.dtype == jnp.float32 for a in arrays) and jax.sharding.get_abstract_mesh().empty
+
+
 def _cpu_or(kernel, xla, *args):
     """kernel(*args) where the program runs on the CPU, xla(*args) elsewhere: decided when it is
     lowered, so that a program traced here and compiled for a GPU (make gpu-check) has no CPU
@@ -72,28 +81,27 @@ def _cpu_or(kernel, xla, *args):
     return jax.lax.platform_dependent(*args, cpu=kernel, default=xla)
 
 
-def linear(x, w, *, transposed=False):
+def linear(x, w, *, transposed=False, cpu_kernels=False):
     """x [..., K] @ w [K, N] -> [..., N] f32 (w stored [N, K] if transposed), accumulated in f32."""
     spec = "...K,NK->...N" if transposed else "...K,KN->...N"
     xla = functools.partial(jnp.einsum, spec, preferred_element_type=jnp.float32)
     rows = x.size // x.shape[-1]
-    if not rows or not cpu_kernels.enabled_for(x, w):
+    if not rows or not _cpu_serves(cpu_kernels, x, w):
         return xla(x, w)
 
     def kernel(x, w):
         x2 = x.reshape(-1, x.shape[-1])
-        y = cpu_kernels.gemm(x2, w, False, transposed) if rows >= cpu_kernels.MIN_ROWS else \
-            cpu_kernels.matvec(x2, w, transposed)
+        y = ck.gemm(x2, w, False, transposed) if rows >= ck.MIN_ROWS else ck.matvec(x2, w, transposed)
         return y.reshape(*x.shape[:-1], y.shape[-1])
     return _cpu_or(kernel, xla, x, w)
 
 
-def contract_rows(a, b):
+def contract_rows(a, b, *, cpu_kernels=False):
     """a [..., M] and b [..., N] -> [M, N] f32: the sum over rows of a^T b (a weight's gradient)."""
     xla = functools.partial(jnp.einsum, "...M,...N->MN", preferred_element_type=jnp.float32)
-    if not cpu_kernels.enabled_for(a, b):
+    if not _cpu_serves(cpu_kernels, a, b):
         return xla(a, b)
-    return _cpu_or(lambda a, b: cpu_kernels.gemm(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]), True, False),
+    return _cpu_or(lambda a, b: ck.gemm(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]), True, False),
                    xla, a, b)
 
 
@@ -116,7 +124,7 @@ def embed(table, tokens):
         return jax.lax.psum(x, axis)
 
     # ("vocab", None): a table split over 'fsdp' as well is gathered whole along D first.
-    return _per_device(local, [("vocab", None), _TOKENS], _ROWS)(table, tokens)
+    return _per_device(local, [("vocab", None), TOKENS], ROWS)(table, tokens)
 
 
 def rms_norm(x, weight, residual=None, *, eps, impl="auto"):
@@ -125,24 +133,8 @@ def rms_norm(x, weight, residual=None, *, eps, impl="auto"):
         return pk.rms_norm_reference(x, weight, residual, eps=eps)
     kernel = functools.partial(pk.rms_norm, eps=eps)
     if residual is None:
-        return _per_device(lambda x, w: kernel(x, w), [_ROWS, ("norm",)], _ROWS)(x, weight)
-    return _per_device(kernel, [_ROWS, ("norm",), _ROWS], [_ROWS, _ROWS])(x, weight, residual)
-
-
-def _context_parallel() -> int:
-    """How many ways the active mesh splits the sequence (1 without a mesh)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    return 1 if mesh.empty else sharding.axis_size("seq", mesh)
-
-
-def sequence_order(t: int):
-    """For a no-cache forward of t tokens under a mesh that splits the sequence over cp devices:
-    (order, inverse) static permutations that put the sequence in the balanced layout (device i
-    holds chunks i and 2cp-1-i, llama_jax.context_parallel) and back; None otherwise."""
-    cp = _context_parallel()
-    if cp == 1:
-        return None
-    return context_parallel.balanced_order(t, cp), context_parallel.natural_order(t, cp)
+        return _per_device(lambda x, w: kernel(x, w), [ROWS, ("norm",)], ROWS)(x, weight)
+    return _per_device(kernel, [ROWS, ("norm",), ROWS], [ROWS, ROWS])(x, weight, residual)
 
 
 def constrain(x, axes):
@@ -154,18 +146,19 @@ def constrain(x, axes):
     return jax.lax.with_sharding_constraint(x, sharding.logical_to_mesh(axes, x.shape, mesh))
 
 
-def prefill_attention(q, k, v, *, q_offset=None, kv_length=None, segment_ids=None, impl="auto"):
+def prefill_attention(q, k, v, *, q_offset=None, kv_length=None, segment_ids=None, impl="auto", cpu_kernels=False):
     """Causal attention of q [B, T, H, E] over k, v [B, S, K, E] -> [B, T, H, E]. Query i sits at
     key q_offset + i (a scalar, default 0) and sees the keys up to it, and only the first
     kv_length keys (a scalar, default S: a cache's unwritten tail is never read). segment_ids
     [B, T] (T == S): a query sees only keys of its own segment (packed documents).
 
     Under a mesh that splits the sequence (context parallelism): without q_offset, q, k, v and
-    segment_ids are in the balanced order of `sequence_order` (a no-cache forward); with it, q is a
-    prefill chunk in natural order over a cache that holds every key."""
+    segment_ids are in context_parallel's balanced order (a no-cache forward); with it, q is a
+    prefill chunk in natural order over a cache that holds every key (context_parallel.hidden puts a
+    no-cache forward in that order)."""
     impl = resolve(impl)
     b, s = q.shape[0], k.shape[1]
-    cp = _context_parallel()
+    cp = context_parallel.context_size()
     cp_impl = "pallas" if impl in ("pallas", "cudnn") else "xla"
     if cp > 1 and q_offset is None:
         return context_parallel.attention(q, k, v, segment_ids=segment_ids, impl=cp_impl)
@@ -181,17 +174,17 @@ def prefill_attention(q, k, v, *, q_offset=None, kv_length=None, segment_ids=Non
         def run(attention):
             return lambda: attention(q, k, v, causal=True, q_offset=q_off, kv_lengths=kv_len,
                                      q_segment_ids=segment_ids)
-        if not cpu_kernels.enabled_for(q, k, v):
+        if not _cpu_serves(cpu_kernels, q, k, v):
             return run(pk.blocked_attention)()
-        return _cpu_or(run(cpu_kernels.attention), run(pk.blocked_attention))
+        return _cpu_or(run(ck.attention), run(pk.blocked_attention))
     # "pallas", and "cudnn" for what jax's cuDNN attention does not take (a query offset, segments).
     def kernel(q, k, v, off, n, seg):
         return pk.flash_attention(q, k, v, causal=True, q_offset=off, kv_lengths=n, q_segment_ids=seg)
-    axes = [_HEADS, _KV, _KV, _PER_ROW, _PER_ROW, _TOKENS]
-    return _per_device(kernel, axes, _HEADS)(q, k, v, q_off, kv_len, segment_ids)
+    axes = [HEADS, CACHE_AXES, CACHE_AXES, PER_ROW, PER_ROW, TOKENS]
+    return _per_device(kernel, axes, HEADS)(q, k, v, q_off, kv_len, segment_ids)
 
 
-def decode_attention(q, k_cache, v_cache, *, lengths, impl="auto"):
+def decode_attention(q, k_cache, v_cache, *, lengths, impl="auto", cpu_kernels=False):
     """One query per sequence q [B, H, E] over the first lengths[b] keys of the cache
     [B, S, K, E] -> [B, H, E]."""
     impl = resolve(impl)
@@ -201,8 +194,8 @@ def decode_attention(q, k_cache, v_cache, *, lengths, impl="auto"):
         return out[:, 0]
     if impl == "xla":
         xla = functools.partial(pk.blocked_decode_attention, lengths=lengths)
-        if not cpu_kernels.enabled_for(q, k_cache, v_cache):
+        if not _cpu_serves(cpu_kernels, q, k_cache, v_cache):
             return xla(q, k_cache, v_cache)
-        return _cpu_or(functools.partial(cpu_kernels.decode_attention, lengths=lengths), xla, q, k_cache, v_cache)
+        return _cpu_or(functools.partial(ck.decode_attention, lengths=lengths), xla, q, k_cache, v_cache)
     kernel = lambda q, k, v, n: pk.decode_attention(q, k, v, lengths=n)  # noqa: E731
-    return _per_device(kernel, [_DECODE_Q, _KV, _KV, _PER_ROW], _DECODE_Q)(q, k_cache, v_cache, lengths)
+    return _per_device(kernel, [DECODE_Q, CACHE_AXES, CACHE_AXES, PER_ROW], DECODE_Q)(q, k_cache, v_cache, lengths)

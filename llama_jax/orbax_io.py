@@ -26,9 +26,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
 from orbax.checkpoint import future as ocp_future
-# Orbax's own spec builders, so the arrays we write are laid out exactly as its ArrayHandler would.
-from orbax.checkpoint._src.serialization import ocdbt_utils
-from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 
 from llama_jax.checkpoint import param_shapes, unflatten
 from llama_jax.config import LlamaConfig
@@ -47,21 +44,39 @@ def is_converted(path: str | os.PathLike) -> bool:
     return os.path.isfile(os.path.join(path, CONFIG_FILE)) and os.path.isdir(os.path.join(path, PARAMS_DIR))
 
 
-def read_config(path: str | os.PathLike) -> LlamaConfig:
-    """The LlamaConfig stored in a converted checkpoint's llama_config.json."""
+# The key of llama_config.json that names the dtype the parameters are stored in: a property of the
+# checkpoint (how it runs is the RuntimeConfig's, chosen at load).
+STORED_DTYPE = "param_dtype"
+
+
+def _read_json(path: str | os.PathLike) -> dict:
     where = os.path.join(os.fspath(path), CONFIG_FILE)
     try:
         with open(where) as f:
-            return LlamaConfig.from_dict(json.load(f))
+            return json.load(f)
     except FileNotFoundError:
         raise FileNotFoundError(f"{where}: missing (not a converted checkpoint)") from None
-    except (json.JSONDecodeError, TypeError, ValueError) as e:
+    except json.JSONDecodeError as e:
         raise ValueError(f"{where}: invalid ({e})") from None
 
 
-def write_config(path: str | os.PathLike, config: LlamaConfig) -> None:
+def read_config(path: str | os.PathLike) -> LlamaConfig:
+    """The LlamaConfig stored in a converted checkpoint's llama_config.json."""
+    try:
+        return LlamaConfig.from_dict(_read_json(path))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{os.path.join(os.fspath(path), CONFIG_FILE)}: invalid ({e})") from None
+
+
+def stored_dtype(path: str | os.PathLike) -> str:
+    """The dtype a converted checkpoint's parameters are stored in ("float32" when it does not say)."""
+    return _read_json(path).get(STORED_DTYPE) or "float32"
+
+
+def write_config(path: str | os.PathLike, config: LlamaConfig, dtype: str) -> None:
+    """llama_config.json: the architecture and the dtype the parameters are stored in."""
     with open(os.path.join(os.fspath(path), CONFIG_FILE), "w") as f:
-        json.dump(config.to_dict(), f, indent=2)
+        json.dump({**config.to_dict(), STORED_DTYPE: jnp.dtype(dtype).name}, f, indent=2)
         f.write("\n")
 
 
@@ -69,8 +84,8 @@ def read_converted(path: str | os.PathLike, *, dtype=None, shardings=None) -> tu
     """Reads a converted checkpoint: returns (config, params), params the nested dict of jax.Arrays
     that `read_hf_params` describes (layers stacked on axis 0).
 
-    dtype: the parameter dtype to restore into ("float32"/"bfloat16"; None keeps the stored one);
-    the returned config's param_dtype and dtype say it. shardings: an optional pytree of
+    dtype: the parameter dtype to restore into ("float32"/"bfloat16"; None keeps the stored one).
+    shardings: an optional pytree of
     jax.sharding.Sharding with the structure of params; each array is restored straight onto its
     sharding (each device reads only its part). Default: all on the first device.
     """
@@ -78,7 +93,7 @@ def read_converted(path: str | os.PathLike, *, dtype=None, shardings=None) -> tu
     if not is_converted(path):
         raise FileNotFoundError(f"{path}: not a converted checkpoint (no {CONFIG_FILE} and {PARAMS_DIR}/)")
     config = read_config(path)
-    dtype = jnp.dtype(dtype or config.param_dtype or "float32")
+    dtype = jnp.dtype(dtype or stored_dtype(path))
     shapes = param_shapes(config)
     if shardings is None:
         one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -91,7 +106,6 @@ def read_converted(path: str | os.PathLike, *, dtype=None, shardings=None) -> tu
     abstract = unflatten({p: jax.ShapeDtypeStruct(s, dtype, sharding=flat_shardings[p]) for p, s in shapes.items()})
     with ocp.StandardCheckpointer() as ckptr:
         params = ckptr.restore(os.path.join(path, PARAMS_DIR), abstract)
-    config = dataclasses.replace(config, param_dtype=dtype.name, dtype=dtype.name)
     return config, params
 
 
@@ -164,12 +178,14 @@ class _StreamingHandler(ocp.type_handlers.NumpyHandler):
             # One layer per chunk at most (then smaller, down to CHUNK_BYTES): Orbax picks chunks
             # that divide the "local shape" it is told is written at once.
             local = (1, *value.shape[1:]) if value.stacked else value.shape
-            spec = ts_utils.build_array_write_spec(
-                info=info, arg=ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES), global_shape=value.shape,
-                local_shape=local, dtype=value.dtype, use_ocdbt=info.is_ocdbt_checkpoint,
-                process_index=ocdbt_utils.get_process_index_for_subdir(use_ocdbt=info.is_ocdbt_checkpoint),
-                metadata_key=self._metadata_key)
-            stores[value.path] = (await ts.open(ts.Spec(spec.json), create=True, open=True,
+            # Orbax's own spec builder (its public type_handlers API), so the arrays we write are
+            # laid out exactly as its NumpyHandler would; OCDBT files are per process, as Orbax's.
+            ocdbt = info.is_ocdbt_checkpoint
+            spec = ocp.type_handlers.get_json_tspec_write(
+                info, use_ocdbt=ocdbt, global_shape=value.shape, local_shape=local, dtype=value.dtype,
+                process_index=jax.process_index() if ocdbt else None, metadata_key=self._metadata_key,
+                arg=ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES))
+            stores[value.path] = (await ts.open(ts.Spec(spec), create=True, open=True,
                                                 context=info.ts_context), value)
         stream = values[0].stream
         written = {p: set() for p in stores}

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from llama_jax import sharding
+from llama_jax.model import scan_layers
 
 SCHEDULES = ("gpipe",)
 
@@ -96,11 +97,6 @@ def micro_batch_count(mesh, n_layers: int, batch: int, micro_batches: int | None
     return m
 
 
-def _scan(body, stream, layers, per_row):
-    """The layers in order, one lax.scan: the reference the pipeline equals."""
-    return jax.lax.scan(lambda s, layer: (body(s, layer, per_row), None), stream, layers)[0]
-
-
 def _leading(tree, what: str) -> int:
     sizes = {a.shape[0] for a in jax.tree.leaves(tree)}
     if len(sizes) != 1:
@@ -128,7 +124,7 @@ def pipeline(body, stream, layers, per_row, *, micro_batches: int | None = None)
     ignored. Differentiable: the backward runs the schedule in reverse."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or sharding.axis_size("layers", mesh) == 1:
-        return _scan(body, stream, layers, per_row)
+        return scan_layers(body, stream, layers, per_row)
     stages = sharding.axis_size("layers", mesh)
     n_layers, batch = _leading(layers, "layers"), _leading(stream, "stream")
     if jax.tree.leaves(per_row) and _leading(per_row, "per_row") != batch:
@@ -153,7 +149,7 @@ def pipeline(body, stream, layers, per_row, *, micro_batches: int | None = None)
             # Stage 0 takes micro-batch t fresh; the others what their predecessor sent last tick.
             x = jax.tree.map(lambda new, old: jnp.where(s == 0, new, old), at(stream, jnp.minimum(t, m - 1)), held)
             # This stage works on micro-batch t - s (a stale one, dropped, in its bubble).
-            y = _scan(body, x, layers, at(per_row, jnp.clip(t - s, 0, m - 1)))
+            y = scan_layers(body, x, layers, at(per_row, jnp.clip(t - s, 0, m - 1)))
             return jax.tree.map(lambda a: jax.lax.ppermute(a, axis, send), y), y
 
         # The carry starts as real rows (micro-batch 0), so bubble ticks compute on finite values.

@@ -32,6 +32,8 @@ import numpy as np
 from flax import nnx
 
 from llama_jax import requests, sharding
+from llama_jax.detokenizer import Detokenizer
+from llama_jax.metrics import Stats
 from llama_jax.generate import bucket, init_cache
 from llama_jax.requests import SamplingParams
 
@@ -94,7 +96,22 @@ class Slots(NamedTuple):
     seed: np.ndarray  # uint32
 
 
+# Traces of each jitted piece so far (every scheduler of this process together): a trace is a new
+# program to compile (or to fetch from JAX's persistent cache).
+_TRACES: collections.Counter = collections.Counter()
+
+
+def _counted(fn):
+    """fn, counting its traces in _TRACES."""
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+        _TRACES[fn.__name__] += 1
+        return fn(*args, **kwargs)
+    return traced
+
+
 @functools.partial(jax.jit, static_argnums=(0, 3), donate_argnums=(2,))
+@_counted
 def decode_slots(graphdef, state, cache, steps: int, s: Slots):
     """Up to `steps` decode steps of every slot, stopping early once no live slot is left going.
     A live slot stops at a stop id or at max_new tokens; the others keep their position. Returns
@@ -124,6 +141,7 @@ def decode_slots(graphdef, state, cache, steps: int, s: Slots):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3, 4), donate_argnums=(2,))
+@_counted
 def decode_first_rows(graphdef, state, cache, steps: int, rows: int, s: Slots):
     """`decode_slots` over the first `rows` slots only (those past them are free), writing their
     cache rows back: on a CPU every row of a decode step costs compute, so one request in a pool
@@ -135,6 +153,7 @@ def decode_first_rows(graphdef, state, cache, steps: int, rows: int, s: Slots):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 7), donate_argnums=(2,))
+@_counted
 def prefill_slot(graphdef, state, cache, slot, tokens, start, last, span: int):
     """One chunk of one prompt into row `slot` of the cache: tokens [1, C] at positions
     start..start+C-1 (slot, start, last: traced int32 scalars, so every slot and chunk runs one
@@ -156,73 +175,12 @@ def prefill_slot(graphdef, state, cache, slot, tokens, start, last, span: int):
 
 
 @functools.partial(jax.jit, static_argnums=0)
+@_counted
 def first_token(graphdef, state, hidden, seed, temperature, top_p, top_k):
     """A request's first token from the hidden state [1, D] of its last prompt token; the
     parameters are [1] arrays as in `Slots`."""
     logits = nnx.merge(graphdef, state).head(hidden)  # (1, V)
     return sharding.replicated(sample_slots(logits, seed, jnp.zeros_like(top_k), temperature, top_p, top_k))
-
-
-# --- Text ------------------------------------------------------------------------------------------
-
-
-class Detokenizer:
-    """One request's text, token by token, with stop strings.
-
-    Decodes a window of recent tokens (vLLM's incremental detokenizer: the text of ids[prefix:]
-    minus that of ids[prefix:read]), so each step costs a few tokens, not the whole output. A
-    piece ending inside a multi-byte character waits for the rest. With stop strings the text
-    ends just before the first one, even when it spans tokens, and the last len(longest) - 1
-    characters are held back until they cannot begin one. Ids in `skip` (stop ids) are not text,
-    as in `Llama.generate`."""
-
-    def __init__(self, tokenizer, stop: Sequence[str] = (), skip: Sequence[int] = ()):
-        self.tokenizer, self.stop, self.skip = tokenizer, tuple(stop), frozenset(skip)
-        self.ids: list[int] = []
-        self.text = ""  # decoded so far (cut at a stop string)
-        self.sent = 0  # characters of text handed out
-        self.stopped = False  # a stop string was found
-        self._hold = max(map(len, self.stop), default=1) - 1
-        self._prefix = self._read = 0
-
-    def add(self, ids: Sequence[int]) -> str:
-        """Takes new token ids; returns the text that became final."""
-        if self.tokenizer is None or self.stopped:
-            return ""
-        self.ids += [i for i in ids if i not in self.skip]
-        before = self.tokenizer.decode(self.ids[self._prefix:self._read])
-        after = self.tokenizer.decode(self.ids[self._prefix:])
-        if len(after) <= len(before) or after.endswith("\ufffd"):
-            return ""
-        self._prefix, self._read = self._read, len(self.ids)
-        return self._append(after[len(before):], final=False)
-
-    def finish(self) -> str:
-        """The rest of the text, once no token will come."""
-        if self.tokenizer is None:
-            return ""
-        if not self.stopped:
-            # Whatever the window held back (an unfinished character decodes to U+FFFD, as in
-            # `Llama.generate`'s text).
-            full = self.tokenizer.decode(self.ids)
-            if full.startswith(self.text) and len(full) > len(self.text):
-                return self._append(full[len(self.text):], final=True)
-        return self._release(len(self.text))
-
-    def _append(self, new: str, *, final: bool) -> str:
-        start = max(0, len(self.text) - self._hold)  # a new match must end in the new text
-        self.text += new
-        hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
-        if hits:
-            self.text, self.stopped = self.text[:min(hits)], True
-            return self._release(len(self.text))
-        return self._release(len(self.text) if final else len(self.text) - self._hold)
-
-    def _release(self, upto: int) -> str:
-        if upto <= self.sent:
-            return ""
-        piece, self.sent = self.text[self.sent:upto], upto
-        return piece
 
 
 # --- Requests and what comes back -------------------------------------------------------------------
@@ -278,37 +236,6 @@ class Handle:
         self._scheduler._wake()
 
 
-class Histogram:
-    """Counts of observations at or under each bound (Prometheus' cumulative buckets), sum, count."""
-
-    def __init__(self, bounds: Sequence[float]):
-        self.bounds = tuple(bounds)
-        self.counts = [0] * (len(self.bounds) + 1)  # the last: above every bound (+Inf)
-        self.sum, self.count = 0.0, 0
-
-    def observe(self, value: float) -> None:
-        self.counts[next((i for i, b in enumerate(self.bounds) if value <= b), len(self.bounds))] += 1
-        self.sum += value
-        self.count += 1
-
-    def cumulative(self) -> list[int]:
-        return list(itertools.accumulate(self.counts))
-
-
-@dataclasses.dataclass
-class Stats:
-    """What /metrics shows: counters since start, and histograms of finished requests."""
-
-    requests: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # by finish reason
-    prompt_tokens: int = 0
-    generation_tokens: int = 0
-    rejected: int = 0  # queue full
-    time_to_first_token_s: Histogram = dataclasses.field(
-        default_factory=lambda: Histogram((0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)))
-    decode_tokens_per_s: Histogram = dataclasses.field(
-        default_factory=lambda: Histogram((1, 5, 10, 20, 50, 100, 200, 500, 1000)))
-
-
 # --- The scheduler ---------------------------------------------------------------------------------
 
 
@@ -317,7 +244,7 @@ class Scheduler:
 
     max_batch: slots (sequences decoded together); max_seq_len: the context of a request, prompt
     and new tokens (default: the model's, at most 4096; each slot holds a cache row this long);
-    prefill_chunk: prompt tokens per prefill step (default the model's config.prefill_chunk); a
+    prefill_chunk: prompt tokens per prefill step (default the model's runtime.prefill_chunk); a
     long prompt's chunks alternate with the other slots' decode calls, so they wait one chunk, not
     one prompt. max_queue: requests waiting for a slot before `submit` raises QueueFull.
     decode_steps: steps per decode call (tokens reach Python once per call; more steps cost less
@@ -337,7 +264,7 @@ class Scheduler:
         self.max_seq_len = min(max_seq_len or DEFAULT_MAX_SEQ_LEN, config.max_seq_len)
         if self.max_seq_len < 2:
             raise ValueError(f"max_seq_len must be >= 2, got {self.max_seq_len}")
-        self.chunk = min(prefill_chunk or config.prefill_chunk, bucket(self.max_seq_len))
+        self.chunk = min(prefill_chunk or llama.runtime.prefill_chunk, bucket(self.max_seq_len))
         # A whole number of chunks: a chunk's write must never be clamped back into the row.
         self.cache_len = -(-self.max_seq_len // self.chunk) * self.chunk
         self._stats, self._stats_lock = Stats(), threading.Lock()
@@ -468,8 +395,8 @@ class Scheduler:
 
     @staticmethod
     def compiled_programs() -> dict[str, int]:
-        """Programs compiled so far by each jitted piece (every scheduler of this process together)."""
-        return {f.__name__: f._cache_size() for f in (prefill_slot, first_token, decode_slots, decode_first_rows)}
+        """Programs traced so far by each jitted piece (every scheduler of this process together)."""
+        return {name: _TRACES[name] for name in ("prefill_slot", "first_token", "decode_slots", "decode_first_rows")}
 
     # --- The scheduler's thread ---
 

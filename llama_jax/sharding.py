@@ -38,6 +38,7 @@ AXIS_RULES: dict[str, str | tuple[str, ...] | None] = {
     "ffn": "model",
     "embed": "fsdp",  # the model dimension D of weights (ZeRO-3); never of activations
     "norm": None,
+    "fused": None,  # the concatenated outputs of a fused layout (llama_jax.model.Layout): never under a mesh
     "layers": "stage",
     # Activations and the cache
     "batch": ("data", "fsdp"),
@@ -46,7 +47,17 @@ AXIS_RULES: dict[str, str | tuple[str, ...] | None] = {
     "act_embed": None,  # the D axis of activations
     "head_dim": None,
 }
-PARAM_AXES = ("vocab", "q_heads", "kv_heads", "ffn", "embed", "norm", "layers")  # the logical axes of weights
+PARAM_AXES = ("vocab", "q_heads", "kv_heads", "ffn", "embed", "norm", "fused", "layers")  # the logical axes of weights
+
+# The logical axes of the activations and caches the model, its kernels and the context-parallel
+# attention see; the model, llama_jax.ops and llama_jax.context_parallel name them from here.
+ROWS = ("batch", "seq", "act_embed")  # activations [B, T, D]
+HEADS = ("batch", "seq", "q_heads", "head_dim")  # queries and attention outputs [B, T, H, E]
+KV = ("batch", "seq", "kv_heads", "head_dim")  # a chunk's own keys and values [B, T, K, E]
+CACHE_AXES = ("batch", "kv_seq", "kv_heads", "head_dim")  # gathered keys and values, the KV cache [B, S, K, E]
+DECODE_Q = ("batch", "q_heads", "head_dim")  # one query per sequence [B, H, E]
+TOKENS = ("batch", "seq")  # token-shaped ints: segment ids [B, T]
+PER_ROW = ("batch",)  # one number per sequence: lengths, offsets [B]
 
 
 def make_mesh(dp: int = 1, tp: int | None = None, fsdp: int = 1, cp: int = 1, pp: int = 1) -> Mesh:

@@ -5,6 +5,7 @@ Every kernel also runs on CPU in interpret mode. The model's XLA path is the mem
 pallas_kernels imports nothing from llama_jax.
 """
 
+from pallas_kernels._common import MASK_VALUE, normalize_masks, sm_scale_or_default
 from pallas_kernels.blocked_attention import blocked_attention, blocked_decode_attention
 from pallas_kernels.decode_attention import BlockSizes as DecodeBlockSizes
 from pallas_kernels.decode_attention import decode_attention, decode_attention_reference
@@ -14,6 +15,9 @@ from pallas_kernels.rms_norm import BlockSizes as RMSNormBlockSizes
 from pallas_kernels.rms_norm import rms_norm, rms_norm_reference
 
 __all__ = [
+    "MASK_VALUE",
+    "normalize_masks",
+    "sm_scale_or_default",
     "blocked_attention",
     "blocked_decode_attention",
     "DecodeBlockSizes",

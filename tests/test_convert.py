@@ -21,7 +21,7 @@ from checkpoints_tools import convert as conv
 from checkpoints_tools.synthetic import convert_in_subprocess, write_random_hf
 from smollm2 import smollm2_gguf_path
 from llama_jax import cli, orbax_io
-from llama_jax.api import Llama, _build
+from llama_jax.api import Llama, from_params
 from llama_jax.checkpoint import read_hf_params
 from llama_jax.config import LlamaConfig
 from llama_jax.gguf_io import _reverse_permute
@@ -31,7 +31,7 @@ SEQ = 40
 
 
 def converted_model(path, dtype=None) -> Llama:
-    return llama_jax.load(path, dtype=dtype or orbax_io.read_config(path).param_dtype)
+    return llama_jax.load(path, dtype=dtype or orbax_io.stored_dtype(path))
 
 
 def temps_beside(dst: Path) -> list[str]:
@@ -65,11 +65,11 @@ def test_hf_roundtrip_f32_is_exact(tiny_hf, ids, tmp_path, name):
     dst = conv.convert(src, tmp_path / "out", dtype="float32", progress=False)
     assert orbax_io.is_converted(dst) and not orbax_io.is_converted(src)
     config, params = orbax_io.read_converted(dst)
-    assert config.param_dtype == "float32"
-    assert config == LlamaConfig.from_hf(src, param_dtype="float32", dtype="float32")
+    assert orbax_io.stored_dtype(dst) == "float32" and params["layers"]["attention"]["wq"].dtype == np.float32
+    assert config == LlamaConfig.from_hf(src)
     ref_params = read_hf_params(src, config, np.float32)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), params, ref_params)
-    ours = Llama(_build(config, params)).logits(ids)
+    ours = from_params(config, params).logits(ids)
     ref = llama_jax.load(src, dtype="float32").logits(ids)
     err = np.abs(ours - ref)
     assert err.max() <= 1e-6, f"max err {err.max():.3g} mean {err.mean():.3g}"
@@ -79,9 +79,10 @@ def test_hf_roundtrip_bf16(tiny_hf, ids, tmp_path):
     src = tiny_hf["sharded"]
     dst = conv.convert(src, tmp_path / "out", progress=False)  # bfloat16 by default
     stored = json.loads((dst_path := Path(dst) / orbax_io.CONFIG_FILE).read_text())
-    assert stored["param_dtype"] == "bfloat16" and stored["attention_impl"] == "auto", dst_path
+    # The stored dtype is the checkpoint's; nothing of how it runs (RuntimeConfig) is stored.
+    assert stored["param_dtype"] == "bfloat16" and "attention_impl" not in stored, dst_path
     config, params = orbax_io.read_converted(dst)
-    assert config.param_dtype == "bfloat16" and params["layers"]["attention"]["wq"].dtype == jax.numpy.bfloat16
+    assert params["layers"]["attention"]["wq"].dtype == jax.numpy.bfloat16
     # Stored bf16 = the f32 source rounded once; restoring as f32 gives exactly those values.
     _, params32 = orbax_io.read_converted(dst, dtype="float32")
     ref_params = read_hf_params(src, config, np.float32)
@@ -89,7 +90,8 @@ def test_hf_roundtrip_bf16(tiny_hf, ids, tmp_path):
         np.asarray(a), b.astype(jax.numpy.bfloat16).astype(np.float32)), params32, ref_params)
     # Same bf16 values, same bf16 compute: the converted model is the directly loaded one. (Against
     # f32, random tiny models differ by bf16 rounding whoever computes: test_model.py.)
-    ours = Llama(_build(config, params)).logits(ids)
+    bf16 = llama_jax.RuntimeConfig(param_dtype="bfloat16", dtype="bfloat16")
+    ours = from_params(config, params, bf16).logits(ids)
     ref = llama_jax.load(src, dtype="bfloat16").logits(ids)
     err, scale = np.abs(ours - ref), np.abs(ref).max()
     assert err.max() <= 1e-6 * scale, f"max err {err.max():.3g} mean {err.mean():.3g} scale {scale:.3g}"
@@ -186,7 +188,7 @@ def test_gguf_config_and_tokenizer_files(gguf_converted, smollm2_dir):
     from llama_jax.tokenizer import load_tokenizer
 
     config = orbax_io.read_config(gguf_converted)
-    assert config == LlamaConfig.from_hf(smollm2_dir, param_dtype="float32")
+    assert config == LlamaConfig.from_hf(smollm2_dir)
     tok = load_tokenizer(gguf_converted)
     assert (tok.bos_id, tok.eos_ids, tok.vocab_size) == (1, (2,), 49152)
     fmt = chat_format_for(gguf_converted, tok)

@@ -1,4 +1,4 @@
-"""The CPU custom calls (llama_jax.cpu_kernels) against XLA's own dot and the attention references:
+"""The optional C++ CPU backend (the cpu_kernels package) against XLA's own dot and the attention references:
 the MKL GEMM (values and gradients, every transpose, batched and shared operands), the decode
 matrix-vector product, prefill attention with its gradients, decode attention, and the cases where
 they must stand aside."""
@@ -8,13 +8,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama_jax import cpu_kernels, make_mesh
+import cpu_kernels
+from llama_jax import make_mesh, ops
 from numerics import assert_close, normal, tolerances
 from pallas_kernels.decode_attention import decode_attention_reference
 from pallas_kernels.flash_attention import flash_attention_reference
 from test_blocked_attention import CASES as ATTENTION_CASES, check
 
-pytestmark = pytest.mark.skipif(not cpu_kernels.enabled_for(jnp.zeros(1)), reason="MKL GEMM unavailable")
+# `make test` installs the backend (the cpu extra); elsewhere the reason it cannot load is the skip's.
+pytestmark = pytest.mark.skipif(cpu_kernels.load() is not None, reason=f"cpu_kernels: {cpu_kernels.load()}")
 
 
 def _op(x, t):
@@ -112,11 +114,17 @@ def test_decode_attention_matches_reference(case):
     np.testing.assert_array_equal(np.asarray(out)[empty], 0.0)
 
 
-def test_stands_aside_for_bf16_and_under_a_mesh():
-    x = jnp.zeros((4, 4))
-    assert not cpu_kernels.enabled_for(x, x.astype(jnp.bfloat16))
+def test_stands_aside_for_bf16_under_a_mesh_and_when_off():
+    x = jnp.zeros((32, 4))
+
+    def calls_gemm(x, w, on=True):
+        return "llama_jax_gemm" in jax.jit(lambda x, w: ops.linear(x, w, cpu_kernels=on)).lower(x, w).as_text()
+
+    assert calls_gemm(x, x.T)
+    assert not calls_gemm(x, x.T, on=False)
+    assert not calls_gemm(x, x.T.astype(jnp.bfloat16))
     with jax.set_mesh(make_mesh(dp=2, tp=1)):
-        assert not cpu_kernels.enabled_for(x, x)
+        assert not calls_gemm(x, x.T)
 
 
 # The CPU attention kernel against the naive reference, on test_blocked_attention's cases (every
@@ -143,12 +151,12 @@ def test_attention_default_blocks_long_causal():
 
 
 def test_ops_dispatch_to_the_kernels():
-    """The model's ops reach the kernels on CPU (f32, no mesh): GEMMs for many rows, the
-    matrix-vector kernel for a decode step's few, and each attention kernel."""
-    from llama_jax import ops
+    """The model's ops reach the kernels on CPU (f32, no mesh) when the runtime enables them: GEMMs
+    for many rows, the matrix-vector kernel for a decode step's few, and each attention kernel."""
+    import functools
 
     def text(fn, *args):
-        return jax.jit(fn).lower(*args).as_text()
+        return jax.jit(functools.partial(fn, cpu_kernels=True)).lower(*args).as_text()
 
     w = jnp.zeros((32, 48))
     assert "llama_jax_gemm" in text(ops.linear, jnp.zeros((2, 16, 32)), w)
@@ -159,5 +167,5 @@ def test_ops_dispatch_to_the_kernels():
     q, kv = jnp.zeros((1, 64, 6, 16)), jnp.zeros((1, 64, 2, 16))
     assert "llama_jax_attention" in text(ops.prefill_attention, q, kv, kv)
     lengths = jnp.ones((1,), jnp.int32)
-    assert "llama_jax_decode_attention" in text(lambda q, k, v: ops.decode_attention(q, k, v, lengths=lengths),
+    assert "llama_jax_decode_attention" in text(functools.partial(ops.decode_attention, lengths=lengths),
                                                 q[:, 0], kv, kv)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from llama_jax import data
-from llama_jax.train import _positions_from_segments, pack_documents
+from llama_jax.data import pack_documents, positions_from_segments
 
 
 def _docs(lengths, start=10):
@@ -54,7 +54,7 @@ def test_pack_every_token_once_in_order():
     real = rows["segment_ids"] > 0
     np.testing.assert_array_equal(rows["tokens"][real], np.concatenate(docs))
     # positions restart exactly where segment ids change
-    np.testing.assert_array_equal(_positions_from_segments(rows["segment_ids"]), rows["positions"])
+    np.testing.assert_array_equal(positions_from_segments(rows["segment_ids"]), rows["positions"])
 
 
 def test_pack_rejects_nothing_to_pack():

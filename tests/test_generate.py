@@ -89,7 +89,7 @@ def test_bounded_compiles(tiny):
     they touch, and the decode loop once per cache bucket."""
     _, lm = tiny
     lengths = list(range(1, 61, 3))  # 20 lengths: buckets 16, 32, 64
-    pairs = {gen.plan(n, 8, lm.config) for n in lengths}
+    pairs = {gen.plan(n, 8, lm.runtime.prefill_chunk, lm.config.max_seq_len) for n in lengths}
     jax.clear_caches()
     for i, n in enumerate(lengths):
         lm.generate([np.random.RandomState(i).randint(3, 211, n).tolist()], max_new_tokens=8, stop_token_ids=[])

@@ -89,9 +89,9 @@ def test_16k_prompt_end_to_end():
     """A 16,384-token prompt through a tiny model: chunked prefill, then decode at that context. The
     first token is the argmax of a full forward's last logits, and decode continues greedily."""
     config = llama_jax.LlamaConfig(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48,
-                                   max_seq_len=16384 + 64, bos_id=None, eos_ids=(), dtype="float32",
-                                   param_dtype="float32", prefill_chunk=2048)
-    lm = llama_jax.from_config(config, seed=3)
+                                   max_seq_len=16384 + 64, bos_id=None, eos_ids=())
+    runtime = llama_jax.RuntimeConfig(dtype="float32", param_dtype="float32", prefill_chunk=2048)
+    lm = llama_jax.from_config(config, runtime, seed=3)
     prompt = np.random.RandomState(0).randint(0, 97, 16384).tolist()
     out = lm.generate([prompt], max_new_tokens=4, stop_token_ids=[])[0].token_ids
     full = lm.logits([prompt + out[:-1]])[0]  # (T, V)

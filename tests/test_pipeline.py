@@ -4,6 +4,8 @@ real transformer block, whose Pallas kernels (interpret mode) run in shard_maps 
 stage-manual one, equals the model's own forward and gradient; the schedule's arithmetic and its
 refusals."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,8 +13,8 @@ import pytest
 from flax import nnx
 
 import llama_jax
-from llama_jax import ops, sharding
-from llama_jax.model import Transformer, rope_angles, rope_frequencies
+from llama_jax import sharding
+from llama_jax.model import Transformer
 from llama_jax.pipeline import bubble_fraction, check, default_micro_batches, pipeline
 
 RTOL = 1e-5  # f32: max |ours - plain| <= RTOL * max |plain|, leaf by leaf
@@ -134,12 +136,12 @@ def test_transformer_layers_pipelined_equal_the_models_scan():
     kernel runs in ops' shard_map (manual over data/fsdp/context/model) nested inside the
     pipeline's, which is manual over the stage and data axes."""
     cfg = llama_jax.LlamaConfig(vocab_size=64, dim=24, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=40,
-                                dtype="float32", param_dtype="float32", attention_impl="pallas",
                                 rope_theta=10000.0)
+    runtime = llama_jax.RuntimeConfig(dtype="float32", param_dtype="float32", attention_impl="pallas")
     b, t, micro = 8, 16, 4
     mesh = llama_jax.make_mesh(dp=2, tp=2, pp=2)
     with jax.set_mesh(mesh):
-        model = Transformer(cfg, rngs=nnx.Rngs(0))
+        model = Transformer(cfg, runtime, rngs=nnx.Rngs(0))
     sharding.place(model, mesh)  # the stacked layers split over the stage axis
     graphdef, params = nnx.split(model)
     rng = np.random.default_rng(1)
@@ -150,21 +152,9 @@ def test_transformer_layers_pipelined_equal_the_models_scan():
     def models_own(params):  # on one device, no mesh: the model's plain lax.scan over its layers
         return nnx.merge(graphdef, params).hidden(tokens, segment_ids=segment_ids)[0]  # (B, T, D)
 
-    def pipelined(params):  # Transformer.hidden with its layer scan replaced by the pipeline
-        m = nnx.merge(graphdef, params)
-        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        x = ops.embed(m.tok_embeddings[...], tokens).astype(m.dtype)  # (B, T, D)
-        rope = rope_angles(positions, jnp.asarray(rope_frequencies(m.config)))
-        layer_def, layer_state = nnx.split(m.layers)
-
-        def body(stream, layer, per_row):
-            rope, segment_ids, positions = per_row
-            x, delta, _ = nnx.merge(layer_def, layer)(*stream, rope, None, segment_ids, positions)
-            return x, delta
-
-        x, delta = pipeline(body, (x, jnp.zeros_like(x)), layer_state, (rope, segment_ids, positions),
-                            micro_batches=micro)
-        return m.norm(delta, x)[0]
+    def pipelined(params):  # Transformer.hidden walking its stacked layers through the pipeline
+        walk = functools.partial(pipeline, micro_batches=micro)
+        return nnx.merge(graphdef, params).hidden(tokens, segment_ids=segment_ids, walk=walk)[0]
 
     def forward_backward(f, params):  # hidden states; the gradient of <hidden, cot> w.r.t. every parameter
         out, vjp = jax.vjp(f, params)

@@ -22,7 +22,8 @@ from tiny_models import make_hf_model
 
 import llama_jax
 from llama_jax.cli import build_parser
-from llama_jax.scheduler import Detokenizer, Scheduler
+from llama_jax.detokenizer import Detokenizer
+from llama_jax.scheduler import Scheduler
 from llama_jax.server import create_app
 
 

@@ -322,7 +322,7 @@ def tok_model(tmp_path_factory):
     from transformers import LlamaForCausalLM
 
     from llama_jax.default_model import MODEL_DIR
-    from llama_jax.train import copy_tokenizer_files
+    from llama_jax.export import copy_tokenizer_files
 
     tmp = tmp_path_factory.mktemp("train_cli")
     smollm2 = pathlib.Path(default_model_env()["LLAMA_JAX_CACHE"]) / MODEL_DIR
