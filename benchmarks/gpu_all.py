@@ -8,7 +8,8 @@
 
 Steps, in order (each its own subprocess with a timeout, so one failure or hang does not stop the
 rest): the kernel tests with the real compiled kernels, the kernel benchmarks against XLA, jax's
-Pallas ops and cuDNN, the decode roofline fraction of Llama 3.2 1B and Llama 3.1 8B (bf16, random
+Pallas ops and cuDNN, causal attention in TFLOP/s (our Mosaic GPU and Triton kernels, cuDNN), the
+decode roofline fraction of Llama 3.2 1B and Llama 3.1 8B (bf16, random
 weights; measured in a child of this script), the long-context and training benchmarks, generation,
 prefill, `llama-jax bench` and serving. After each step the report section is rewritten in place:
 one dated section (device kind, jax and jaxlib versions, date, and per step its exact command, exit
@@ -60,6 +61,8 @@ def steps(quick: bool) -> list[Step]:
         Step("kernels", [PY, "benchmarks/kernels.py"] + (["--iters", "3"] if q else []), t(900, 400)),
         Step("roofline", [PY, "benchmarks/gpu_all.py", "--roofline"] + (["--quick"] if q else []), t(900, 400),
              markdown=True),
+        Step("attention", [PY, "benchmarks/gpu_all.py", "--attention"] + (["--quick"] if q else []),
+             t(900, 400), markdown=True),
         Step("long-context", [PY, "benchmarks/long_context.py", "--tokens", t("131072", "32768"),
                               "--config", "llama3.1-8b", "--dtype", "bfloat16"], t(1200, 500)),
         Step("train", [PY, "benchmarks/train.py", "--gpu"]
@@ -146,6 +149,60 @@ def roofline(quick: bool) -> None:
         gc.collect()
 
 
+def attention_flops(B, H, T, E, causal=True) -> float:
+    """Attention forward FLOPs: QK^T and PV, 2 * B * H * T * T * E each, halved when causal."""
+    return 4 * B * H * T * T * E / (2 if causal else 1)
+
+
+def attention_table(quick: bool) -> None:
+    """Causal flash attention forward in TFLOP/s: our Mosaic GPU (wgmma/TMA) and Triton kernels
+    against cuDNN (`jax.nn.dot_product_attention(implementation="cudnn")`). B=2, H=32, K=8, E=128,
+    bf16, T=S in 2K/4K/8K; median of `iters` timed calls after two warm-ups; each cell also gives the
+    max error against `flash_attention_reference` (f32), the first run of the compiled Mosaic kernel
+    on real hardware. Prints a markdown table a row at a time; an implementation that fails gets
+    its error in its cell."""
+    import statistics
+
+    import jax
+    import jax.numpy as jnp
+
+    sys.path.insert(0, str(ROOT))
+    from pallas_kernels import flash_attention, flash_attention_mosaic, flash_attention_reference
+
+    def timed(f, *args, iters=3 if quick else 20):
+        for _ in range(2):
+            jax.block_until_ready(f(*args))
+        times = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            jax.block_until_ready(f(*args))
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    impls = [("Mosaic (ours)", jax.jit(lambda q, k, v: flash_attention_mosaic(q, k, v, causal=True))),
+             ("Triton (ours)", jax.jit(lambda q, k, v: flash_attention(q, k, v, causal=True))),
+             ("cuDNN", jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
+                 q, k, v, is_causal=True, implementation="cudnn")))]
+    B, H, K, E = 2, 32, 8, 128
+    print(f"Causal flash attention forward, {jax.devices()[0].device_kind}: B={B}, H={H}, K={K}, E={E}, "
+          "bf16, TFLOP/s (4*B*H*T*T*E / 2 over the median time) and max |error| against the f32 reference.\n\n"
+          "| T | " + " | ".join(n for n, _ in impls) + " |\n|" + " --- |" * (len(impls) + 1), flush=True)
+    for T in (2048, 4096) if quick else (2048, 4096, 8192):
+        kq, kk, kv = jax.random.split(jax.random.PRNGKey(T), 3)
+        q = jax.random.normal(kq, (B, T, H, E), jnp.bfloat16)
+        k = jax.random.normal(kk, (B, T, K, E), jnp.bfloat16)
+        v = jax.random.normal(kv, (B, T, K, E), jnp.bfloat16)
+        ref = flash_attention_reference(*(x.astype(jnp.float32) for x in (q, k, v)), causal=True)
+        cells = []
+        for _, f in impls:
+            try:
+                err = float(jnp.max(jnp.abs(f(q, k, v).astype(jnp.float32) - ref)))
+                cells.append(f"{attention_flops(B, H, T, E) / timed(f, q, k, v) / 1e12:.0f} (err {err:.1e})")
+            except Exception as e:  # noqa: BLE001 -- one failing implementation keeps the row
+                cells.append(f"error: {type(e).__name__}: {str(e).splitlines()[0][:80]}" if str(e) else type(e).__name__)
+        print(f"| {T} | " + " | ".join(cells) + " |", flush=True)
+
+
 # --- running the steps and writing the report -----------------------------------------------------
 
 def run_step(step: Step, timeout_s: int) -> dict:
@@ -216,6 +273,7 @@ def main(argv=None) -> int:
     p.add_argument("--allow-cpu", action="store_true", help="run even when jax's backend is not gpu")
     p.add_argument("--timeout", type=int, default=None, help="seconds per step (default: each step's own)")
     p.add_argument("--roofline", action="store_true", help=argparse.SUPPRESS)  # the roofline step's child
+    p.add_argument("--attention", action="store_true", help=argparse.SUPPRESS)  # the attention step's child
     p.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)  # the device probe's child
     args = p.parse_args(argv)
 
@@ -224,6 +282,9 @@ def main(argv=None) -> int:
         return 0
     if args.roofline:
         roofline(args.quick)
+        return 0
+    if args.attention:
+        attention_table(args.quick)
         return 0
 
     todo = [s for s in steps(args.quick) if not args.only or s.name in args.only]

@@ -51,6 +51,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout
 
 import llama_jax  # noqa: E402
 import pallas_kernels as pk  # noqa: E402
+from pallas_kernels.mosaic import flash_attention_mosaic  # noqa: E402
 from llama_jax import generate, sharding, train  # noqa: E402
 from llama_jax import model as model_lib  # noqa: E402
 from llama_jax.api import INFERENCE_LAYOUT  # noqa: E402
@@ -61,6 +62,8 @@ from hlo_shapes import shape_bytes  # noqa: E402
 TARGET = ROOT / "benchmarks" / "gpu" / "h100_sxm.txtpb"
 OUR_KERNELS = ("flash_attention_fwd", "flash_attention_dq", "flash_attention_dkv", "decode_attention",
                "rms_norm_fwd", "rms_norm_bwd")
+MOSAIC_KERNELS = "mosaic_flash_attention_"  # Mosaic GPU kernels compile outside XLA's dump
+H100_SMEM = 227 * 1024  # opt-in shared memory per block
 H100_FLOPS, H100_BYTES_PER_S = 989e12, 3.35e12  # dense bf16, HBM3
 BYTES_SLACK = 1.05  # a decode step may read 5% more than weights + KV cache
 Failure = collections.namedtuple("Failure", "key detail")
@@ -362,6 +365,15 @@ def flash_case(e, g, causal, t, b=2, grad=False, block_sizes=None) -> KernelCase
     return KernelCase(label, _grad(f, 3) if grad else f, [q, kv, kv])
 
 
+def mosaic_case(e, causal, t, b=2, grad=False) -> KernelCase:
+    """The Mosaic GPU flash attention (its default BlockSizes entry for head dim e), 32 query heads,
+    8 KV heads, sequence t, bf16."""
+    f = lambda q, k, v: flash_attention_mosaic(q, k, v, causal=causal)  # noqa: E731
+    label = f"mosaic {'bwd' if grad else 'fwd'} E{e} G4 {'causal' if causal else 'full'} T{t} B{b}"
+    q, kv = _sds(b, t, 32, e), _sds(b, t, 8, e)  # (B, T, H, E), (B, S, K, E)
+    return KernelCase(label, _grad(f, 3) if grad else f, [q, kv, kv])
+
+
 def decode_case(e, g, s, b) -> KernelCase:
     f = lambda q, k, v, n: pk.decode_attention(q, k, v, lengths=n)  # noqa: E731
     return KernelCase(f"decode E{e} G{g} S{s} B{b}", f,
@@ -381,7 +393,8 @@ def kernel_cases(quick=False) -> list[KernelCase]:
     and 8; RMSNorm at [8192, 4096] and [8192, 576] (SmolLM2's width), with and without residual."""
     if quick:
         return [flash_case(128, 4, True, 1024), flash_case(128, 8, True, 1024, grad=True),
-                decode_case(128, 4, 8192, 8), rms_case(8192, 4096, True)]
+                decode_case(128, 4, 8192, 8), rms_case(8192, 4096, True),
+                mosaic_case(128, True, 1024, grad=True)]
     cases = [flash_case(e, g, c, 8192) for e in (64, 128) for c in (True, False) for g in (1, 4, 8)]
     cases += [flash_case(e, 4, True, t, b=2 if t <= 8192 else 1) for e in (64, 128) for t in (1024, 32768, 131072)]
     cases += [flash_case(e, g, c, 1024, grad=True) for e in (64, 128) for c in (True, False) for g in (1, 8)]
@@ -390,6 +403,11 @@ def kernel_cases(quick=False) -> list[KernelCase]:
     cases += [decode_case(64, 4, s, b) for s in (8192, 131072) for b in (1, 8)]
     cases += [decode_case(128, g, 8192, 8) for g in (1, 8)]
     cases += [rms_case(8192, d, r) for d in (4096, 576) for r in (False, True)]
+    # Mosaic GPU (Hopper): every BlockSizes entry (head dim 64, 128), causal and not, 2K-8K; the
+    # backward at 1K and 8K.
+    cases += [mosaic_case(e, c, t) for e in (64, 128) for c in (True, False) for t in (2048, 8192)]
+    cases += [mosaic_case(e, c, 1024, grad=True) for e in (64, 128) for c in (True, False)]
+    cases += [mosaic_case(e, True, 8192, grad=True) for e in (64, 128)]
     return cases
 
 
@@ -398,12 +416,13 @@ def check_kernel(case: KernelCase, device, dump_root) -> tuple[list[dict], list[
     dump = Path(dump_root) / re.sub(r"\W+", "_", case.label)
     args = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=SingleDeviceSharding(device)) for a in case.args]
     try:
-        _, secs = compile_for(case.fn, args, dump)
+        with mosaic_dumps(dump / "mosaic"):
+            _, secs = compile_for(case.fn, args, dump)
     except Exception as e:  # noqa: BLE001 -- any compile error is a finding
         return [], [Failure(f"compile: {case.label}", _error_line(e))]
     stats = ptxas_stats(dump)
     thunks, _ = read_thunks(dump)
-    rows, fails = [], []
+    rows, fails = check_mosaic(case.label, dump / "mosaic", secs)
     for t in _flatten(thunks):
         if not t.name.startswith(OUR_KERNELS):
             continue
@@ -412,6 +431,65 @@ def check_kernel(case: KernelCase, device, dump_root) -> tuple[list[dict], list[
                          smem=t.smem, seconds=secs, **s))
         if s.get("spill_stores") or s.get("spill_loads"):
             fails.append(Failure(f"spill: {_base(t.name)} in {case.label}", _spills(s)))
+    return rows, fails
+
+
+@contextlib.contextmanager
+def mosaic_dumps(dump_dir):
+    """Mosaic GPU compiles its kernels itself (XLA's dump has no PTX of them): these variables make it
+    write each kernel's PTX, ptxas report and MLIR passes into dump_dir while set."""
+    env = dict(MOSAIC_GPU_DUMP_TO=str(dump_dir), MOSAIC_GPU_DUMP_PTX="1", MOSAIC_GPU_DUMP_PTXAS="1")
+    saved = {k: os.environ.get(k) for k in env}
+    Path(dump_dir).mkdir(parents=True, exist_ok=True)
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+def mosaic_stats(dump_dir) -> dict:
+    """{kernel: {registers, spills, stack, smem, warps, wgmma, tma}} of each Mosaic GPU kernel dumped
+    in dump_dir: ptxas' report, the PTX (wgmma.mma_async and TMA's cp.async.bulk.tensor present?
+    threads from .maxntid) and the launch's dynamic shared memory from the lowered MLIR."""
+    stats = {}
+    for ptx in sorted(glob.glob(os.path.join(dump_dir, MOSAIC_KERNELS + "*.ptx"))):
+        base = ptx[:-len(".ptx")]
+        name = os.path.basename(base)
+        text = Path(ptx).read_text()
+        report = Path(base + ".ptxas").read_text() if os.path.exists(base + ".ptxas") else ""
+        passes = Path(base + ".mlir-passes.log").read_text() if os.path.exists(base + ".mlir-passes.log") else ""
+        spills = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", report)
+        regs = re.findall(r"Used (\d+) registers", report)
+        smem = [int(x) for x in re.findall(r"dynamic_shared_memory_size %c(\d+)_i32", passes)]
+        threads = re.findall(r"\.maxntid (\d+), (\d+), (\d+)", text)
+        row = dict(wgmma="wgmma.mma_async" in text, tma="cp.async.bulk.tensor" in text,
+                   smem=max(smem) if smem else -1,
+                   warps=int(np.prod([int(x) for x in threads[0]])) // 32 if threads else 0)
+        if spills and regs:
+            (stack, st, ld), = spills[:1]
+            row.update(registers=int(regs[0]), spill_stores=int(st), spill_loads=int(ld), stack=int(stack))
+        stats[name] = row
+    return stats
+
+
+def check_mosaic(label: str, dump_dir, secs) -> tuple[list[dict], list[Failure]]:
+    """Rows and failures of the Mosaic GPU kernels a case compiled: each must use wgmma and TMA, spill
+    nothing, and fit the H100's shared memory."""
+    rows, fails = [], []
+    for name, s in mosaic_stats(dump_dir).items():
+        rows.append(dict(kernel=name, case=label, grid=(), seconds=secs, **s))
+        base = _base(name)
+        if "registers" not in s:
+            fails.append(Failure(f"ptxas: {base} in {label}", "no ptxas report (MOSAIC_GPU_DUMP_PTXAS)"))
+        elif s["spill_stores"] or s["spill_loads"]:
+            fails.append(Failure(f"spill: {base} in {label}", _spills(s)))
+        for key, what in (("wgmma", "wgmma.mma_async"), ("tma", "cp.async.bulk.tensor")):
+            if not s[key]:
+                fails.append(Failure(f"ptx: {base} in {label}", f"no {what} in its PTX"))
+        if not 0 < s["smem"] <= H100_SMEM:
+            fails.append(Failure(f"smem: {base} in {label}", f"{s['smem']} B of shared memory (limit {H100_SMEM})"))
     return rows, fails
 
 
@@ -432,18 +510,20 @@ def _base(name: str) -> str:
 # --- Whole programs -------------------------------------------------------------------------------
 
 
-def programs(config, where, *, batch=1, context=4096, prompt=2048, layout="layers"):
-    """The jitted prefill and decode loop of `config` in bf16 with the Pallas kernels, from abstract
+def programs(config, where, *, batch=1, context=4096, prompt=2048, layout="layers", attention="pallas"):
+    """The jitted prefill and decode loop of `config` in bf16 with our kernels, from abstract
     parameters. where: a Device (one GPU) or a ('data', 'model') Mesh. layout: "layers" (per-layer
     arrays, `llama_jax.api.INFERENCE_LAYOUT`, what `Llama` runs by default) or "scan" (the stored
-    stacked layers under lax.scan). The prefill is one chunk of `prompt` tokens written into the cache. Returns
+    stacked layers under lax.scan). attention: the RuntimeConfig's attention_impl, "pallas" (the Triton
+    kernels) or "mosaic" (the Mosaic GPU prefill kernel; decode is the Triton kernel in both). The
+    prefill is one chunk of `prompt` tokens written into the cache. Returns
     [(name, jitted_fn, abstract_args, meta)]; meta["min_bytes"] = (weight bytes, KV bytes) one
     decode step must read per device, with a full cache of `context` tokens.
 
     The one place that knows the generation API (llama_jax.generate.prefill_chunk and decode_chunk,
     as generate_ids calls them): change it with that API."""
     mesh = where if isinstance(where, Mesh) else None
-    runtime = llama_jax.RuntimeConfig(param_dtype="bfloat16", dtype="bfloat16", attention_impl="pallas",
+    runtime = llama_jax.RuntimeConfig(param_dtype="bfloat16", dtype="bfloat16", attention_impl=attention,
                                       norm_impl="pallas")
     cfg = config
     if mesh is not None:  # as load(): KV heads repeated so that each device holds whole heads
@@ -571,33 +651,37 @@ def _named_leaves(tree):
 
 
 def program_specs(quick=False):
-    """(label, config, n_gpus, layout, which) for each program compiled; 'which' picks prefill/decode.
+    """(label, config, n_gpus, layout, which, attention) for each program compiled; 'which' picks
+    prefill/decode, 'attention' the attention_impl.
     The decode checks apply to the "layers" layout (what `Llama` runs); the opt-in scanned layout
     (`unstack_layers=False`) is compiled and reported, checked only for compile errors and spills."""
     one, eight = llama_jax.LLAMA3_2_1B, llama_jax.LLAMA3_1_8B
-    specs = [("Llama 3.2 1B", one, 1, "layers", ("prefill", "decode"))]
+    specs = [("Llama 3.2 1B", one, 1, "layers", ("prefill", "decode"), "pallas")]
     if quick:
         return specs
-    return specs + [("Llama 3.2 1B", one, 1, "scan", ("decode",)),
-                    ("Llama 3.1 8B", eight, 1, "layers", ("prefill", "decode")),
-                    ("Llama 3.1 8B", eight, 1, "scan", ("decode",)),
-                    ("Llama 3.1 8B tp=8", eight, 8, "layers", ("prefill", "decode")),
-                    ("Llama 3.1 8B tp=8", eight, 8, "scan", ("decode",))]
-
-
-PALLAS = llama_jax.RuntimeConfig(attention_impl="pallas", norm_impl="pallas")
+    return specs + [("Llama 3.2 1B", one, 1, "scan", ("decode",), "pallas"),
+                    ("Llama 3.1 8B", eight, 1, "layers", ("prefill", "decode"), "pallas"),
+                    ("Llama 3.1 8B", eight, 1, "scan", ("decode",), "pallas"),
+                    ("Llama 3.1 8B tp=8", eight, 8, "layers", ("prefill", "decode"), "pallas"),
+                    ("Llama 3.1 8B tp=8", eight, 8, "scan", ("decode",), "pallas"),
+                    ("Llama 3.1 8B mosaic", eight, 1, "layers", ("prefill",), "mosaic")]
 
 
 def train_specs(quick=False):
-    """(label, config, make_mesh sizes, TrainConfig) of each training step compiled for 8 H100s: the
-    gradient program (forward, loss and backward; the optimizer update is elementwise), bf16 compute
-    with f32 master weights, Pallas kernels, layers scanned and recomputed in the backward."""
+    """(label, config, make_mesh sizes, TrainConfig, RuntimeConfig) of each training step compiled for
+    8 H100s: the gradient program (forward, loss and backward; the optimizer update is elementwise),
+    bf16 compute with f32 master weights, our kernels (Triton, or the Mosaic GPU attention), layers
+    scanned and recomputed in the backward."""
     one = llama_jax.LLAMA3_2_1B
     tc = train.TrainConfig(seq_len=4096, batch_size=8, compute_dtype="bfloat16", remat=True, scan_layers=True)
-    specs = [("Llama 3.2 1B train fsdp4 x tp2", one, dict(fsdp=4, tp=2), tc)]
+    pallas = llama_jax.RuntimeConfig(attention_impl="pallas", norm_impl="pallas")
+    specs = [("Llama 3.2 1B train fsdp4 x tp2", one, dict(fsdp=4, tp=2), tc, pallas)]
     if quick:
         return specs
-    return specs + [("Llama 3.2 1B train cp4 x tp2", one, dict(cp=4, tp=2), dataclasses.replace(tc, batch_size=2))]
+    mosaic = dataclasses.replace(pallas, attention_impl="mosaic")
+    return specs + [("Llama 3.2 1B train cp4 x tp2", one, dict(cp=4, tp=2), dataclasses.replace(tc, batch_size=2),
+                     pallas),
+                    ("Llama 3.2 1B train mosaic fsdp4 x tp2", one, dict(fsdp=4, tp=2), tc, mosaic)]
 
 
 def train_mesh(topo, sizes: dict) -> Mesh:
@@ -657,13 +741,16 @@ def report(kernel_rows, program_rows, failures, expected, args, total_s) -> str:
     out += ["", "## Kernels", "",
             "Every launch of our Pallas kernels in each compiled case (bwd cases run the forward too). "
             "Registers, spills and stack from `ptxas -v -arch=sm_90a`; grid, warps and dynamic shared "
-            "memory from XLA's thunk sequence.", "",
-            "| kernel | case | registers | spill st/ld B | stack B | shared KB | grid | warps | compile s |",
-            "|---|---|---|---|---|---|---|---|---|"]
+            "memory from XLA's thunk sequence. Mosaic GPU kernels (`mosaic_*`) compile outside XLA: "
+            "their ptxas report, PTX (wgmma.mma_async, TMA's cp.async.bulk.tensor; threads) and "
+            "shared memory (the launch in the lowered MLIR) come from `MOSAIC_GPU_DUMP_*`; no grid.", "",
+            "| kernel | case | registers | spill st/ld B | stack B | shared KB | grid | warps | wgmma/TMA | compile s |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for r in kernel_rows:
+        hopper = "/".join("yes" if r[k] else "NO" for k in ("wgmma", "tma")) if "wgmma" in r else ""
         out.append(f"| {_base(r['kernel'])} | {r['case']} | {r.get('registers', '?')} | {r.get('spill_stores', '?')}/"
                    f"{r.get('spill_loads', '?')} | {r.get('stack', '?')} | {r['smem'] / 1024:.1f} | "
-                   f"{'x'.join(map(str, r['grid']))} | {r['warps']} | {r['seconds']:.2f} |")
+                   f"{'x'.join(map(str, r['grid']))} | {r['warps']} | {hopper} | {r['seconds']:.2f} |")
     out += ["", "## Method", "", METHOD]
     return "\n".join(out) + "\n"
 
@@ -741,11 +828,11 @@ def main(argv=None) -> int:
         failures += fails
         _progress(f"kernel {case.label}: {rows[0]['seconds'] if rows else 0:.2f} s", fails)
 
-    for label, config, n_gpus, layout, which in program_specs(args.quick):
+    for label, config, n_gpus, layout, which, attention in program_specs(args.quick):
         topo = h100(n_gpus)
         where = topo.devices[0] if n_gpus == 1 else Mesh(np.array(topo.devices).reshape(1, n_gpus), ("data", "model"))
         try:
-            built = programs(config, where, layout=layout)
+            built = programs(config, where, layout=layout, attention=attention)
         except Exception as e:  # noqa: BLE001 -- e.g. the generation API changed under programs()
             failures.append(Failure(f"build: {label} ({layout})", _error_line(e)))
             _progress(f"program {label} ({layout}): not built", failures[-1:])
@@ -762,10 +849,10 @@ def main(argv=None) -> int:
             failures += fails
             _progress(f"program {name}: {row.get('seconds', 0):.1f} s", fails)
 
-    for label, config, sizes, tc in train_specs(args.quick):
+    for label, config, sizes, tc, runtime in train_specs(args.quick):
         mesh = train_mesh(h100(8), sizes)
         try:
-            fn, fargs = train.gradient_program(config, tc, mesh, PALLAS)
+            fn, fargs = train.gradient_program(config, tc, mesh, runtime)
         except Exception as e:  # noqa: BLE001 -- e.g. the training API changed under gradient_program
             failures.append(Failure(f"build: {label}", _error_line(e)))
             _progress(f"program {label}: not built", failures[-1:])

@@ -14,9 +14,9 @@ references), which tests/test_cpu_kernels.py compares against. This package impo
 llama_jax.
 """
 
-from cpu_kernels._library import keep_freed_memory, load, require
+from cpu_kernels._library import installed, keep_freed_memory, load, require
 from cpu_kernels.attention import attention, decode_attention
 from cpu_kernels.gemm import MIN_ROWS, gemm, gemm_reference, matvec
 
-__all__ = ["MIN_ROWS", "attention", "decode_attention", "gemm", "gemm_reference", "keep_freed_memory", "load",
-           "matvec", "require"]
+__all__ = ["MIN_ROWS", "attention", "decode_attention", "gemm", "gemm_reference", "installed", "keep_freed_memory",
+           "load", "matvec", "require"]

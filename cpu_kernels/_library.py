@@ -32,6 +32,15 @@ def _build_root() -> str:
     return os.path.join(os.path.abspath(root), "cpu-kernels")
 
 
+def installed() -> bool:
+    """Whether MKL (the `cpu` extra) is installed: without it `load` can only fail."""
+    try:
+        _mkl_lib_dir()
+    except RuntimeError:
+        return False
+    return True
+
+
 def _mkl_lib_dir() -> str:
     """The directory holding the `mkl` wheel's libmkl_rt.so.N."""
     try:

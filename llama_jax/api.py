@@ -38,7 +38,7 @@ class Llama:
     jitted functions of llama_jax.generate take, so nothing re-traces per call."""
 
     def __init__(self, model: Transformer, *, tokenizer=None, chat_format=None, mesh=None):
-        ops.resolve(model.runtime.attention_impl)  # fails now, not at the first call
+        ops.check_runtime(model.runtime)  # fails now, not at the first call
         sharding.place(model, mesh)
         self.config: LlamaConfig = model.config
         self.runtime: RuntimeConfig = model.runtime

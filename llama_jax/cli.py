@@ -16,7 +16,7 @@ import json
 import os
 import sys
 
-ATTENTION_IMPLS = ("auto", "xla", "pallas", "cudnn")  # llama_jax.config's, without importing jax to parse
+ATTENTION_IMPLS = ("auto", "xla", "pallas", "mosaic", "cudnn")  # llama_jax.config's, without importing jax to parse
 CPU_KERNELS = ("auto", "on", "off")
 CPU_KERNELS_HELP = ("the optional C++ CPU backend (pip install 'llama-jax[cpu]'): auto (the default) uses it where "
                      "it serves (CPU, float32, no mesh), on requires it, off never")

@@ -10,7 +10,7 @@ import os
 from typing import Any
 
 _DTYPES = ("float32", "bfloat16")
-ATTENTION_IMPLS = ("auto", "xla", "pallas", "cudnn")
+ATTENTION_IMPLS = ("auto", "xla", "pallas", "mosaic", "cudnn")
 NORM_IMPLS = ("auto", "xla", "pallas")
 CPU_KERNELS = ("auto", "on", "off")
 # Fields that converted checkpoints written before RuntimeConfig existed carry in llama_config.json;
@@ -113,8 +113,10 @@ class RuntimeConfig:
 
     param_dtype, dtype: parameters and activations ("float32" or "bfloat16"); None picks bfloat16 on
       a GPU and float32 on a CPU. Matmuls accumulate in f32 either way.
-    attention_impl: "auto" (pallas on a GPU, xla elsewhere), "xla", "pallas" (interpret mode on a
-      CPU: slow, for tests) or "cudnn". norm_impl: "auto", "xla" or "pallas".
+    attention_impl: "auto" (on a GPU: "mosaic" on Hopper and later for bf16, else "pallas"; "xla"
+      elsewhere), "xla", "pallas" (the Triton kernels; interpret mode on a CPU: slow, for tests),
+      "mosaic" (the Mosaic GPU prefill and training kernels, wgmma and TMA; compute capability 9.0+,
+      bf16 or f16; decode keeps the Triton kernel) or "cudnn". norm_impl: "auto", "xla" or "pallas".
     cpu_kernels: the optional C++ CPU backend (the `cpu_kernels` package, `pip install
       llama-jax[cpu]`): "auto" uses it where it serves (a CPU, float32, no mesh, built and loaded),
       "on" the same but fails at load when it cannot build, "off" never.
@@ -145,15 +147,39 @@ class RuntimeConfig:
 
     def resolved(self) -> "RuntimeConfig":
         """This config with every choice concrete: dtypes and prefill chunk (None becomes the
-        backend's default) and cpu_kernels "on" or "off" (building the library if "auto" or "on"
-        asks for it; RuntimeError when "on" cannot be served)."""
-        return dataclasses.replace(self, param_dtype=self.param_dtype or default_dtype(),
-                                   dtype=self.dtype or default_dtype(),
+        backend's default), the kernels ("auto" becomes the backend's) and cpu_kernels "on" or
+        "off" (building the library if "auto" or "on" asks for it; RuntimeError when "on" cannot be
+        served)."""
+        dtype = self.dtype or default_dtype()
+        return dataclasses.replace(self, param_dtype=self.param_dtype or default_dtype(), dtype=dtype,
+                                   attention_impl=_resolve_attention(self.attention_impl, dtype),
+                                   norm_impl=_resolve_norm(self.norm_impl),
                                    prefill_chunk=self.prefill_chunk or DEFAULT_PREFILL_CHUNK,
                                    cpu_kernels=_resolve_cpu_kernels(self.cpu_kernels))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _resolve_attention(impl: str, dtype: str) -> str:
+    """"auto": on a GPU, the Mosaic GPU kernels where they run (compute capability 9.0 and up: wgmma
+    and TMA; bf16), the Triton ones elsewhere (A100s, f32); XLA's blocked attention off a GPU."""
+    if impl != "auto":
+        return impl
+    import jax
+
+    if jax.default_backend() != "gpu":
+        return "xla"
+    capability = float(getattr(jax.devices()[0], "compute_capability", 0) or 0)
+    return "mosaic" if capability >= 9.0 and dtype == "bfloat16" else "pallas"
+
+
+def _resolve_norm(impl: str) -> str:
+    if impl != "auto":
+        return impl
+    import jax
+
+    return "pallas" if jax.default_backend() == "gpu" else "xla"
 
 
 def _resolve_cpu_kernels(choice: str) -> str:
@@ -166,32 +192,17 @@ def _resolve_cpu_kernels(choice: str) -> str:
 
     import jax
 
-    if choice == "auto" and (jax.default_backend() != "cpu" or not _has_mkl_wheel()):
-        return "off"
     import cpu_kernels
 
+    if choice == "auto" and (jax.default_backend() != "cpu" or not cpu_kernels.installed()):
+        return "off"
     why = cpu_kernels.load()
     if why is None:
         return "on"
     if choice == "on":
         raise RuntimeError(f"cpu_kernels='on' cannot be served: {why}")
-    if why not in _WARNED:
-        _WARNED.add(why)
-        warnings.warn(f"cpu_kernels: using XLA's code ({why})", stacklevel=4)
+    warnings.warn(f"cpu_kernels: using XLA's code ({why})", stacklevel=4)  # once: the same line and text
     return "off"
-
-
-_WARNED: set[str] = set()
-
-
-def _has_mkl_wheel() -> bool:
-    import importlib.metadata
-
-    try:
-        importlib.metadata.distribution("mkl")
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    return True
 
 
 def _from_hf_dict(hf: dict[str, Any], where: str) -> dict[str, Any]:

@@ -104,7 +104,9 @@ def _kernel(impl: str):
         return pk.blocked_attention
     if impl == "pallas":
         return pk.flash_attention
-    raise ValueError(f"impl={impl!r}: context-parallel attention takes 'xla' or 'pallas'")
+    if impl == "mosaic":
+        return pk.flash_attention_mosaic
+    raise ValueError(f"impl={impl!r}: context-parallel attention takes 'xla', 'pallas' or 'mosaic'")
 
 
 def _specs(mesh, axes_and_args):

@@ -30,11 +30,28 @@ from llama_jax.sharding import CACHE_AXES, DECODE_Q, HEADS, PER_ROW, ROWS, TOKEN
 
 
 def resolve(impl: str) -> str:
+    """A kernel choice made concrete where the program is traced ("auto": pallas on a GPU, xla
+    elsewhere; a resolved RuntimeConfig has chosen already)."""
     if impl == "auto":
         return "pallas" if jax.default_backend() == "gpu" else "xla"
     if impl == "cudnn" and jax.default_backend() != "gpu":
         raise ValueError("attention_impl='cudnn' needs a GPU (use 'xla' or 'pallas')")
     return impl
+
+
+def check_runtime(runtime) -> None:
+    """Refuses, when a model is loaded, kernels this machine cannot run (ValueError, one line)."""
+    resolve(runtime.attention_impl)
+    if runtime.attention_impl == "mosaic":
+        devices = jax.devices()
+        capability = float(getattr(devices[0], "compute_capability", 0) or 0)
+        if devices[0].platform != "gpu" or capability < 9.0:
+            raise ValueError(f"attention_impl='mosaic' needs an NVIDIA GPU of compute capability 9.0 or later "
+                             f"(this is {devices[0].device_kind}); use 'pallas' or 'auto'. On a CPU the Mosaic GPU "
+                             "interpreter is for the kernel's tests")
+        if runtime.dtype not in ("bfloat16", "float16"):
+            raise ValueError(f"attention_impl='mosaic' computes in bfloat16 or float16, not {runtime.dtype}; "
+                             "load with dtype='bfloat16' or use 'pallas'")
 
 
 def describe(runtime) -> str:
@@ -159,7 +176,7 @@ def prefill_attention(q, k, v, *, q_offset=None, kv_length=None, segment_ids=Non
     impl = resolve(impl)
     b, s = q.shape[0], k.shape[1]
     cp = context_parallel.context_size()
-    cp_impl = "pallas" if impl in ("pallas", "cudnn") else "xla"
+    cp_impl = {"cudnn": "pallas"}.get(impl, impl)
     if cp > 1 and q_offset is None:
         return context_parallel.attention(q, k, v, segment_ids=segment_ids, impl=cp_impl)
     if cp > 1 and q.shape[1] % cp == 0:  # a prefill chunk cp does not divide runs as below, unsplit
@@ -177,16 +194,20 @@ def prefill_attention(q, k, v, *, q_offset=None, kv_length=None, segment_ids=Non
         if not _cpu_serves(cpu_kernels, q, k, v):
             return run(pk.blocked_attention)()
         return _cpu_or(run(ck.attention), run(pk.blocked_attention))
-    # "pallas", and "cudnn" for what jax's cuDNN attention does not take (a query offset, segments).
+    # "pallas" or "mosaic", and "cudnn" for what jax's cuDNN attention does not take (a query
+    # offset, segments).
+    flash = pk.flash_attention_mosaic if impl == "mosaic" else pk.flash_attention
+
     def kernel(q, k, v, off, n, seg):
-        return pk.flash_attention(q, k, v, causal=True, q_offset=off, kv_lengths=n, q_segment_ids=seg)
+        return flash(q, k, v, causal=True, q_offset=off, kv_lengths=n, q_segment_ids=seg)
     axes = [HEADS, CACHE_AXES, CACHE_AXES, PER_ROW, PER_ROW, TOKENS]
     return _per_device(kernel, axes, HEADS)(q, k, v, q_off, kv_len, segment_ids)
 
 
 def decode_attention(q, k_cache, v_cache, *, lengths, impl="auto", cpu_kernels=False):
     """One query per sequence q [B, H, E] over the first lengths[b] keys of the cache
-    [B, S, K, E] -> [B, H, E]."""
+    [B, S, K, E] -> [B, H, E]. "pallas" and "mosaic" run the Triton decode kernel: decode is
+    memory-bound, and it reads the cache once already (docs/GPU_COMPILE.md)."""
     impl = resolve(impl)
     if impl == "cudnn":
         out = jax.nn.dot_product_attention(q[:, None], k_cache, v_cache, key_value_seq_lengths=lengths,

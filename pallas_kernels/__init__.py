@@ -11,6 +11,7 @@ from pallas_kernels.decode_attention import BlockSizes as DecodeBlockSizes
 from pallas_kernels.decode_attention import decode_attention, decode_attention_reference
 from pallas_kernels.flash_attention import BlockSizes as FlashBlockSizes
 from pallas_kernels.flash_attention import flash_attention, flash_attention_reference
+from pallas_kernels.mosaic import MosaicBlockSizes, flash_attention_mosaic
 from pallas_kernels.rms_norm import BlockSizes as RMSNormBlockSizes
 from pallas_kernels.rms_norm import rms_norm, rms_norm_reference
 
@@ -27,6 +28,8 @@ __all__ = [
     "decode_attention_reference",
     "flash_attention",
     "flash_attention_reference",
+    "flash_attention_mosaic",
+    "MosaicBlockSizes",
     "rms_norm",
     "rms_norm_reference",
 ]

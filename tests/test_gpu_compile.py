@@ -99,3 +99,14 @@ def test_a_scanned_decode_counts_every_layer(h100, tmp_path):
     row, _ = gpu_compile.analyse_program("tiny decode (scan)", fn, args, meta, tmp_path / "scan")
     assert row["cost"]["bytes"] >= meta["min_bytes"][0]
     assert _launches(row, "decode_attention") == TINY.n_layers
+
+
+def test_mosaic_kernels_use_wgmma_and_tma_without_spills(h100, tmp_path):
+    rows, fails = gpu_compile.check_kernel(gpu_compile.mosaic_case(64, True, 1024, grad=True), h100, tmp_path)
+    assert fails == []
+    assert sorted(gpu_compile._base(r["kernel"]) for r in rows) == [
+        "mosaic_flash_attention_dkdv", "mosaic_flash_attention_dq", "mosaic_flash_attention_fwd"]
+    for r in rows:
+        assert r["wgmma"] and r["tma"], r
+        assert 0 < r["registers"] <= 255 and r["spill_stores"] == r["spill_loads"] == 0, r
+        assert 0 < r["smem"] <= gpu_compile.H100_SMEM and r["warps"] == 12, r  # 2 compute + 1 TMA warpgroup

@@ -39,6 +39,14 @@ def test_cudnn_needs_a_gpu(tiny_dir):
         llama_jax.load(tiny_dir, attention_impl="cudnn")
 
 
+def test_mosaic_needs_a_hopper_gpu(tiny_dir):
+    """The Mosaic GPU kernels are refused at load where they cannot run (their CPU interpreter is for
+    tests/test_mosaic_attention.py), and "auto" never picks them off a GPU."""
+    with pytest.raises(ValueError, match="mosaic.*compute capability 9.0"):
+        llama_jax.load(tiny_dir, attention_impl="mosaic", dtype="bfloat16")
+    assert llama_jax.RuntimeConfig().resolved().attention_impl == "xla"
+
+
 def test_unknown_impl(tiny_dir):
     with pytest.raises(ValueError, match="attention_impl must be one of"):
         llama_jax.load(tiny_dir, attention_impl="flash")

@@ -85,9 +85,11 @@ class _Program:
 
 def _training_runtime(runtime: RuntimeConfig, train_config: TrainConfig) -> RuntimeConfig:
     """How a training step runs: float32 parameters, activations in the compute dtype, the source
-    model's kernels."""
+    model's kernels (the Mosaic GPU attention computes in bf16 only: a float32 step takes the
+    Triton kernels)."""
     compute = train_config.compute_dtype or default_dtype()
-    return dataclasses.replace(runtime, param_dtype="float32", dtype=compute).resolved()
+    attention = "pallas" if runtime.attention_impl == "mosaic" and compute == "float32" else runtime.attention_impl
+    return dataclasses.replace(runtime, param_dtype="float32", dtype=compute, attention_impl=attention).resolved()
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

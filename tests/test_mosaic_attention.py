@@ -1,0 +1,101 @@
+"""The Mosaic GPU flash attention (pallas_kernels.mosaic) equals the reference, gradients included,
+run in the Mosaic GPU interpreter on CPU with race detection on.
+
+The interpreter runs each CTA's three warpgroups as threads whose barrier waits block inside XLA's
+CPU executor; XLA sizes that pool by the cores (2 in CI), so two waiting warpgroups starve the
+third and the kernel deadlocks. XLA reads the pool size from NPROC when its CPU backend starts, and
+in `make test` another module has started it long before this one, so the kernels run in one child
+process started with NPROC set; it saves every output, and the comparisons happen here.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from numerics import BF16_EPS, assert_close, attention_inputs, tolerances
+
+# (B, T, S, H, K, E, options, block table entry): small grids, since the interpreter costs about a
+# second per CTA. Every entry of the BlockSizes table (head dim 64 and 128), causal and not, GQA,
+# odd lengths, per-sequence offsets and kv lengths, segment ids, queries that see no key.
+CASES = {
+    "e64_causal_gqa_odd": (1, 77, 77, 2, 1, 64, {}),
+    "e64_noncausal_segments": (1, 100, 100, 2, 1, 64, dict(causal=False, segments=3)),
+    "e128_offset_ragged": (2, 17, 150, 2, 1, 128, dict(
+        q_offset=np.array([133, 40], np.int32), kv_lengths=np.array([150, 90], np.int32))),
+    "e128_causal_segments_t_lt_s": (1, 40, 130, 4, 2, 128, dict(segments=2)),
+    "e64_empty_rows": (2, 40, 30, 2, 2, 64, dict(kv_lengths=np.array([0, 5], np.int32))),
+}
+FWD_ONLY = {"e64_empty_rows"}  # the gradient of rows that see nothing is 0 on both sides: no news
+FWD_ATOL = 2e-2  # bf16 outputs of magnitude <= 1
+
+
+def _run_cases(out_dir: Path) -> None:
+    """The child: every case's kernel and reference outputs (and gradients) into out_dir/NAME.npz;
+    a line 'CASE NAME' on stdout before each, so that a race report can be put to its case."""
+    import jax
+
+    from pallas_kernels import flash_attention_reference
+    from pallas_kernels.mosaic import flash_attention_mosaic, interpreter
+
+    for name, case in CASES.items():
+        seed = int.from_bytes(os.urandom(4), "little") % 2**31  # fresh inputs, logged for a rerun
+        print(f"CASE {name}\nseed {seed}", flush=True)
+        q, k, v, do, opts = attention_inputs(case, jnp.bfloat16, seed=seed)
+        kw = {a: jnp.asarray(x) if isinstance(x, np.ndarray) else x for a, x in opts.items()}
+
+        def run(fn, **extra):
+            out, vjp = jax.vjp(lambda q, k, v: fn(q, k, v, **kw, **extra), q, k, v)
+            return [out] if name in FWD_ONLY else [out, *vjp(do)]
+
+        got = run(flash_attention_mosaic, interpret=interpreter(detect_races=True))
+        want = run(flash_attention_reference)
+        np.savez(out_dir / f"{name}.npz", **{f"got{i}": np.asarray(x, np.float32) for i, x in enumerate(got)},
+                 **{f"want{i}": np.asarray(x, np.float32) for i, x in enumerate(want)})
+        print(f"DONE {name}", flush=True)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("mosaic")
+    env = dict(os.environ, NPROC="16", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, __file__, str(out_dir)], env=env, capture_output=True,
+                          text=True, timeout=600, cwd=Path(__file__).parent)
+    logs, case = {}, None
+    for line in proc.stdout.splitlines():
+        if line.startswith("CASE "):
+            case = line[5:]
+        logs.setdefault(case, []).append(line)
+    return out_dir, logs, proc
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_mosaic_flash_attention_matches_reference(case, results):
+    out_dir, logs, proc = results
+    log = "\n".join(logs.get(case, []))
+    assert "RACE DETECTED" not in log, log[-3000:]
+    path = out_dir / f"{case}.npz"
+    if not path.exists():
+        pytest.fail(f"the interpreter did not finish {case} (exit {proc.returncode}):\n"
+                    f"{log[-2000:]}\n{proc.stderr[-4000:]}")
+    data = np.load(path)
+    B, T, S, H, K, E, opts = CASES[case]
+    assert_close(data["got0"], data["want0"], atol=FWD_ATOL, rtol=2 * BF16_EPS, name=f"{case} out")
+    if case == "e64_empty_rows":  # queries that see no key give exactly 0
+        np.testing.assert_array_equal(data["got0"][0], 0.0)  # no keys at all
+        np.testing.assert_array_equal(data["got0"][1, :10], 0.0)  # causal: q_offset is -10
+    for i, name in enumerate("qkv", start=1):
+        if f"got{i}" not in data:
+            continue
+        ref = data[f"want{i}"]
+        scale = max(1.0, float(np.max(np.abs(ref))))
+        assert_close(data[f"got{i}"], ref, **tolerances(jnp.bfloat16, S * T, scale), name=f"{case} d{name}")
+
+
+if __name__ == "__main__":  # the child process (see the module docstring)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    _run_cases(Path(sys.argv[1]))
