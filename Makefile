@@ -35,7 +35,8 @@ finetune: $(STAMP)
 	$(PY) examples/finetune.py $(FINETUNE_ARGS)
 
 # Compile every kernel and the Llama programs for an H100, with no GPU (benchmarks/gpu_compile.py),
-# and regenerate docs/GPU_COMPILE.md. Its own venv: with the CUDA plugin installed, every plain
+# and regenerate docs/GPU_COMPILE.md; compile Llama 3.1 8B and 70B training steps for 8 and 64 H100s
+# and fail unless they fit in 80 GB per device (benchmarks/train_at_scale.py, docs/TRAINING_AT_SCALE.md). Its own venv: with the CUDA plugin installed, every plain
 # `import jax` prints an "Unable to load CUDA" traceback before falling back to the CPU.
 GPU_VENV ?= .venv-gpu-check
 GPU_PY := $(GPU_VENV)/bin/python
@@ -51,6 +52,7 @@ gpu-check: $(GPU_STAMP)
 	JAX_PLATFORMS=cpu $(GPU_PY) -m pytest -q -p no:cacheprovider tests/test_gpu_compile.py
 	JAX_PLATFORMS=cpu $(GPU_PY) benchmarks/gpu_compile.py --out docs/GPU_COMPILE.md \
 		--expected benchmarks/gpu/expected_failures.txt $(GPU_CHECK_ARGS)
+	JAX_PLATFORMS=cpu $(GPU_PY) benchmarks/train_at_scale.py --out docs/TRAINING_AT_SCALE.md
 
 clean:
 	rm -rf $(VENV) $(GPU_VENV)

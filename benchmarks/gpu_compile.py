@@ -279,11 +279,13 @@ class Hlo:
         self.by_name = {i.name: i for instrs in self.instrs.values() for i in instrs}
 
     def callees(self, comp: str) -> set[str]:
-        """Every computation comp calls, transitively (fusions, reducers, loop bodies)."""
+        """Every computation comp calls, transitively (fusions, reducers, loop bodies, both branches
+        of a conditional)."""
         out, todo = set(), [comp]
         while todo:
             for i in self.instrs[todo.pop()]:
-                for attr in ("calls", "to_apply", "body", "condition", "branch_computations", "called_computations"):
+                for attr in ("calls", "to_apply", "body", "condition", "branch_computations", "called_computations",
+                             "true_computation", "false_computation"):
                     for c in i.called(attr):
                         if c in self.comps and c not in out:
                             out.add(c)

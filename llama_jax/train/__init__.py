@@ -11,7 +11,7 @@ from llama_jax.data import pack_documents
 from llama_jax.train.config import REMAT_POLICIES, TrainConfig, lr_at, optimizer
 from llama_jax.train.loop import fit
 from llama_jax.train.loss import chunked_cross_entropy, loss_sums
-from llama_jax.train.trainer import RUN_FILE, Trainer, TrainingDiverged, gradient_program
+from llama_jax.train.trainer import RUN_FILE, Trainer, TrainingDiverged, gradient_program, update_program
 
 __all__ = ["REMAT_POLICIES", "RUN_FILE", "TrainConfig", "Trainer", "TrainingDiverged", "chunked_cross_entropy", "fit",
-           "gradient_program", "loss_sums", "lr_at", "optimizer", "pack_documents"]
+           "gradient_program", "loss_sums", "lr_at", "optimizer", "pack_documents", "update_program"]

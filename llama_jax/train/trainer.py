@@ -146,8 +146,7 @@ def _mean_loss_and_grads(prog: _Program, params, batch):
 _loss_and_grads = jax.jit(_mean_loss_and_grads, static_argnums=0)
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=(1, 2))
-def _apply_update(clip: bool, params, opt_state, grads, loss, lr):
+def _update(clip: bool, params, opt_state, grads, loss, lr):
     """The optimizer update at learning rate `lr`, with the step's gradient and loss. A NaN or
     infinite loss or gradient leaves params and opt_state as they were (the caller stops the run),
     so a diverged step never reaches a checkpoint. A separate program from the gradient, so
@@ -163,6 +162,33 @@ def _apply_update(clip: bool, params, opt_state, grads, loss, lr):
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     params, opt_state = jax.lax.cond(ok, update, lambda p, o: (p, o), params, opt_state)
     return params, opt_state, grad_norm
+
+
+def _apply_update(clip: bool, placed):
+    """_update jitted, params and optimizer state donated. placed: None (one device), or the
+    (params, optimizer state, replicated) shardings, which the outputs keep: left to itself, XLA
+    replicates the outputs of the `lax.cond`, a full f32 copy of the weights and both moments on
+    every device (151 GB per device for Llama 3.1 8B on 8 GPUs: docs/TRAINING_AT_SCALE.md)."""
+    key = None if placed is None else (jax.tree.structure(placed), tuple(jax.tree.leaves(placed)))
+    return _update_program(clip, key)
+
+
+@functools.lru_cache(maxsize=None)
+def _update_program(clip: bool, key):
+    """One jitted update per (clip, shardings), shared by every Trainer that has them."""
+    out = None if key is None else jax.tree.unflatten(*key)
+    return jax.jit(functools.partial(_update, clip), donate_argnums=(0, 1), out_shardings=out)
+
+
+def _opt_shardings(tx, params, shardings, mesh):
+    """Where each leaf of the optimizer state of `params` goes, given the params' shardings: a
+    parameter's moments with the parameter, the rest (counts, hyperparameters) replicated; None
+    without a mesh."""
+    if shardings is None:
+        return None
+    shapes = jax.eval_shape(tx.init, params)
+    rest = NamedSharding(mesh, P())
+    return optax.tree_map_params(tx, lambda _, where: where, shapes, shardings, transform_non_params=lambda _: rest)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -183,6 +209,21 @@ def gradient_program(config: LlamaConfig, train_config: TrainConfig, mesh, runti
     batch = {k: jax.ShapeDtypeStruct(rows, jnp.int32, sharding=sharding.batch_sharding(mesh, 2))
              for k in ("tokens", "segment_ids", "positions")}
     return _loss_and_grads, (prog, params, batch)
+
+
+def update_program(config: LlamaConfig, train_config: TrainConfig, mesh, runtime: RuntimeConfig | None = None):
+    """(jitted function, abstract arguments) of the step's optimizer update (gradient norm, torch's
+    clipping, AdamW, skipped on a non-finite loss; params and state donated), as a Trainer of a model
+    of `config` on `mesh` runs it, with nothing allocated: `gradient_program`'s twin."""
+    _, (_, params, _) = gradient_program(config, train_config, mesh, runtime)
+    tx = optimizer(train_config)
+    shardings = jax.tree.map(lambda a: a.sharding, params)
+    opt = _opt_shardings(tx, params, shardings, mesh)
+    opt_state = jax.tree.map(lambda a, w: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=w),
+                             jax.eval_shape(tx.init, params), opt)
+    scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=NamedSharding(mesh, P()))
+    fn = _apply_update(train_config.grad_clip is not None, (shardings, opt, NamedSharding(mesh, P())))
+    return fn, (params, opt_state, params, scalar, scalar)
 
 
 def _differences(a: dict, b: dict) -> list[str]:
@@ -230,25 +271,16 @@ class Trainer:
         self._params: dict = self._place(params, self._shardings)
         with sharding.on_mesh(self.mesh):
             # The optimizer's moments are split as their parameters are (ZeRO under 'fsdp').
-            self._opt_state = jax.jit(self._tx.init, out_shardings=self._opt_shardings(self._params, self._shardings)
-                                      )(self._params)
+            opt = _opt_shardings(self._tx, self._params, self._shardings, self.mesh)
+            self._opt_state = jax.jit(self._tx.init, out_shardings=opt)(self._params)
+        self._update = _apply_update(self._prog.clip, None if self.mesh is None else
+                                     (self._shardings, opt, NamedSharding(self.mesh, P())))
         self.step_count = 0
         self.data_state: dict | None = None  # the data position restored from a checkpoint
         if resume_from is not None:
             self.restore(resume_from)
 
     # --- placement and batches
-
-    def _opt_shardings(self, params, shardings):
-        """Where each leaf of the optimizer state of `params` goes, given the params' shardings: a
-        parameter's moments with the parameter, the rest (counts, hyperparameters) replicated; None
-        without a mesh."""
-        if shardings is None:
-            return None
-        shapes = jax.eval_shape(self._tx.init, params)
-        rest = NamedSharding(self.mesh, P())
-        return optax.tree_map_params(self._tx, lambda _, where: where, shapes, shardings,
-                                     transform_non_params=lambda _: rest)
 
     @staticmethod
     def _place(tree, shardings):
@@ -351,8 +383,8 @@ class Trainer:
         with sharding.on_mesh(self.mesh):
             grads = jax.eval_shape(functools.partial(_loss_and_grads, self._prog), self._params, b)
             return {"grads": _loss_and_grads.lower(self._prog, self._params, b),
-                    "update": _apply_update.lower(self._prog.clip, self._params, self._opt_state, grads[1],
-                                                  grads[0], np.float32(0.0))}
+                    "update": self._update.lower(self._params, self._opt_state, grads[1], grads[0],
+                                                 np.float32(0.0))}
 
     def lr(self, step: int | None = None) -> float:
         """The learning rate of optimizer step `step` (0-based; default: the next one)."""
@@ -370,12 +402,12 @@ class Trainer:
         with sharding.on_mesh(self.mesh):
             loss, grads = _loss_and_grads(self._prog, self._params, b)
             # The weights and the count change together (a Ctrl-C while we wait below finds them agreeing).
-            self._params, self._opt_state, grad_norm = _apply_update(self._prog.clip, self._params, self._opt_state,
-                                                                     grads, loss, np.float32(lr))
+            self._params, self._opt_state, grad_norm = self._update(self._params, self._opt_state, grads, loss,
+                                                                    np.float32(lr))
             self.step_count += 1
         loss, grad_norm = float(loss), float(grad_norm)
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            self.step_count -= 1  # _apply_update kept the weights as they were
+            self.step_count -= 1  # the update kept the weights as they were
             raise TrainingDiverged(f"step {self.step_count + 1}: the loss is {loss} (gradient norm {grad_norm}); "
                                    f"the update was not applied: the weights are those after step {self.step_count}. "
                                    "Lower the learning rate or check the data")
