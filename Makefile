@@ -49,7 +49,7 @@ $(GPU_STAMP): pyproject.toml
 	touch $(GPU_STAMP)
 
 gpu-check: $(GPU_STAMP)
-	JAX_PLATFORMS=cpu $(GPU_PY) -m pytest -q -p no:cacheprovider tests/test_gpu_compile.py
+	JAX_PLATFORMS=cpu $(GPU_PY) -m pytest -q -p no:cacheprovider tests/test_gpu_compile.py tests/test_train_at_scale.py
 	JAX_PLATFORMS=cpu $(GPU_PY) benchmarks/gpu_compile.py --out docs/GPU_COMPILE.md \
 		--expected benchmarks/gpu/expected_failures.txt $(GPU_CHECK_ARGS)
 	JAX_PLATFORMS=cpu $(GPU_PY) benchmarks/train_at_scale.py --out docs/TRAINING_AT_SCALE.md
