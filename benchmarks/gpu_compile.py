@@ -61,7 +61,7 @@ from hlo_shapes import shape_bytes  # noqa: E402
 
 TARGET = ROOT / "benchmarks" / "gpu" / "h100_sxm.txtpb"
 OUR_KERNELS = ("flash_attention_fwd", "flash_attention_dq", "flash_attention_dkv", "decode_attention",
-               "rms_norm_fwd", "rms_norm_bwd")
+               "paged_decode_attention", "rms_norm_fwd", "rms_norm_bwd")
 MOSAIC_KERNELS = "mosaic_flash_attention_"  # Mosaic GPU kernels compile outside XLA's dump
 H100_SMEM = 227 * 1024  # opt-in shared memory per block
 H100_FLOPS, H100_BYTES_PER_S = 989e12, 3.35e12  # dense bf16, HBM3
@@ -382,6 +382,16 @@ def decode_case(e, g, s, b) -> KernelCase:
                       [_sds(b, 32, e), _sds(b, s, 32 // g, e), _sds(b, s, 32 // g, e), _sds(b, dtype=jnp.int32)])
 
 
+def paged_case(e, g, s, b, page_size=16) -> KernelCase:
+    """Paged decode attention, 32 query heads: b sequences of s keys each in a pool of exactly
+    b * s / page_size pages (each sequence's table a run of its own pages)."""
+    f = lambda q, k, v, t, n: pk.paged_decode_attention(q, k, v, t, n)  # noqa: E731
+    pages, kv = b * s // page_size, 32 // g
+    return KernelCase(f"paged E{e} G{g} S{s} B{b} page{page_size}", f,
+                      [_sds(b, 32, e), _sds(pages, page_size, kv, e), _sds(pages, page_size, kv, e),
+                       _sds(b, s // page_size, dtype=jnp.int32), _sds(b, dtype=jnp.int32)])
+
+
 def rms_case(n, d, residual) -> KernelCase:
     if residual:
         f, args = (lambda x, w, r: pk.rms_norm(x, w, r)), [_sds(n, d), _sds(d), _sds(n, d)]
@@ -392,7 +402,8 @@ def rms_case(n, d, residual) -> KernelCase:
 
 def kernel_cases(quick=False) -> list[KernelCase]:
     """Head dims 64 and 128, GQA groups 1/4/8, causal and not, 1K-128K; decode 1K-128K at batch 1
-    and 8; RMSNorm at [8192, 4096] and [8192, 576] (SmolLM2's width), with and without residual."""
+    and 8; paged decode (pages of 16) at 8K and 128K, batch 8; RMSNorm at [8192, 4096] and [8192, 576]
+    (SmolLM2's width), with and without residual."""
     if quick:
         return [flash_case(128, 4, True, 1024), flash_case(128, 8, True, 1024, grad=True),
                 decode_case(128, 4, 8192, 8), rms_case(8192, 4096, True),
@@ -404,6 +415,7 @@ def kernel_cases(quick=False) -> list[KernelCase]:
     cases += [decode_case(128, 4, s, b) for s in (1024, 8192, 32768, 131072) for b in (1, 8)]
     cases += [decode_case(64, 4, s, b) for s in (8192, 131072) for b in (1, 8)]
     cases += [decode_case(128, g, 8192, 8) for g in (1, 8)]
+    cases += [paged_case(e, 4, s, 8) for e in (64, 128) for s in (8192, 131072)]
     cases += [rms_case(8192, d, r) for d in (4096, 576) for r in (False, True)]
     # Mosaic GPU (Hopper): every BlockSizes entry (head dim 64, 128), causal and not, 2K-8K; the
     # backward at 1K and 8K.

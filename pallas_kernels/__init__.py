@@ -12,6 +12,8 @@ from pallas_kernels.decode_attention import decode_attention, decode_attention_r
 from pallas_kernels.flash_attention import BlockSizes as FlashBlockSizes
 from pallas_kernels.flash_attention import flash_attention, flash_attention_reference
 from pallas_kernels.mosaic import MosaicBlockSizes, flash_attention_mosaic
+from pallas_kernels.paged_attention import BlockSizes as PagedBlockSizes
+from pallas_kernels.paged_attention import paged_decode_attention, paged_decode_attention_reference
 from pallas_kernels.rms_norm import BlockSizes as RMSNormBlockSizes
 from pallas_kernels.rms_norm import rms_norm, rms_norm_reference
 
@@ -30,6 +32,9 @@ __all__ = [
     "flash_attention_reference",
     "flash_attention_mosaic",
     "MosaicBlockSizes",
+    "PagedBlockSizes",
+    "paged_decode_attention",
+    "paged_decode_attention_reference",
     "rms_norm",
     "rms_norm_reference",
 ]
