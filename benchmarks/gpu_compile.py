@@ -562,12 +562,12 @@ def programs(config, where, *, batch=1, context=4096, prompt=2048, layout="layer
     else:
         kv = sds((b, context, K, E), jnp.bfloat16, CACHE_AXES)
         cache = [KVCache(kv, kv) for _ in range(L)]
-    key_type = jax.eval_shape(lambda: jax.random.key(0))
-    key = sds(key_type.shape, key_type.dtype)
-    rows = lambda *shape: sds(shape, jnp.int32, ("batch", *(None,) * (len(shape) - 1)))  # noqa: E731
-    # (greedy, top_k), temperature, top_p, stop ids, max_new_tokens: as generate_ids passes them.
-    sampling = ((True, None), sds((), jnp.float32), None, sds((1,), jnp.int32), sds((), jnp.int32))
-    ds = generate.DecodeState(cache, sds((b,), jnp.int32), rows(b), rows(b), sds((b,), jnp.bool_), key)
+    rows = lambda *shape, dtype=jnp.int32: sds(shape, dtype, ("batch", *(None,) * (len(shape) - 1)))  # noqa: E731
+    # Each row's seed, temperature, top_p, top_k, then stop ids and max_new_tokens: as generate_ids
+    # passes them.
+    sampling = (generate.Sampling(rows(b, dtype=jnp.uint32), rows(b, dtype=jnp.float32), rows(b, dtype=jnp.float32),
+                                  rows(b)), sds((1,), jnp.int32), sds((), jnp.int32))
+    ds = generate.DecodeState(cache, sds((b,), jnp.int32), rows(b), rows(b), sds((b,), jnp.bool_))
 
     per_device = lambda x: int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize  # noqa: E731
     weights = sum(per_device(x) for x in jax.tree.leaves(params))

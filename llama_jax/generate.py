@@ -20,6 +20,7 @@ from flax import nnx
 
 from llama_jax import sharding
 from llama_jax.requests import SamplingParams
+from llama_jax.sampling import sample
 from llama_jax.sharding import replicated
 
 CHUNK = 32  # decode steps per device loop; Python sees tokens once per chunk
@@ -44,30 +45,26 @@ def bucket(n: int, minimum: int = 16) -> int:
     return max(minimum, 1 << (int(n) - 1).bit_length())
 
 
-# --- Sampling, on the device ----------------------------------------------------------------------
-
-
-def sample(logits, key, temperature, top_p, *, greedy: bool, top_k: int | None):
-    """Draws one token per row of logits [B, V] (float32). temperature and top_p are traced scalars
-    (no recompile when they change); greedy and top_k shape the computation and are static."""
-    if greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits / temperature
-    if top_k is not None:
-        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]  # (B, 1): the k-th largest
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if top_p is not None:
-        # Keep the smallest prefix of the sorted distribution whose mass reaches top_p (the first
-        # token always stays).
-        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]  # (B, V), descending
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        cutoff = jnp.min(jnp.where(mass_before < top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
-
-
 # --- The jitted pieces ----------------------------------------------------------------------------
+
+
+class Sampling(NamedTuple):
+    """Each row's sampling parameters, [B] arrays (llama_jax.sampling.sample): traced, so no
+    setting recompiles."""
+
+    seed: jax.Array  # uint32
+    temperature: jax.Array  # float32, 0: greedy
+    top_p: jax.Array  # float32, 1: off
+    top_k: jax.Array  # int32, 0: off
+
+    @classmethod
+    def of(cls, params: SamplingParams, batch: int) -> "Sampling":
+        """Every row with the request's parameters (and seed: a prompt samples the same tokens
+        alone or in any batch)."""
+        full = lambda value, dtype: np.full((batch,), value, dtype)  # noqa: E731
+        return cls(full(params.seed % 2**32, np.uint32), full(params.temperature, np.float32),
+                   full(1.0 if params.top_p is None else params.top_p, np.float32),
+                   full(params.top_k or 0, np.int32))
 
 
 class DecodeState(NamedTuple):
@@ -76,7 +73,6 @@ class DecodeState(NamedTuple):
     pos: jax.Array  # [B] int32: where `token` goes in the cache
     n_generated: jax.Array  # [B] int32
     done: jax.Array  # [B] bool
-    key: jax.Array
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=(2, 6))
@@ -94,19 +90,17 @@ def prefill_chunk(graphdef, state, cache, tokens, start, lengths, last):
     return cache, jnp.where(((i >= 0) & (i < c))[:, None], x_last, last)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 6), donate_argnums=(2,))
-def first_token(graphdef, state, cache, last, lengths, key, sampling_static, temperature, top_p, stop_ids,
-                max_new_tokens):
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=(2,))
+def first_token(graphdef, state, cache, last, lengths, sampling: Sampling, stop_ids, max_new_tokens):
     """Samples each sequence's first token from the hidden states `last` [B, D] of its last prompt
     token; returns the DecodeState that decode_chunk continues from."""
-    greedy, top_k = sampling_static
     logits = nnx.merge(graphdef, state).head(last)  # (B, V)
-    key, sub = jax.random.split(key)
-    token = sample(logits, sub, temperature, top_p, greedy=greedy, top_k=top_k)
+    token = sample(logits, sampling.seed, jnp.zeros_like(lengths), sampling.temperature, sampling.top_p,
+                   sampling.top_k)
     n = jnp.ones_like(lengths)
     done = jnp.isin(token, stop_ids) | (n >= max_new_tokens)
     # Replicated, so that every process of a multi-host mesh can read what Python needs.
-    return DecodeState(cache, replicated(token), lengths, n, replicated(done), key)
+    return DecodeState(cache, replicated(token), lengths, n, replicated(done))
 
 
 def prefill(graphdef, state, cache, prompts: Sequence[Sequence[int]], chunk: int, mesh=None):
@@ -132,12 +126,10 @@ def prefill(graphdef, state, cache, prompts: Sequence[Sequence[int]], chunk: int
     return cache, last, lengths
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3), donate_argnums=(2,))
-def decode_chunk(graphdef, state, ds: DecodeState, sampling_static, temperature, top_p, stop_ids,
-                 max_new_tokens):
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=(2,))
+def decode_chunk(graphdef, state, ds: DecodeState, sampling: Sampling, stop_ids, max_new_tokens):
     """Up to CHUNK decode steps on the device, stopping early once every sequence is done.
     Returns (DecodeState, tokens [B, CHUNK] with -1 where nothing was produced)."""
-    greedy, top_k = sampling_static
     model = nnx.merge(graphdef, state)
     b = ds.token.shape[0]
     out = jnp.full((b, CHUNK), -1, jnp.int32)
@@ -149,14 +141,14 @@ def decode_chunk(graphdef, state, ds: DecodeState, sampling_static, temperature,
     def body(carry):
         i, ds, out = carry
         logits, cache = model(ds.token[:, None], ds.pos[:, None], ds.cache)
-        key, sub = jax.random.split(ds.key)
-        token = sample(logits[:, 0], sub, temperature, top_p, greedy=greedy, top_k=top_k)
+        token = sample(logits[:, 0], sampling.seed, ds.n_generated, sampling.temperature, sampling.top_p,
+                       sampling.top_k)
         live = ~ds.done
         token = jnp.where(live, token, ds.token)
         n = ds.n_generated + live
         done = ds.done | (live & (jnp.isin(token, stop_ids) | (n >= max_new_tokens)))
         out = out.at[:, i].set(jnp.where(live, token, -1))
-        return i + 1, DecodeState(cache, token, ds.pos + live, n, done, key), out
+        return i + 1, DecodeState(cache, token, ds.pos + live, n, done), out
 
     _, ds, out = jax.lax.while_loop(cond, body, (0, ds, out))
     return ds._replace(done=replicated(ds.done)), replicated(out)
@@ -189,21 +181,19 @@ def generate_ids(graphdef, state, prompts: Sequence[Sequence[int]], params: Samp
     chunk, s = plan(max(len(p) for p in prompts), params.max_new_tokens, model.runtime.prefill_chunk,
                     model.config.max_seq_len)
 
-    static = (params.temperature == 0.0, params.top_k)
-    temperature = jnp.float32(params.temperature or 1.0)
-    top_p = None if params.top_p is None else jnp.float32(params.top_p)
+    rows = sharding.batch_sharding(mesh, 1)
+    sampling = jax.tree.map(lambda a: jax.device_put(a, rows), Sampling.of(params, len(prompts)))
     stop_ids = jnp.asarray(params.stop_token_ids or (-1,), jnp.int32)
     max_new = jnp.int32(params.max_new_tokens)
     with sharding.on_mesh(mesh):
         cache = init_cache(graphdef, state, len(prompts), s, mesh)
         cache, last, lengths = prefill(graphdef, state, cache, prompts, chunk, mesh)
-        ds = first_token(graphdef, state, cache, last, lengths, jax.random.key(params.seed), static,
-                         temperature, top_p, stop_ids, max_new)
+        ds = first_token(graphdef, state, cache, last, lengths, sampling, stop_ids, max_new)
         first = np.asarray(ds.token)
     yield [[int(x)] for x in first]
     while not bool(np.all(np.asarray(ds.done))):
         with sharding.on_mesh(mesh):
-            ds, out = decode_chunk(graphdef, state, ds, static, temperature, top_p, stop_ids, max_new)
+            ds, out = decode_chunk(graphdef, state, ds, sampling, stop_ids, max_new)
             out = np.asarray(out)
         yield [[int(x) for x in row if x >= 0] for row in out]
 

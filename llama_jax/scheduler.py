@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llama_jax import requests, sharding
+from llama_jax import requests, sampling, sharding
 from llama_jax.detokenizer import Detokenizer
 from llama_jax.metrics import Stats
 from llama_jax.generate import bucket, init_cache
@@ -52,33 +52,6 @@ class NotRunning(Exception):
 
 
 # --- The jitted pieces ----------------------------------------------------------------------------
-
-
-def sample_slots(logits, seeds, counts, temperature, top_p, top_k):
-    """One token per row of logits [B, V] (float32), each row with its own parameters [B]:
-    temperature 0 is greedy, top_k 0 and top_p 1 keep the whole vocabulary (the same filtering as
-    generate.sample: top-k, then top-p). Row b draws with fold_in(key(seeds[b]), counts[b]), counts
-    being the tokens its request has so far, so a request samples the same tokens alone or in any
-    batch. When every row is greedy the sort is skipped (lax.cond runs one branch)."""
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-
-    def draw(_):
-        v = logits.shape[-1]
-        x = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
-        desc = -jnp.sort(-x, axis=-1)  # (B, V), descending
-        k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)
-        kth = jnp.take_along_axis(desc, (k - 1)[:, None], axis=-1)  # (B, 1): the k-th largest
-        desc = jnp.where(jnp.arange(v) < k[:, None], desc, -jnp.inf)
-        probs = jax.nn.softmax(desc, axis=-1)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        cutoff = jnp.min(jnp.where(mass_before < top_p[:, None], desc, jnp.inf), axis=-1, keepdims=True)
-        cutoff = jnp.where(top_p[:, None] < 1, cutoff, -jnp.inf)  # top_p 1: no cut, whatever the rounding
-        x = jnp.where((x < kth) | (x < cutoff), -jnp.inf, x)
-        keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seeds, counts)
-        drawn = jax.vmap(jax.random.categorical)(keys, x).astype(jnp.int32)
-        return jnp.where(temperature > 0, drawn, greedy)
-
-    return jax.lax.cond(jnp.any(temperature > 0), draw, lambda _: greedy, None)
 
 
 class Slots(NamedTuple):
@@ -126,7 +99,7 @@ def decode_slots(graphdef, state, cache, steps: int, s: Slots):
     def body(carry):
         i, cache, token, pos, count, done, out = carry
         logits, cache = model(token[:, None], pos[:, None], cache)
-        new = sample_slots(logits[:, 0], s.seed, count, s.temperature, s.top_p, s.top_k)
+        new = sampling.sample(logits[:, 0], s.seed, count, s.temperature, s.top_p, s.top_k)
         going = ~done
         token = jnp.where(going, new, token)
         count = count + going
@@ -180,7 +153,7 @@ def first_token(graphdef, state, hidden, seed, temperature, top_p, top_k):
     """A request's first token from the hidden state [1, D] of its last prompt token; the
     parameters are [1] arrays as in `Slots`."""
     logits = nnx.merge(graphdef, state).head(hidden)  # (1, V)
-    return sharding.replicated(sample_slots(logits, seed, jnp.zeros_like(top_k), temperature, top_p, top_k))
+    return sharding.replicated(sampling.sample(logits, seed, jnp.zeros_like(top_k), temperature, top_p, top_k))
 
 
 # --- Requests and what comes back -------------------------------------------------------------------

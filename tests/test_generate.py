@@ -8,6 +8,7 @@ import jax.numpy as jnp
 
 import llama_jax
 from llama_jax import generate as gen
+from llama_jax.sampling import sample
 from tiny_models import make_hf_model
 
 
@@ -108,14 +109,23 @@ def _allowed_top_p(logits, top_p):
     return set(order[before < top_p].tolist())
 
 
+def _sample(logits, seed, temperature, top_p=None, top_k=None):
+    """llama_jax.sampling.sample with one setting for every row (each row its own stream), jitted
+    as generation runs it."""
+    b = logits.shape[0]
+    full = lambda value, dtype: jnp.full((b,), value, dtype)  # noqa: E731
+    return jax.jit(sample)(logits, full(seed, jnp.uint32) + jnp.arange(b, dtype=jnp.uint32), full(0, jnp.int32),
+                  full(temperature, jnp.float32), full(1.0 if top_p is None else top_p, jnp.float32),
+                  full(top_k or 0, jnp.int32))
+
+
 def test_top_k_top_p_stay_in_the_allowed_set():
     rng = np.random.RandomState(0)
     logits = jnp.asarray(rng.randn(4, 50).astype(np.float32) * 3)
     for top_k, top_p in [(5, None), (None, 0.5), (None, 0.9), (10, 0.8), (1, None)]:
         seen = [set() for _ in range(4)]
         for seed in range(200):
-            tok = gen.sample(logits, jax.random.key(seed), jnp.float32(1.0),
-                             None if top_p is None else jnp.float32(top_p), greedy=False, top_k=top_k)
+            tok = _sample(logits, seed * 4, 1.0, top_p, top_k)
             for i, t in enumerate(np.asarray(tok)):
                 seen[i].add(int(t))
         for i in range(4):
@@ -133,8 +143,7 @@ def test_top_k_top_p_stay_in_the_allowed_set():
 
 def test_temperature_sampling_matches_softmax():
     logits = jnp.asarray([[0.0, 1.0, 2.0]], jnp.float32)
-    draws = jax.vmap(lambda k: gen.sample(logits, k, jnp.float32(2.0), None, greedy=False, top_k=None))(
-        jax.random.split(jax.random.key(0), 4000))
+    draws = jax.vmap(lambda s: _sample(logits, s, 2.0))(jnp.arange(4000, dtype=jnp.uint32))
     freq = np.bincount(np.asarray(draws).ravel(), minlength=3) / 4000
     want = np.exp(np.array([0, 0.5, 1.0]))
     np.testing.assert_allclose(freq, want / want.sum(), atol=0.03)

@@ -152,6 +152,11 @@ def test_streamed_token_ids_and_sampling_are_batch_independent(tiny, tiny_served
 
     alone, busy, streamed, top1 = asyncio.run(run())
     assert busy["choices"][0]["token_ids"] == alone["choices"][0]["token_ids"] == streamed
+    # One sampler, one random scheme: Llama.generate draws the same tokens for the same seed, alone
+    # and in a batch beside other prompts.
+    kw = dict(max_new_tokens=12, temperature=0.9, top_p=0.9, top_k=50, seed=7, stop_token_ids=[])
+    assert tiny.generate([p], **kw)[0].token_ids == alone["choices"][0]["token_ids"]
+    assert tiny.generate([*_prompts([5, 30], seed=4), p], **kw)[2].token_ids == alone["choices"][0]["token_ids"]
     greedy = tiny.generate([p], max_new_tokens=12)[0].token_ids
     assert top1["choices"][0]["token_ids"] == greedy
 
