@@ -1,10 +1,7 @@
 """Long context: chunked prefill equals one-shot, positions out to 131K equal transformers', a 16K
 prompt end to end, and bad lengths refused before anything compiles."""
 
-import dataclasses
-
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
