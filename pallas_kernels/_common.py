@@ -102,6 +102,16 @@ def softmax_finish(carry):
 # --- Shapes ---------------------------------------------------------------------------------------
 
 
+def merge_splits(o, lse):
+    """Flash-decoding's merge of partial results over key splits (axis 2): o [B, K, splits, Gp, Ep]
+    normalized partial outputs and lse [B, K, splits, Gp] their base-2 log-sum-exps -> [B, K, Gp, Ep],
+    each split weighted by its share of the total softmax mass. Empty splits carry lse = MASK_VALUE,
+    hence weight 0 (or all equal when every split is empty, whose outputs are all 0)."""
+    lse_max = jnp.max(lse, axis=2, keepdims=True)
+    w = jnp.exp2(lse - lse_max)  # (B, K, splits, Gp)
+    return jnp.sum(o * w[..., None], axis=2) / jnp.sum(w, axis=2)[..., None]
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 

@@ -17,8 +17,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels._common import (LOG2E, MASK_VALUE, by_platform, dot, next_pow2, pad_axis,
-                                    round_up, sm_scale_or_default, softmax_finish, softmax_init,
+from pallas_kernels._common import (LOG2E, MASK_VALUE, by_platform, dot, merge_splits, next_pow2,
+                                    pad_axis, round_up, sm_scale_or_default, softmax_finish, softmax_init,
                                     softmax_step, triton_params)
 
 
@@ -128,12 +128,7 @@ def decode_attention(q, k_cache, v_cache, *, lengths, sm_scale=None, block_sizes
         )(*args)
     o, lse = by_platform(kernel, interpret, lengths, q4, k_cache, v_cache)
 
-    # Merge the splits: weight each partial output by its share of the total softmax mass.
-    # Empty splits carry lse = MASK_VALUE, hence weight 0 (or all equal when every split is
-    # empty, whose outputs are all 0).
-    lse_max = jnp.max(lse, axis=2, keepdims=True)
-    w = jnp.exp2(lse - lse_max)  # (B, K, splits, Gp)
-    o = jnp.sum(o * w[..., None], axis=2) / jnp.sum(w, axis=2)[..., None]  # (B, K, Gp, Ep)
+    o = merge_splits(o, lse)  # (B, K, Gp, Ep)
     return o[:, :, :G, :E].reshape(B, H, E).astype(q.dtype)
 
 
