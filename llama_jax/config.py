@@ -170,8 +170,16 @@ def _resolve_attention(impl: str, dtype: str) -> str:
 
     if jax.default_backend() != "gpu":
         return "xla"
-    capability = float(getattr(jax.devices()[0], "compute_capability", 0) or 0)
-    return "mosaic" if capability >= 9.0 and dtype == "bfloat16" else "pallas"
+    return "mosaic" if hopper_or_later() and dtype == "bfloat16" else "pallas"
+
+
+def hopper_or_later() -> bool:
+    """Whether JAX's first device is an NVIDIA GPU of compute capability 9.0 or later (wgmma, TMA:
+    what the Mosaic GPU kernels need)."""
+    import jax
+
+    device = jax.devices()[0]
+    return device.platform == "gpu" and float(getattr(device, "compute_capability", 0) or 0) >= 9.0
 
 
 def _resolve_norm(impl: str) -> str:

@@ -26,6 +26,7 @@ from jax.sharding import PartitionSpec as P
 import cpu_kernels as ck
 import pallas_kernels as pk
 from llama_jax import context_parallel, sharding
+from llama_jax.config import hopper_or_later
 from llama_jax.sharding import CACHE_AXES, DECODE_Q, HEADS, PER_ROW, ROWS, TOKENS
 
 
@@ -43,12 +44,10 @@ def check_runtime(runtime) -> None:
     """Refuses, when a model is loaded, kernels this machine cannot run (ValueError, one line)."""
     resolve(runtime.attention_impl)
     if runtime.attention_impl == "mosaic":
-        devices = jax.devices()
-        capability = float(getattr(devices[0], "compute_capability", 0) or 0)
-        if devices[0].platform != "gpu" or capability < 9.0:
+        if not hopper_or_later():
             raise ValueError(f"attention_impl='mosaic' needs an NVIDIA GPU of compute capability 9.0 or later "
-                             f"(this is {devices[0].device_kind}); use 'pallas' or 'auto'. On a CPU the Mosaic GPU "
-                             "interpreter is for the kernel's tests")
+                             f"(this is {jax.devices()[0].device_kind}); use 'pallas' or 'auto'. On a CPU the "
+                             "Mosaic GPU interpreter is for the kernel's tests")
         if runtime.dtype not in ("bfloat16", "float16"):
             raise ValueError(f"attention_impl='mosaic' computes in bfloat16 or float16, not {runtime.dtype}; "
                              "load with dtype='bfloat16' or use 'pallas'")
