@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llama_jax import context_parallel, ops, orbax_io, requests, sharding
+from llama_jax import context_parallel, engine, ops, orbax_io, requests, sharding
 from llama_jax import generate as gen
 from llama_jax import model as model_lib
 from llama_jax.checkpoint import read_hf_params
@@ -79,6 +79,15 @@ class Llama:
         sharding.check_batch(self.mesh, len(ids))
         return ids, params
 
+    def _generate_ids(self, prompts: list[list[int]], params: requests.SamplingParams):
+        """The new tokens of each prompt, chunk by chunk: from the engine (a paged KV cache, prompts
+        sharing a prefix compute it once), or, on a mesh that splits rows or the sequence (data or
+        context parallel), from llama_jax.generate's batch over a contiguous cache."""
+        if self.mesh is not None and (sharding.axis_size("batch", self.mesh) > 1
+                                      or sharding.axis_size("seq", self.mesh) > 1):
+            return gen.generate_ids(self.graphdef, self.state, prompts, params, mesh=self.mesh)
+        return engine.generate_ids(self, prompts, params, decode_steps=gen.CHUNK)
+
     def _text(self, ids: list[int], stops) -> str:
         if self.tokenizer is None:
             return ""
@@ -93,7 +102,7 @@ class Llama:
         Completion per prompt (token_ids: the generated ids only)."""
         ids, params = self._request(prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                     seed=seed, stop_token_ids=stop_token_ids)
-        rows, timings = gen.generate_all(self.graphdef, self.state, ids, params, mesh=self.mesh)
+        rows, timings = gen.collect(self._generate_ids(ids, params), len(ids))
         stops = params.stop_token_ids
         return [gen.Completion(token_ids=row, text=self._text(row, stops),
                                finish_reason="stop" if row and row[-1] in stops else "length",
@@ -105,7 +114,7 @@ class Llama:
             raise ValueError("stream needs a tokenizer")
         [ids], params = self._request([prompt], max_new_tokens, **sampling)
         new, shown = [], ""
-        for [chunk] in gen.generate_ids(self.graphdef, self.state, [ids], params, mesh=self.mesh):
+        for [chunk] in self._generate_ids([ids], params):
             new += chunk
             text = self._text(new, params.stop_token_ids)
             # Hold back a piece that ends inside a multi-byte character.

@@ -362,27 +362,35 @@ def _add_serve_command(sub) -> None:
     sv.add_argument("--port", type=checked(int, lambda n: 0 <= n < 65536, "a port number"), default=8000,
                     help="default 8000")
     sv.add_argument("--max-batch", type=int_at_least(1), default=8, metavar="N",
-                    help="requests decoded together (slots of the KV cache); default 8")
+                    help="the most requests running (decoded together); default 8")
     sv.add_argument("--max-seq-len", type=int_at_least(2), metavar="T",
-                    help="context per request, prompt and completion (default: the model's, at most 4096)")
+                    help="the longest request, prompt and completion (default: the model's context, at most 4096)")
+    sv.add_argument("--kv-cache-tokens", type=int_at_least(16), metavar="N",
+                    help="tokens the paged KV cache holds, all requests together (default: 1 GiB of cache on a "
+                         "CPU, 90%% of the memory free after the weights on a GPU; at least --max-seq-len, at "
+                         "most --max-batch times it)")
     sv.add_argument("--max-queue", type=int_at_least(0), default=64, metavar="N",
-                    help="requests waiting for a slot before the server answers 429 (default 64)")
+                    help="requests waiting to start before the server answers 429 (default 64)")
     sv.set_defaults(func=cmd_serve)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """llama-jax serve: loads the model, compiles the scheduler's programs, then serves until Ctrl-C."""
+    """llama-jax serve: loads the model, compiles the engine's short-request programs, then serves
+    until Ctrl-C."""
     import logging
+    import time
 
     import uvicorn
 
-    from llama_jax.scheduler import Scheduler
+    from llama_jax.engine import Engine, EngineThread
     from llama_jax.server import create_app
 
     model = load_model(args)
     name = os.path.basename(os.path.abspath(args.model)) if args.model else "SmolLM2-135M-Instruct"
     try:
-        sched = Scheduler(model, max_batch=args.max_batch, max_seq_len=args.max_seq_len, max_queue=args.max_queue)
+        engine = Engine(model, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
+                        kv_cache_tokens=args.kv_cache_tokens)
+        sched = EngineThread(engine, max_queue=args.max_queue)
     except ValueError as e:
         raise CliError(first_line(e), 2) from None
     # One line per request from the server's logger (the root logger may belong to a library already).
@@ -392,14 +400,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logger.setLevel(logging.INFO)
     logger.addHandler(handler)
     logger.propagate = False
-    print(f"compiling ({args.max_batch} slots of {sched.max_seq_len} tokens, prefill chunks of {sched.chunk})...",
+    print(f"KV cache: {engine.pool.usable} blocks of {engine.block_size} tokens ({engine.kv_cache_tokens} tokens); "
+          f"up to {args.max_batch} requests of up to {engine.max_seq_len} tokens; prefill chunks of {engine.chunk}",
           file=sys.stderr, flush=True)
-    sched.warmup()
+    t = time.perf_counter()
+    compiled = sched.warmup()
+    print(f"compiled {compiled['prefill']} prefill and {compiled['decode']} decode programs in "
+          f"{time.perf_counter() - t:.1f}s (others compile on first use; all are kept in JAX's compilation cache)",
+          file=sys.stderr, flush=True)
     sched.start()
     print(f"serving {name} at http://{args.host}:{args.port}/v1 (Ctrl-C stops)", file=sys.stderr, flush=True)
     try:
         # uvicorn's access log would repeat the server's own line per request.
-        uvicorn.run(create_app(model, scheduler=sched, model_name=name), host=args.host, port=args.port,
+        uvicorn.run(create_app(model, engine=sched, model_name=name), host=args.host, port=args.port,
                     log_level="warning", access_log=False)
     finally:
         sched.stop()

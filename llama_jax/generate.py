@@ -1,9 +1,12 @@
-"""Generation: a jitted prefill, then decode chunks that run on the device in a `lax.while_loop`.
+"""Batch generation over a contiguous KV cache: a jitted prefill, then decode chunks that run on the
+device in a `lax.while_loop`. `Llama.generate` runs llama_jax.engine (a paged cache) everywhere
+except on a mesh that splits rows or the sequence (data or context parallel), where a pool shared
+by every row cannot be split; there it runs this.
 
 Prompts are right-padded to a length bucket (powers of two) in a fixed-shape KV cache, each sequence
 with its own length, positions 0..n-1 and stop. Python only drives the loop between chunks, so it
 can stream while the device does the per-token work. Everything here is a function of the model's
-(graphdef, state), its mesh and the inputs; `llama_jax.api.Llama` is a handle over them.
+(graphdef, state), its mesh and the inputs. `Completion` and `collect` serve both paths.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ from flax import nnx
 
 from llama_jax import sharding
 from llama_jax.requests import SamplingParams
+from llama_jax.runner import Sampling
 from llama_jax.sampling import sample
+from llama_jax.scheduler import bucket
 from llama_jax.sharding import replicated
 
 CHUNK = 32  # decode steps per device loop; Python sees tokens once per chunk
@@ -40,31 +45,15 @@ class Completion:
     timings: dict = dataclasses.field(default_factory=dict)
 
 
-def bucket(n: int, minimum: int = 16) -> int:
-    """The padded length for n tokens: the next power of two, at least `minimum`."""
-    return max(minimum, 1 << (int(n) - 1).bit_length())
-
-
 # --- The jitted pieces ----------------------------------------------------------------------------
 
 
-class Sampling(NamedTuple):
-    """Each row's sampling parameters, [B] arrays (llama_jax.sampling.sample): traced, so no
-    setting recompiles."""
-
-    seed: jax.Array  # uint32
-    temperature: jax.Array  # float32, 0: greedy
-    top_p: jax.Array  # float32, 1: off
-    top_k: jax.Array  # int32, 0: off
-
-    @classmethod
-    def of(cls, params: SamplingParams, batch: int) -> "Sampling":
-        """Every row with the request's parameters (and seed: a prompt samples the same tokens
-        alone or in any batch)."""
-        full = lambda value, dtype: np.full((batch,), value, dtype)  # noqa: E731
-        return cls(full(params.seed % 2**32, np.uint32), full(params.temperature, np.float32),
-                   full(1.0 if params.top_p is None else params.top_p, np.float32),
-                   full(params.top_k or 0, np.int32))
+def sampling_rows(params: SamplingParams, batch: int) -> Sampling:
+    """Every row with the request's parameters (and seed: a prompt samples the same tokens alone
+    or in any batch)."""
+    full = lambda value, dtype: np.full((batch,), value, dtype)  # noqa: E731
+    return Sampling(full(params.seed % 2**32, np.uint32), full(params.temperature, np.float32),
+                    full(1.0 if params.top_p is None else params.top_p, np.float32), full(params.top_k or 0, np.int32))
 
 
 class DecodeState(NamedTuple):
@@ -182,7 +171,7 @@ def generate_ids(graphdef, state, prompts: Sequence[Sequence[int]], params: Samp
                     model.config.max_seq_len)
 
     rows = sharding.batch_sharding(mesh, 1)
-    sampling = jax.tree.map(lambda a: jax.device_put(a, rows), Sampling.of(params, len(prompts)))
+    sampling = jax.tree.map(lambda a: jax.device_put(a, rows), sampling_rows(params, len(prompts)))
     stop_ids = jnp.asarray(params.stop_token_ids or (-1,), jnp.int32)
     max_new = jnp.int32(params.max_new_tokens)
     with sharding.on_mesh(mesh):
@@ -198,12 +187,15 @@ def generate_ids(graphdef, state, prompts: Sequence[Sequence[int]], params: Samp
         yield [[int(x) for x in row if x >= 0] for row in out]
 
 
-def generate_all(graphdef, state, prompts, params: SamplingParams, *, mesh=None) -> tuple[list[list[int]], dict]:
-    """Every new token of each prompt, and the batch's timings (seconds to the first token and in
-    all, decode tokens/s per sequence; compilation included)."""
-    out = [[] for _ in prompts]
+def collect(chunks: Iterator[list[list[int]]], batch: int) -> tuple[list[list[int]], dict]:
+    """Every new token of each of `batch` sequences from a stream of chunks (`generate_ids`'s or
+    the engine's), and the batch's timings (seconds to the first token and in all, decode tokens/s
+    per sequence; compilation included)."""
+    out = [[] for _ in range(batch)]
     t0, ttft = time.perf_counter(), None
-    for chunk in generate_ids(graphdef, state, prompts, params, mesh=mesh):
+    for chunk in chunks:
+        if ttft is None and not any(chunk):
+            continue
         ttft = time.perf_counter() - t0 if ttft is None else ttft
         for row, new in zip(out, chunk):
             row += new

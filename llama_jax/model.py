@@ -28,7 +28,7 @@ from flax import nnx
 
 from llama_jax import ops
 from llama_jax.config import LlamaConfig, RuntimeConfig
-from llama_jax.sharding import CACHE_AXES, ROWS, no_mesh
+from llama_jax.sharding import CACHE_AXES, PAGE_AXES, ROWS, no_mesh
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,12 +160,13 @@ class Attention(nnx.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = h, k, e
         self.runtime, self.layout = runtime, layout
 
-    def __call__(self, x, rope: Rope, cache: KVCache | None, segment_ids, positions):
+    def __call__(self, x, rope: Rope, cache: KVCache | None, segment_ids, positions, block_table=None):
         """x [B, T, D]. Without a cache: causal self-attention over x (within each document when
         segment_ids [B, T] are given). With one: T == 1 is a decode step (each sequence writes at
         positions[b, 0] and reads its first positions[b, 0] + 1 keys); T > 1 is a prefill chunk:
         every row writes its keys at start..start+T-1, start = positions[0, 0], and attends to the
-        cached keys before them and to its own (chunked prefill). Returns (out, cache)."""
+        cached keys before them and to its own (chunked prefill). With a block_table [B, W] the
+        cache is a paged pool [P, block_size, K, E] (`_paged`). Returns (out, cache)."""
         b, t, _ = x.shape
         h, kv, e, rt, lt = self.n_heads, self.n_kv_heads, self.head_dim, self.runtime, self.layout
         if lt.fused:
@@ -180,6 +181,8 @@ class Attention(nnx.Module):
         if cache is None:
             out = ops.prefill_attention(q, k, v, segment_ids=segment_ids, impl=rt.attention_impl,
                                         cpu_kernels=rt.cpu_kernels == "on")
+        elif block_table is not None:
+            out, cache = self._paged(q, k, v, cache, positions, block_table)
         elif t == 1:
             pos = positions[:, 0]
             batch = jnp.arange(b)
@@ -201,6 +204,35 @@ class Attention(nnx.Module):
                                         impl=rt.attention_impl, cpu_kernels=rt.cpu_kernels == "on")
         out = out.reshape(b, t, h * e)  # (B, T, H*E)
         return _linear(out, self.wo[...], rt, lt), cache
+
+    def _paged(self, q, k, v, cache: KVCache, positions, block_table):
+        """Attention over a paged cache (llama_jax.block_pool): token p of row b lives in block
+        block_table[b, p // block_size] of the pool, at p % block_size. Each row writes its T new
+        keys there, positions[b] (consecutive), then a decode step (T == 1) reads its blocks
+        through the table; a prefill chunk gathers them into a [B, W * block_size] cache and
+        attends as a chunk of a contiguous one (row b's query i at key positions[b, 0] + i).
+        A position past the table's width writes to the null block 0, as do the table's unused
+        entries: the padding of a chunk or of a batch lands where nobody reads."""
+        b, t = positions.shape
+        n_blocks, bs = cache.k.shape[:2]
+        w = block_table.shape[1]
+        index = positions // bs
+        block = jnp.where(index < w, jnp.take_along_axis(block_table, jnp.minimum(index, w - 1), axis=1), 0)
+        slot = (block * bs + positions % bs).reshape(-1)  # (B * T,) rows of the flattened pool
+        flat = lambda pool: pool.reshape(n_blocks * bs, *pool.shape[2:])  # noqa: E731
+        write = lambda pool, new: flat(pool).at[slot].set(  # noqa: E731
+            new.reshape(b * t, *new.shape[2:]).astype(pool.dtype), mode="promise_in_bounds").reshape(pool.shape)
+        cache = KVCache(write(cache.k, k), write(cache.v, v))
+        rt = self.runtime
+        if t == 1:
+            out = ops.paged_decode_attention(q[:, 0], cache.k, cache.v, block_table, lengths=positions[:, 0] + 1,
+                                             impl=rt.attention_impl)
+            return out[:, None], cache
+        gather = lambda pool: pool[block_table].reshape(b, w * bs, *pool.shape[2:])  # noqa: E731
+        start = positions[:, 0]
+        out = ops.prefill_attention(q, gather(cache.k), gather(cache.v), q_offset=start, kv_length=start + t,
+                                    impl=rt.attention_impl, cpu_kernels=rt.cpu_kernels == "on")
+        return out, cache
 
 
 class FeedForward(nnx.Module):
@@ -238,12 +270,12 @@ class TransformerBlock(nnx.Module):
         self.ffn_norm = RMSNorm(config.dim, **norm)
         self.feed_forward = FeedForward(config, runtime, layout, rngs=rngs, stack=stack)
 
-    def __call__(self, x, delta, rope, cache, segment_ids, positions):
+    def __call__(self, x, delta, rope, cache, segment_ids, positions, block_table=None):
         """A pre-norm residual block over the stream x + delta, where delta [B, T, D] is the previous
         block's FFN output, not yet added: each residual add is fused into the norm after it, so a
         block reads the stream twice instead of three times. Returns (x, delta, cache)."""
         normed, x = self.attention_norm(delta, x)  # x = x + delta
-        h, cache = self.attention(normed, rope, cache, segment_ids, positions)
+        h, cache = self.attention(normed, rope, cache, segment_ids, positions, block_table)
         normed, x = self.ffn_norm(h, x)  # x = x + attention(...)
         return x, self.feed_forward(normed), cache
 
@@ -349,14 +381,15 @@ class Transformer(nnx.Module):
             self.output = _param(rngs, (c.dim, c.vocab_size), ("embed", "vocab"), pd, 1.0 / math.sqrt(c.dim))
         self.dtype = jnp.dtype(rt.dtype)
 
-    def __call__(self, tokens, positions=None, cache=None):
+    def __call__(self, tokens, positions=None, cache=None, block_table=None):
         """tokens [B, T] int32; positions [B, T] (default 0..T-1); cache: per-layer KVCache list (or
-        one stacked KVCache) to fill or extend (see `Attention`). Returns (logits [B, T, V] float32,
-        cache)."""
-        x, cache = self.hidden(tokens, positions, cache=cache)
+        one stacked KVCache) to fill or extend (see `Attention`), a paged pool with a block_table.
+        Returns (logits [B, T, V] float32, cache)."""
+        x, cache = self.hidden(tokens, positions, cache=cache, block_table=block_table)
         return self.head(x), cache
 
-    def hidden(self, tokens, positions=None, *, cache=None, segment_ids=None, remat=False, walk=scan_layers):
+    def hidden(self, tokens, positions=None, *, cache=None, block_table=None, segment_ids=None, remat=False,
+               walk=scan_layers):
         """The final-normed hidden states [B, T, D] and the cache: `__call__` without the output
         head, for a loss that applies the head in chunks. segment_ids [B, T] (packed documents:
         attention stays within a document; no cache); remat: False, True (recompute each layer in
@@ -371,7 +404,8 @@ class Transformer(nnx.Module):
         def step(graphdef):  # one layer as a function of its weights, for scan and for remat
             def body(stream, xs):
                 layer_state, c = xs
-                x, delta, c = nnx.merge(graphdef, layer_state)(*stream, rope, c, segment_ids, positions)
+                x, delta, c = nnx.merge(graphdef, layer_state)(*stream, rope, c, segment_ids, positions,
+                                                                 block_table)
                 return (x, delta), c
             return _remat(body, remat)
 
@@ -408,13 +442,21 @@ class Transformer(nnx.Module):
         one stacked [L, B, S, K, E] cache for scanned layers. sharding: None, or a function of
         (logical axes, shape) -> where the arrays go (llama_jax.sharding.placement(mesh))."""
         c = self.config
-        shape, axes = (batch, max_len, c.n_kv_heads, c.head_dim), CACHE_AXES
+        return self._zeros((batch, max_len, c.n_kv_heads, c.head_dim), CACHE_AXES, dtype, sharding)
+
+    def init_pages(self, num_blocks: int, block_size: int, dtype=None, sharding=None) -> list[KVCache] | KVCache:
+        """An all-zero paged KV cache (llama_jax.block_pool), laid out as `init_cache`'s: per layer a
+        pool of `num_blocks` blocks of `block_size` tokens, [P, block_size, K, E]."""
+        c = self.config
+        return self._zeros((num_blocks, block_size, c.n_kv_heads, c.head_dim), PAGE_AXES, dtype, sharding)
+
+    def _zeros(self, shape, axes, dtype, sharding) -> list[KVCache] | KVCache:
         if not self.layout.per_layer:
-            shape, axes = (c.n_layers, *shape), ("layers", *axes)
+            shape, axes = (self.config.n_layers, *shape), ("layers", *axes)
         device = None if sharding is None else sharding(axes, shape)
         zeros = lambda: jnp.zeros(shape, dtype or self.dtype, device=device)  # noqa: E731
         if self.layout.per_layer:
-            return [KVCache(zeros(), zeros()) for _ in range(c.n_layers)]
+            return [KVCache(zeros(), zeros()) for _ in range(self.config.n_layers)]
         return KVCache(zeros(), zeros())
 
 

@@ -1,5 +1,6 @@
 """The model's compute ops, one function per phase, dispatching to a kernel backend or to XLA:
-`embed`, `linear`, `contract_rows`, `rms_norm`, `prefill_attention`, `decode_attention`.
+`embed`, `linear`, `contract_rows`, `rms_norm`, `prefill_attention`, `decode_attention`,
+`paged_decode_attention`.
 
 The choices come from the RuntimeConfig, fixed when the program is built:
 - `impl` (attention, norm): "auto" is pallas on GPU and xla elsewhere; on CPU "pallas" runs the
@@ -27,7 +28,7 @@ import cpu_kernels as ck
 import pallas_kernels as pk
 from llama_jax import context_parallel, sharding
 from llama_jax.config import hopper_or_later
-from llama_jax.sharding import CACHE_AXES, DECODE_Q, HEADS, PER_ROW, ROWS, TOKENS
+from llama_jax.sharding import BLOCK_TABLE, CACHE_AXES, DECODE_Q, HEADS, PAGE_AXES, PER_ROW, ROWS, TOKENS
 
 
 def resolve(impl: str) -> str:
@@ -219,3 +220,15 @@ def decode_attention(q, k_cache, v_cache, *, lengths, impl="auto", cpu_kernels=F
         return _cpu_or(functools.partial(ck.decode_attention, lengths=lengths), xla, q, k_cache, v_cache)
     kernel = lambda q, k, v, n: pk.decode_attention(q, k, v, lengths=n)  # noqa: E731
     return _per_device(kernel, [DECODE_Q, CACHE_AXES, CACHE_AXES, PER_ROW], DECODE_Q)(q, k_cache, v_cache, lengths)
+
+
+def paged_decode_attention(q, k_pages, v_pages, block_tables, *, lengths, impl="auto"):
+    """decode_attention over a paged cache: the keys of sequence b are its first lengths[b] tokens,
+    token t at pages[block_tables[b, t // page_size], t % page_size] (pages [P, page_size, K, E],
+    block_tables [B, max_pages]). "xla" gathers a block of pages per loop step (the cache read once,
+    never copied whole); "pallas", "mosaic" and "cudnn" run the Triton paged kernel."""
+    if resolve(impl) == "xla":
+        return pk.blocked_paged_decode_attention(q, k_pages, v_pages, block_tables, lengths)
+    kernel = lambda q, k, v, t, n: pk.paged_decode_attention(q, k, v, t, n)  # noqa: E731
+    axes = [DECODE_Q, PAGE_AXES, PAGE_AXES, BLOCK_TABLE, PER_ROW]
+    return _per_device(kernel, axes, DECODE_Q)(q, k_pages, v_pages, block_tables, lengths)

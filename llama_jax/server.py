@@ -1,10 +1,10 @@
-"""An OpenAI-compatible HTTP server: `create_app(llama)` is an ASGI app (FastAPI) over a `Scheduler`.
+"""An OpenAI-compatible HTTP server: `create_app(llama)` is an ASGI app (FastAPI) over an `EngineThread`.
 
 Endpoints: POST /v1/chat/completions and /v1/completions (streaming as server-sent events, ending
 with `data: [DONE]`), GET /v1/models, /health and /metrics (Prometheus text). This file holds only
 the protocol: the pydantic request models, the response and chunk formats, errors as OpenAI's
 `{"error": {"message", "type", "param", "code"}}` bodies. Generation, batching and the request
-checks are the scheduler's (llama_jax/scheduler.py), which shares its checks with `Llama.generate`.
+checks are the engine's (llama_jax/engine.py, the one `Llama.generate` runs too).
 
 Run it with `llama-jax serve`, or `uvicorn.run(create_app(llama_jax.load(path)))`.
 """
@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException
 
-from llama_jax.scheduler import NotRunning, Output, QueueFull, Request, Scheduler
+from llama_jax.engine import Engine, EngineThread, NotRunning, Output, QueueFull, Request
 
 log = logging.getLogger("llama_jax.server")
 
@@ -61,8 +61,9 @@ class StreamOptions(_Model):
 
 
 class _Generation(_Model):
-    """The fields both endpoints share. Extensions: top_k, stop token ids (in `stop` or
-    `stop_token_ids`, as vLLM), return_token_ids (each choice gets its `token_ids`)."""
+    """The fields both endpoints share. Extensions (vLLM's): top_k, stop token ids (in `stop` or
+    `stop_token_ids`), ignore_eos (run to max_tokens), return_token_ids (each choice gets its
+    `token_ids`)."""
 
     model: str | None = None
     max_tokens: int | None = None
@@ -72,6 +73,7 @@ class _Generation(_Model):
     seed: int | None = None
     stop: str | list[str | int] | None = None
     stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -137,7 +139,7 @@ def _error(status: int, message: str, param: str | None = None, headers: dict | 
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-# The scheduler's checks speak Llama.generate's names; a client knows OpenAI's.
+# The engine's checks speak Llama.generate's names; a client knows OpenAI's.
 _PARAMS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "stop": "stop",
            "stop_token_ids": "stop", "message": "messages"}
 
@@ -165,18 +167,19 @@ def _where(loc) -> str:
 # --- The app ---------------------------------------------------------------------------------------
 
 
-def create_app(llama, *, scheduler: Scheduler | None = None, model_name: str = "llama-jax",
-               **engine) -> FastAPI:
+def create_app(llama, *, engine: EngineThread | None = None, model_name: str = "llama-jax", max_queue: int = 64,
+               **options) -> FastAPI:
     """An ASGI app serving `llama` (a `Llama`) with OpenAI's HTTP API.
 
-    engine: the Scheduler's options (max_batch, max_seq_len, prefill_chunk, max_queue,
-    decode_steps). Without `scheduler` the app makes one, starts it now and stops it when the app
-    shuts down; with one, the caller starts and stops it. model_name: the id /v1/models lists and
+    options: the Engine's (max_batch, max_seq_len, kv_cache_tokens, block_size, prefill_chunk,
+    decode_steps, prefix_caching); max_queue: requests waiting beyond the running ones before 429.
+    Without `engine` the app makes one, starts it now and stops it when the app shuts down; with
+    one, the caller starts and stops it. model_name: the id /v1/models lists and
     responses carry (requests may name any model: there is one)."""
-    own = scheduler is None
-    if not own and engine:
-        raise TypeError(f"create_app: {sorted(engine)} are options of a new scheduler, not of the one given")
-    sched = Scheduler(llama, **engine) if own else scheduler
+    own = engine is None
+    if not own and options:
+        raise TypeError(f"create_app: {sorted(options)} are options of a new engine, not of the one given")
+    sched = EngineThread(Engine(llama, **options), max_queue=max_queue) if own else engine
     if own:
         sched.start()
 
@@ -187,7 +190,7 @@ def create_app(llama, *, scheduler: Scheduler | None = None, model_name: str = "
             sched.stop()
 
     app = FastAPI(title="llama-jax", docs_url=None, redoc_url=None, lifespan=lifespan)
-    app.state.scheduler = sched
+    app.state.engine = sched
     http_errors: dict[int, int] = {}  # responses with an error status, for /metrics
     created = int(time.time())
 
@@ -219,7 +222,7 @@ def create_app(llama, *, scheduler: Scheduler | None = None, model_name: str = "
     @app.get("/health")
     def health(http: HTTPRequest):
         if not sched.running:
-            return failed(http, 503, sched.error or "the scheduler is not running", retry=True)
+            return failed(http, 503, sched.error or "the engine is not running", retry=True)
         return {"status": "ok", **sched.load()}
 
     @app.get("/v1/models")
@@ -246,7 +249,7 @@ def create_app(llama, *, scheduler: Scheduler | None = None, model_name: str = "
                 prompt, max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                 top_k=None if body.top_k in (0, -1) else body.top_k,  # vLLM's "off"
                 seed=secrets.randbits(32) if body.seed is None else body.seed,
-                stop_token_ids=stop_ids, stop=[s for s in stop if isinstance(s, str)])
+                stop_token_ids=stop_ids, stop=[s for s in stop if isinstance(s, str)], ignore_eos=body.ignore_eos)
         except _BadRequest as e:
             return failed(http, 400, str(e), e.param)
         except ValueError as e:
@@ -296,10 +299,10 @@ def create_app(llama, *, scheduler: Scheduler | None = None, model_name: str = "
 
 
 class _Job:
-    """A submitted request seen from the event loop: the scheduler's thread puts its Outputs on an
+    """A submitted request seen from the event loop: the engine's thread puts its Outputs on an
     asyncio queue."""
 
-    def __init__(self, sched: Scheduler, request: Request):
+    def __init__(self, sched: EngineThread, request: Request):
         loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[Output] = asyncio.Queue()
         self.started = time.perf_counter()
@@ -339,7 +342,8 @@ class _Format:
 
     def usage(self, last: Output) -> dict:
         return {"prompt_tokens": last.prompt_tokens, "completion_tokens": last.completion_tokens,
-                "total_tokens": last.prompt_tokens + last.completion_tokens}
+                "total_tokens": last.prompt_tokens + last.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": last.cached_tokens}}
 
     def response(self, outs: list[Output]) -> dict:
         text = "".join(o.text for o in outs)
@@ -424,8 +428,8 @@ def _log(path: str, job: _Job, last: Output) -> None:
              last.completion_tokens, "-" if ttft is None else f"{ttft:.3f}s", total, rate)
 
 
-def _prometheus(sched: Scheduler, http_errors: dict[int, int]) -> str:
-    """The scheduler's counters, gauges and histograms in Prometheus' text format."""
+def _prometheus(sched: EngineThread, http_errors: dict[int, int]) -> str:
+    """The engine's counters, gauges and histograms in Prometheus' text format."""
     st, load = sched.stats(), sched.load()
     lines = []
 
@@ -442,9 +446,15 @@ def _prometheus(sched: Scheduler, http_errors: dict[int, int]) -> str:
            [(f'{{status="{s}"}}', n) for s, n in sorted(http_errors.items())] or [("", 0)])
     metric("prompt_tokens_total", "counter", "Prompt tokens prefilled.", [("", st.prompt_tokens)])
     metric("generation_tokens_total", "counter", "Tokens generated.", [("", st.generation_tokens)])
-    metric("queue_depth", "gauge", "Requests waiting for a slot.", [("", load["waiting"])])
-    metric("slots_busy", "gauge", "Slots prefilling or decoding.", [("", load["busy"])])
-    metric("slots", "gauge", "Slots (the most requests decoded together).", [("", load["slots"])])
+    metric("queue_depth", "gauge", "Requests waiting to start.", [("", load["waiting"])])
+    metric("requests_running", "gauge", "Requests prefilling or decoding.", [("", load["running"])])
+    metric("max_batch", "gauge", "The most requests running together.", [("", load["max_batch"])])
+    metric("kv_blocks_used", "gauge", "KV cache blocks held by running requests.", [("", load["kv_blocks_used"])])
+    metric("kv_blocks_total", "gauge", "KV cache blocks in the pool.", [("", load["kv_blocks_total"])])
+    metric("prefix_cache_hit_tokens_total", "counter", "Prompt tokens found in the prefix cache.",
+           [("", st.prefix_cache_hit_tokens)])
+    metric("preemptions_total", "counter", "Running requests that gave back their KV blocks, to be recomputed.",
+           [("", st.preemptions)])
     for name, h, help_ in (("time_to_first_token_seconds", st.time_to_first_token_s,
                             "From arrival to the first token."),
                            ("decode_tokens_per_second", st.decode_tokens_per_s,

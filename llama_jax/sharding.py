@@ -58,6 +58,8 @@ CACHE_AXES = ("batch", "kv_seq", "kv_heads", "head_dim")  # gathered keys and va
 DECODE_Q = ("batch", "q_heads", "head_dim")  # one query per sequence [B, H, E]
 TOKENS = ("batch", "seq")  # token-shaped ints: segment ids [B, T]
 PER_ROW = ("batch",)  # one number per sequence: lengths, offsets [B]
+PAGE_AXES = (None, None, "kv_heads", "head_dim")  # a paged KV cache's pool [P, block_size, K, E]
+BLOCK_TABLE = ("batch", None)  # each sequence's block ids [B, max_blocks]
 
 
 def make_mesh(dp: int = 1, tp: int | None = None, fsdp: int = 1, cp: int = 1, pp: int = 1) -> Mesh:

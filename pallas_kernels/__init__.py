@@ -6,7 +6,8 @@ pallas_kernels imports nothing from llama_jax.
 """
 
 from pallas_kernels._common import MASK_VALUE, normalize_masks, sm_scale_or_default
-from pallas_kernels.blocked_attention import blocked_attention, blocked_decode_attention
+from pallas_kernels.blocked_attention import (blocked_attention, blocked_decode_attention,
+                                              blocked_paged_decode_attention)
 from pallas_kernels.decode_attention import BlockSizes as DecodeBlockSizes
 from pallas_kernels.decode_attention import decode_attention, decode_attention_reference
 from pallas_kernels.flash_attention import BlockSizes as FlashBlockSizes
@@ -23,6 +24,7 @@ __all__ = [
     "sm_scale_or_default",
     "blocked_attention",
     "blocked_decode_attention",
+    "blocked_paged_decode_attention",
     "DecodeBlockSizes",
     "FlashBlockSizes",
     "RMSNormBlockSizes",

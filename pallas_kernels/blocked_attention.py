@@ -322,14 +322,47 @@ def blocked_decode_attention(q, k_cache, v_cache, *, lengths, sm_scale=None,
     Returns:
       [B, H, E] in q.dtype.
     """
-    B, H, E = q.shape
-    _, S, K, _ = k_cache.shape
-    if H % K:
-        raise ValueError(f"{H=} query heads is not a multiple of {K=} kv heads")
-    G = H // K
+    B, S, K, E = k_cache.shape
     if S == 0:
         return jnp.zeros_like(q)
     bk = min(block_k, S)
+
+    def load(j):  # key block j as (start, keys, values); the last one overlaps its predecessor
+        start = jnp.minimum(j * bk, S - bk)
+        return (start, lax.dynamic_slice_in_dim(k_cache, start, bk, 1).reshape(B, bk, K * E),
+                lax.dynamic_slice_in_dim(v_cache, start, bk, 1).reshape(B, bk, K * E))
+    return _decode_blocks(q, load, bk, S, K, lengths, sm_scale)
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "block_k"))
+def blocked_paged_decode_attention(q, k_pages, v_pages, block_tables, lengths, *, sm_scale=None,
+                                   block_k=DECODE_BLOCK_K):
+    """`blocked_decode_attention` over a paged cache: same contract as
+    pallas_kernels.paged_decode_attention (pages [P, page_size, K, E], block_tables [B, max_pages]).
+    Each loop step gathers block_k / page_size pages of every sequence through its table, so the
+    cache is read once, as from a contiguous one, and never copied whole."""
+    B = q.shape[0]
+    _, page_size, K, E = k_pages.shape
+    max_pages = block_tables.shape[1]
+    n = max(1, min(block_k // page_size, max_pages))  # pages per step
+    steps = -(-max_pages // n)
+    # Padded with page 0: the padded keys lie past max_pages * page_size >= lengths, masked.
+    tables = jnp.pad(block_tables, ((0, 0), (0, steps * n - max_pages)))
+
+    def load(j):
+        pages = lax.dynamic_slice_in_dim(tables, j * n, n, 1)  # (B, n)
+        return (j * n * page_size, k_pages[pages].reshape(B, n * page_size, K * E),
+                v_pages[pages].reshape(B, n * page_size, K * E))
+    return _decode_blocks(q, load, n * page_size, max_pages * page_size, K, lengths, sm_scale)
+
+
+def _decode_blocks(q, load, bk, S, K, lengths, sm_scale):
+    """The online softmax of one query per sequence over key blocks: load(j) gives block j's first
+    position and its keys and values, each (B, bk, K * E); blocks below max(lengths) are read."""
+    B, H, E = q.shape
+    if H % K:
+        raise ValueError(f"{H=} query heads is not a multiple of {K=} kv heads")
+    G = H // K
     sm_scale = sm_scale_or_default(sm_scale, E)
     lengths = jnp.clip(jnp.broadcast_to(jnp.asarray(lengths, jnp.int32), (B,)), 0, S)
     q4 = (q.astype(jnp.float32) * sm_scale).reshape(B, K, G, E)  # (B, K, G, E)
@@ -342,9 +375,7 @@ def blocked_decode_attention(q, k_cache, v_cache, *, lengths, sm_scale=None,
 
     def body(j, carry):
         acc, m, l = carry
-        start = jnp.minimum(j * bk, S - bk)
-        kb = lax.dynamic_slice_in_dim(k_cache, start, bk, 1).reshape(B, bk, K * E)
-        vb = lax.dynamic_slice_in_dim(v_cache, start, bk, 1).reshape(B, bk, K * E)
+        start, kb, vb = load(j)
         # Logits as (B, bk, K * G): XLA's CPU matmul writing the transposed (B, K * G, bk) ran
         # at half the speed.
         s = jnp.einsum("BCF,BFN->BCN", kb, q_bd, preferred_element_type=jnp.float32)
@@ -354,7 +385,7 @@ def blocked_decode_attention(q, k_cache, v_cache, *, lengths, sm_scale=None,
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         p = jnp.exp(s - m_new[:, None, :])
         alpha = jnp.exp(m - m_new)
-        pv = jnp.einsum("BCN,BCF->BNF", p.astype(v_cache.dtype), vb,
+        pv = jnp.einsum("BCN,BCF->BNF", p.astype(vb.dtype), vb,
                         preferred_element_type=jnp.float32)  # (B, K * G, K * E)
         pv = jnp.einsum("BKGKE->BKGE", pv.reshape(B, K, G, K, E))  # head k's values only
         return acc * alpha[..., None] + pv.reshape(B, K * G, E), m_new, l * alpha + jnp.sum(p, 1)

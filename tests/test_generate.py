@@ -8,6 +8,7 @@ import jax.numpy as jnp
 
 import llama_jax
 from llama_jax import generate as gen
+from llama_jax import runner
 from llama_jax.sampling import sample
 from tiny_models import make_hf_model
 
@@ -86,16 +87,15 @@ def test_default_stop_is_checkpoint_eos(tiny):
 
 
 def test_bounded_compiles(tiny):
-    """20 prompts of 20 different lengths compile a prefill chunk once per (chunk, cache) bucket pair
-    they touch, and the decode loop once per cache bucket."""
+    """20 prompts of 20 different lengths compile the engine's prefill once per chunk bucket they
+    touch (their block tables all fit the narrowest width), and its decode once."""
     _, lm = tiny
     lengths = list(range(1, 61, 3))  # 20 lengths: buckets 16, 32, 64
-    pairs = {gen.plan(n, 8, lm.runtime.prefill_chunk, lm.config.max_seq_len) for n in lengths}
     jax.clear_caches()
     for i, n in enumerate(lengths):
         lm.generate([np.random.RandomState(i).randint(3, 211, n).tolist()], max_new_tokens=8, stop_token_ids=[])
-    assert gen.prefill_chunk._cache_size() == len(pairs) == 3
-    assert gen.decode_chunk._cache_size() == len({s for _, s in pairs})
+    assert runner.prefill._cache_size() == 3
+    assert runner.decode._cache_size() == 1
 
 
 # --- Sampling -------------------------------------------------------------------------------------
@@ -182,7 +182,7 @@ def test_bad_input_fails_before_compiling(tiny, prompts, kw, match):
     jax.clear_caches()
     with pytest.raises(ValueError, match=match):
         lm.generate(prompts, **{"max_new_tokens": 8, **kw})
-    assert gen.prefill_chunk._cache_size() == 0 and gen.decode_chunk._cache_size() == 0
+    assert runner.prefill._cache_size() == 0 and runner.decode._cache_size() == 0
 
 
 # --- The real model -------------------------------------------------------------------------------

@@ -1,0 +1,139 @@
+"""The model runner: the engine's jitted programs over a paged KV cache, and the pool they update.
+
+Two programs, both over the pool of KV blocks (llama_jax.block_pool) and rows of sequences, each row
+with its block table:
+- `prefill`: a chunk of each row's tokens (row r's at positions start[r]...) into the cache, then a
+  token sampled from each row's last chunk position (used where that position is the row's last
+  known token; the others' are discarded, which costs one head product per row);
+- `decode`: up to `steps` decode steps of every row in a `lax.while_loop`, stopping early once every
+  row has stopped; a row stops at a stop id or at its max_new tokens.
+Shapes are bucketed (rows, chunk and table width to powers of two) and every per-row value is an
+array, so a program is compiled once per bucket and never per request. Sampling is
+llama_jax.sampling's one scheme: row r's token number n comes from fold_in(key(seed[r]), n).
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from llama_jax import sampling, sharding
+
+MAX_STOP_IDS = 16  # stop token ids per request (eos included): a fixed [B, 16] array on the device
+
+# Traces of each program so far (every runner of this process together): a trace is a new program to
+# compile (or to fetch from JAX's persistent cache).
+TRACES: collections.Counter = collections.Counter()
+
+
+def _counted(fn):
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+        TRACES[fn.__name__] += 1
+        return fn(*args, **kwargs)
+    return traced
+
+
+class Sampling(NamedTuple):
+    """Each row's sampling: [B] arrays, so that no setting recompiles."""
+
+    seed: np.ndarray  # uint32
+    temperature: np.ndarray  # float32, 0: greedy
+    top_p: np.ndarray  # float32, 1: off
+    top_k: np.ndarray  # int32, 0: off
+
+
+class Rows(NamedTuple):
+    """What a decode call needs of each row, [B] arrays (host numpy, built by the engine)."""
+
+    token: np.ndarray  # int32: the last token, fed to the next step
+    pos: np.ndarray  # int32: where `token` goes in the cache
+    count: np.ndarray  # int32: tokens generated so far
+    max_new: np.ndarray  # int32
+    stop_ids: np.ndarray  # int32 [B, MAX_STOP_IDS], padded with -1
+    live: np.ndarray  # bool: a sequence (else a padding row: it writes to the null block)
+    sampling: Sampling
+
+
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
+@_counted
+def prefill(graphdef, state, pool, tokens, start, table, last, count, s: Sampling):
+    """tokens [R, C] of each row at positions start[r]... into the cache through table [R, W], and
+    a token sampled (as the row's token number count[r]) from the hidden state at chunk index
+    last[r]. Returns (pool, tokens [R])."""
+    model = nnx.merge(graphdef, state)
+    positions = start[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]  # (R, C)
+    x, pool = model.hidden(tokens, positions, cache=pool, block_table=table)  # (R, C, D)
+    x_last = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]  # (R, D)
+    token = sampling.sample(model.head(x_last), s.seed, count, s.temperature, s.top_p, s.top_k)
+    return pool, sharding.replicated(token)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3), donate_argnums=(2,))
+@_counted
+def decode(graphdef, state, pool, steps: int, r: Rows, table):
+    """Up to `steps` decode steps of every row (table [B, W] fixed over them: the engine gives each
+    row the blocks for `steps` more tokens), stopping early once no live row is going. Returns
+    (pool, tokens [B, steps] with -1 where a row produced nothing)."""
+    model = nnx.merge(graphdef, state)
+    s = r.sampling
+
+    def cond(carry):
+        i, _, _, _, _, done, _ = carry
+        return (i < steps) & ~jnp.all(done)
+
+    def body(carry):
+        i, pool, token, pos, count, done, out = carry
+        logits, pool = model(token[:, None], pos[:, None], pool, block_table=table)
+        new = sampling.sample(logits[:, 0], s.seed, count, s.temperature, s.top_p, s.top_k)
+        going = ~done
+        token = jnp.where(going, new, token)
+        count = count + going
+        stop = jnp.any(token[:, None] == r.stop_ids, axis=-1) | (count >= r.max_new)
+        out = out.at[:, i].set(jnp.where(going, token, -1))
+        return i + 1, pool, token, pos + going, count, done | (going & stop), out
+
+    out = jnp.full((r.token.shape[0], steps), -1, jnp.int32)
+    carry = (0, pool, r.token, r.pos, r.count, ~r.live, out)
+    _, pool, *_, out = jax.lax.while_loop(cond, body, carry)
+    return pool, sharding.replicated(out)
+
+
+class ModelRunner:
+    """The model's programs over one pool of `num_blocks` KV blocks of `block_size` tokens (block 0
+    the null block), on the model's mesh (split by KV heads)."""
+
+    def __init__(self, llama, num_blocks: int, block_size: int):
+        self.graphdef, self.state, self.mesh = llama.graphdef, llama.state, llama.mesh
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.pool = self._zeros()
+
+    def _zeros(self):
+        with sharding.on_mesh(self.mesh):
+            model = nnx.merge(self.graphdef, self.state)
+            return model.init_pages(self.num_blocks, self.block_size, sharding=sharding.placement(self.mesh))
+
+    def reset(self) -> None:
+        """A fresh pool (after a failed call: a donated pool may be gone)."""
+        self.pool = self._zeros()
+
+    def prefill(self, tokens, start, table, last, count, s: Sampling) -> np.ndarray:
+        with sharding.on_mesh(self.mesh):
+            self.pool, token = prefill(self.graphdef, self.state, self.pool, tokens, start, table, last, count, s)
+        return np.asarray(token)
+
+    def decode(self, steps: int, rows: Rows, table) -> np.ndarray:
+        with sharding.on_mesh(self.mesh):
+            self.pool, out = decode(self.graphdef, self.state, self.pool, steps, rows, table)
+        return np.asarray(out)
+
+    @staticmethod
+    def compiled_programs() -> dict[str, int]:
+        """Programs traced so far by each jitted piece (every runner of this process together)."""
+        return {name: TRACES[name] for name in ("prefill", "decode")}
