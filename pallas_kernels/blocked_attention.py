@@ -331,7 +331,7 @@ def blocked_decode_attention(q, k_cache, v_cache, *, lengths, sm_scale=None,
         start = jnp.minimum(j * bk, S - bk)
         return (start, lax.dynamic_slice_in_dim(k_cache, start, bk, 1).reshape(B, bk, K * E),
                 lax.dynamic_slice_in_dim(v_cache, start, bk, 1).reshape(B, bk, K * E))
-    return _decode_blocks(q, load, bk, S, K, lengths, sm_scale)
+    return _decode_blocks(q, load, bk, S, K, lengths, sm_scale, zero_masked=False)
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "block_k"))
@@ -353,12 +353,15 @@ def blocked_paged_decode_attention(q, k_pages, v_pages, block_tables, lengths, *
         pages = lax.dynamic_slice_in_dim(tables, j * n, n, 1)  # (B, n)
         return (j * n * page_size, k_pages[pages].reshape(B, n * page_size, K * E),
                 v_pages[pages].reshape(B, n * page_size, K * E))
-    return _decode_blocks(q, load, n * page_size, max_pages * page_size, K, lengths, sm_scale)
+    # Slots past a length hold another sequence's keys or garbage (NaN too): their values are
+    # zeroed, as a zero probability does not cancel a NaN.
+    return _decode_blocks(q, load, n * page_size, max_pages * page_size, K, lengths, sm_scale, zero_masked=True)
 
 
-def _decode_blocks(q, load, bk, S, K, lengths, sm_scale):
+def _decode_blocks(q, load, bk, S, K, lengths, sm_scale, *, zero_masked):
     """The online softmax of one query per sequence over key blocks: load(j) gives block j's first
-    position and its keys and values, each (B, bk, K * E); blocks below max(lengths) are read."""
+    position and its keys and values, each (B, bk, K * E); blocks below max(lengths) are read.
+    zero_masked: zero the values of masked keys (they may be NaN)."""
     B, H, E = q.shape
     if H % K:
         raise ValueError(f"{H=} query heads is not a multiple of {K=} kv heads")
@@ -382,6 +385,8 @@ def _decode_blocks(q, load, bk, S, K, lengths, sm_scale):
         col = start + jnp.arange(bk)
         mask = (col >= j * bk) & (col < lengths[:, None])  # (B, bk)
         s = jnp.where(mask[:, :, None], s, MASK_VALUE)
+        if zero_masked:
+            vb = jnp.where(mask[:, :, None], vb, 0)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         p = jnp.exp(s - m_new[:, None, :])
         alpha = jnp.exp(m - m_new)

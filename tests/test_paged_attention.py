@@ -1,5 +1,5 @@
-"""Paged decode attention (issue #23) equals its reference, and equals `decode_attention` on the
-same keys laid out contiguously.
+"""Paged decode attention (issue #23), the Triton kernel and the XLA path (blocked, for CPU), equals
+its reference, and equals `decode_attention` on the same keys laid out contiguously.
 
 The kernel runs in Pallas interpret mode on CPU. Pools are shuffled (a sequence's pages are
 scattered), tables carry junk past each sequence's pages, lengths are ragged (0, 1, mid-page,
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from numerics import assert_close, normal, tolerances
-from pallas_kernels import (DecodeBlockSizes, PagedBlockSizes, decode_attention,
-                            decode_attention_reference, paged_decode_attention,
+from pallas_kernels import (DecodeBlockSizes, PagedBlockSizes, blocked_paged_decode_attention,
+                            decode_attention, decode_attention_reference, paged_decode_attention,
                             paged_decode_attention_reference)
 
 
@@ -68,6 +68,25 @@ def test_paged_attention_matches_reference(case, dtype):
     check(out, ref, dtype, max_pages * page_size, f"{case} {jnp.dtype(dtype).name}")
     empty = np.asarray(lengths) == 0
     np.testing.assert_array_equal(np.asarray(out[empty], np.float32), 0.0)  # length 0 -> 0
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_blocked_paged_attention_matches_reference(case, dtype):
+    """The XLA path: a few pages gathered per loop step (block_k 32: several steps, a ragged last
+    one; the default: one step), NaN wherever no sequence's keys are."""
+    B, H, K, E, page_size, max_pages, lengths, _ = CASES[case]
+    q, k, v, tables, lengths = paged_inputs(B, H, K, E, page_size, max_pages, lengths, dtype, seed=1)
+    used = np.zeros(k.shape[:2], bool)
+    for b in range(B):
+        for t in range(int(lengths[b])):
+            used[int(tables[b, t // page_size]), t % page_size] = True
+    junk = jnp.asarray(~used)[:, :, None, None]
+    k_nan, v_nan = jnp.where(junk, jnp.nan, k), jnp.where(junk, jnp.nan, v)
+    ref = paged_decode_attention_reference(q, k, v, tables, lengths)
+    for block_k in (32, 256):
+        out = blocked_paged_decode_attention(q, k_nan, v_nan, tables, lengths, block_k=block_k)
+        check(out, ref, dtype, max_pages * page_size, f"{case} {jnp.dtype(dtype).name} block_k={block_k}")
 
 
 def test_shared_prefix_equals_private_copies():

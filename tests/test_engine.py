@@ -1,0 +1,181 @@
+"""The engine (llama_jax/engine.py) over a paged KV cache: its block pool, prefix cache and preemption.
+
+The reference for every output is llama_jax.generate's batch over a contiguous cache (no blocks, no
+prefix cache, no preemption: a separate implementation), run on each request alone; the model
+itself is held to transformers in test_generate.py and test_model.py.
+"""
+
+import numpy as np
+import pytest
+
+from llama_jax import api, requests
+from llama_jax import generate as gen
+from llama_jax.block_pool import NULL_BLOCK, BlockPool, block_keys
+from llama_jax.config import LlamaConfig
+from llama_jax.engine import Engine
+
+VOCAB = 211
+
+
+@pytest.fixture(scope="module")
+def llm():
+    config = LlamaConfig(vocab_size=VOCAB, dim=48, n_layers=2, n_heads=6, n_kv_heads=2, ffn_dim=88,
+                         max_seq_len=512)
+    return api.from_config(config, seed=3)
+
+
+def _prompts(lengths, seed=0, prefix=()):
+    rng = np.random.default_rng(seed)
+    return [list(prefix) + [int(t) for t in rng.integers(3, VOCAB, n)] for n in lengths]
+
+
+def _alone(llm, prompt, max_new, **sampling):
+    """The contiguous-cache reference for one request."""
+    params = requests.sampling_params(max_new_tokens=max_new, vocab_size=VOCAB, stop_token_ids=[], **sampling)
+    rows, _ = gen.collect(gen.generate_ids(llm.graphdef, llm.state, [prompt], params), 1)
+    return rows[0]
+
+
+def _run(engine, prompts, max_new, **sampling):
+    """Every request added at once, the engine stepped to the end: (token ids, last Output) of each."""
+    outs = [[] for _ in prompts]
+    for i, (p, m) in enumerate(zip(prompts, max_new)):
+        engine.add(engine.make_request(p, max_new_tokens=m, ignore_eos=True, **sampling), outs[i].append)
+    peak = 0
+    while engine.has_work():
+        engine.step()
+        peak = max(peak, len(engine.scheduler.running))
+    assert engine.pool.used() == 0  # every block given back
+    return [[t for o in out for t in o.token_ids] for out in outs], [out[-1] for out in outs], peak
+
+
+# --- The block pool ----------------------------------------------------------------------------------
+
+
+def test_pool_refcounts_prefix_hits_and_lru_eviction():
+    pool = BlockPool(6, 4)  # 5 usable
+    tokens = list(range(12))
+    keys = block_keys(tokens, 4)
+    assert len(keys) == 3 and block_keys(tokens[:11], 4) == keys[:2]
+    a = pool.allocate(3)
+    assert NULL_BLOCK not in a and pool.available() == 2
+    for i, b in enumerate(a):
+        pool.register(b, keys[i], keys[i - 1] if i else None, tokens[4 * i:4 * i + 4], ready=False)
+    # Pending blocks are worth waiting for, not sharing.
+    assert pool.match(keys, tokens) == ([], True)
+    for b in a:
+        pool.mark_ready(b)
+    hit, pending = pool.match(keys[:2], tokens)
+    assert hit == a[:2] and not pending
+    pool.release(a[::-1])  # the first owner goes: the shared two stay held, the third is cached
+    assert pool.used() == 2 and pool.available() == 3
+    pool.release(hit[::-1])
+    assert pool.used() == 0 and pool.available() == 5
+    # A different block under a colliding key is a miss: the tokens are checked.
+    assert pool.match(keys, [99] + tokens[1:]) == ([], False)
+    # Eviction takes free blocks first, then cached ones, least recently used (the tail) first.
+    got = pool.allocate(2)
+    assert set(got).isdisjoint(a)
+    assert pool.allocate(1) == [a[2]]  # released first of the three
+    assert pool.match(keys, tokens)[0] == a[:2]
+    assert pool.allocate(1) is None  # 5 held
+
+
+def test_pool_drops_pending_blocks_of_a_sequence_that_leaves():
+    pool = BlockPool(4, 2)
+    keys = block_keys([1, 2, 3, 4], 2)
+    a = pool.allocate(2)
+    pool.register(a[0], keys[0], None, [1, 2], ready=True)
+    pool.register(a[1], keys[1], keys[0], [3, 4], ready=False)
+    pool.release(a[::-1])
+    # The ready block stays cached; the pending one was never computed and is forgotten.
+    assert pool.match(keys, [1, 2, 3, 4]) == ([a[0]], False)
+
+
+# --- The engine ----------------------------------------------------------------------------------------
+
+
+def test_greedy_equals_alone_under_preemption(llm):
+    """More requests than the pool holds at once: the newest are preempted and recomputed, and
+    every request still gets exactly its tokens alone."""
+    prompts = _prompts([5, 37, 20, 64, 9, 30])
+    max_new = [30, 12, 25, 20, 33, 18]
+    engine = Engine(llm, max_batch=6, kv_cache_tokens=160, block_size=4, decode_steps=4, prefill_chunk=32)
+    got, last, _ = _run(engine, prompts, max_new)
+    assert engine.scheduler.preemptions > 0
+    for p, m, g, o in zip(prompts, max_new, got, last):
+        assert g == _alone(llm, p, m)
+        assert o.finish_reason == "length" and o.completion_tokens == m
+
+
+def test_prefix_cache_hits_give_the_same_tokens(llm):
+    """Requests after a shared prefix compute only their own tokens (the first computes the prefix;
+    those that arrive with it wait for its blocks), and get their tokens alone."""
+    shared = _prompts([45], seed=1)[0]
+    prompts = _prompts([3, 11, 7, 19], seed=2, prefix=shared)
+    engine = Engine(llm, max_batch=4, block_size=8, decode_steps=4, prefill_chunk=64)
+    got, last, _ = _run(engine, prompts, [10] * 4)
+    assert [o.cached_tokens for o in last] == [0, 40, 40, 40]  # full 8-token blocks of the 45
+    assert engine.scheduler.prefix_hit_tokens == 120
+    for p, g in zip(prompts, got):
+        assert g == _alone(llm, p, 10)
+    # A later turn extends a finished request's tokens: its prompt and answer are cached.
+    turn2 = prompts[0] + got[0] + _prompts([6], seed=5)[0]
+    got2, last2, _ = _run(engine, [turn2], [8])
+    assert last2[0].cached_tokens == (len(prompts[0]) + len(got[0]) - 1) // 8 * 8
+    assert got2[0] == _alone(llm, turn2, 8)
+    # Without the prefix cache, nothing is shared, and the tokens are the same.
+    off = Engine(llm, max_batch=4, block_size=8, decode_steps=4, prefill_chunk=64, prefix_caching=False)
+    got_off, last_off, _ = _run(off, prompts, [10] * 4)
+    assert got_off == got and all(o.cached_tokens == 0 for o in last_off)
+
+
+def test_sampling_is_the_same_alone_in_a_batch_and_after_preemption(llm):
+    prompts = _prompts([13, 40, 7, 22], seed=4)
+    kw = dict(temperature=0.9, top_p=0.95, top_k=40, seed=11)
+    tight = Engine(llm, max_batch=4, kv_cache_tokens=96, block_size=4, decode_steps=3)
+    got, _, _ = _run(tight, prompts, [24] * 4, **kw)
+    assert tight.scheduler.preemptions > 0
+    for p, g in zip(prompts, got):
+        assert g == _alone(llm, p, 24, **kw)
+
+
+def test_many_short_requests_share_a_pool_too_small_for_their_contexts(llm):
+    """16 requests of 100 tokens run together in a pool of 2048 tokens, though each may grow to a
+    512-token context (slots of max_seq_len would fit 4); blocks held track tokens held."""
+    prompts = _prompts([60] * 16, seed=6)
+    engine = Engine(llm, max_batch=16, max_seq_len=512, kv_cache_tokens=2048, block_size=16, decode_steps=8)
+    used = []
+    outs = [[] for _ in prompts]
+    for i, p in enumerate(prompts):
+        engine.add(engine.make_request(p, max_new_tokens=40, ignore_eos=True), outs[i].append)
+    peak = 0
+    while engine.has_work():
+        engine.step()
+        running = engine.scheduler.running
+        peak = max(peak, len(running))
+        held = sum(s.computed for s in running)
+        if running and all(s.prefilled for s in running):
+            used.append((engine.pool.used(), held, len(running)))
+    assert peak == 16 and engine.scheduler.preemptions == 0
+    for blocks, held, n in used:  # at most one partly filled block per sequence, plus the next steps'
+        assert blocks * 16 - held < n * 16 + n * 8
+
+
+def test_requests_the_pool_cannot_hold_are_refused(llm):
+    engine = Engine(llm, max_batch=2, kv_cache_tokens=64, block_size=16)
+    with pytest.raises(ValueError, match="whole KV cache"):
+        engine.make_request([5] * 40, max_new_tokens=30, ignore_eos=True)
+    with pytest.raises(ValueError, match="block_size"):
+        Engine(llm, block_size=12)
+
+
+def test_cancel_gives_back_blocks(llm):
+    engine = Engine(llm, max_batch=2, block_size=8, decode_steps=2)
+    outs = []
+    h = engine.add(engine.make_request(_prompts([20])[0], max_new_tokens=50, ignore_eos=True), outs.append)
+    engine.step()
+    assert engine.pool.used() > 0
+    h.cancel()
+    engine.step()
+    assert outs[-1].finish_reason == "cancelled" and engine.pool.used() == 0 and not engine.has_work()
