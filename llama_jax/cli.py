@@ -454,8 +454,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=checked(int, lambda n: n >= 1, ">= 1"), default=3, metavar="R")
     b.set_defaults(func=cmd_bench)
 
+    from llama_jax.eval import add_eval_command
     from llama_jax.train.command import add_train_command
 
+    add_eval_command(sub)
     add_train_command(sub)
     _add_serve_command(sub)
     return p
