@@ -234,7 +234,8 @@ class Engine:
             for h in list(self.handles.values()):
                 if h.seq.blocks:
                     self._finish(h, "error", error=f"{type(e).__name__}: {e}".splitlines()[0])
-            self.runner.reset()
+            self.runner.reset()  # the pool was donated: it may be gone, and what it held with it
+            self.pool.reset_prefix_cache()
 
     def prefill_step(self) -> None:
         """Admits what the scheduler lets in and prefills this step's chunk (first tokens out)."""
