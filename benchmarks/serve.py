@@ -1,22 +1,59 @@
-"""Serving benchmark: N concurrent streaming clients against the OpenAI-compatible server.
+"""Serving benchmarks: the OpenAI-compatible server under issue #23's loads, one table per case.
 
-    python benchmarks/serve.py [--model DIR] [--clients 1 4 16] [--requests 3] [--rate 4] [--url URL]
+    python benchmarks/serve.py [--case CASE ...] [--model DIR] [--url URL] [--max-batch 16] [--max-seq-len 2048]
 
-Without --url it serves --model (default: the default model, SmolLM2-135M-Instruct) in this process
-(uvicorn on a free port, --max-batch slots), compiling every program first. Requests arrive as a
-Poisson process (--rate per second) with at most N in flight, each a streamed completion drawn from
-a small fixed mix of prompts and output lengths (greedy). Per N it prints requests/s, output
-tokens/s, time to first token and inter-token latency (p50, p99). A token's inter-token latency is
-the gap since the previous chunk, shared by the tokens that chunk carries.
+Without --url each case serves --model (default: the default model, SmolLM2-135M-Instruct) in this
+process (uvicorn on a free port) from an engine of its own, its short-request programs compiled
+first, and runs each load once unmeasured before measuring it, so that programs compiled on first
+use (long prefill chunks, batched prefills) are not timed. Requests are streamed completions, greedy;
+the new cases send token-id prompts of random ids and `ignore_eos`, so every request has the
+asked length. CASE (default poisson; `all` runs every one):
+
+- poisson (`--clients 1 4 16 --requests 3 --rate 4`): requests from a fixed mix of six text
+  prompts arrive as a Poisson process with at most N in flight; per N: requests/s, output tokens/s,
+  time to first token and inter-token latency (p50, p99; a chunk's gap is shared by its tokens).
+- mixed (`--mixed-requests 64`): that many requests at once, prompts of 16 to 1024 tokens and
+  answers of 16 to 256 (log-uniform); throughput, and the KV waste: every 50 ms, blocks in use x
+  block size against the tokens the running requests hold (prompt and tokens so far), at steady
+  state (the batch full) and over the run. Target: waste at most 4%. Needs the in-process engine.
+- shared-prefix (`--system-tokens 1500 --users 16`): one system prompt, each user's own 16-token
+  question after it; the first request alone, then the other users together, then as many more one
+  at a time (distinct questions); time to first token against the first's. Target: 0.2x or less.
+- chat (`--turns 8`): one conversation, each turn's prompt the last one's, its answer (64 tokens)
+  and a new 32-token user message; time to first token per turn, on a server with the prefix cache
+  and one without. Needs the in-process engine.
+- single: one 64-token request (16-token prompt) through HTTP against `Llama.generate` of the
+  same prompt in this process (medians of 3): time to first token, decode tokens/s (after the
+  first token) and end-to-end tokens/s (64 / seconds in all). Target: HTTP end to end at least
+  0.9x generate (the issue reads it against generate's decode tokens/s; both are printed).
+- concurrent: 4 such requests one at a time, then together; aggregate output tokens/s. Target:
+  together at least 3x one at a time.
+- startup: `llama-jax serve` (--model, or the default model) started twice with one fresh JAX
+  compilation cache: seconds from start to /health 200 empty (cold) and filled (warm). Target: cold
+  within 30 s on 2 CPU cores, warm faster.
+
+Each table's ratios are against the reference measured in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import math
+import os
 import random
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
 import time
+from typing import NamedTuple
 
 import numpy as np
 
@@ -31,129 +68,443 @@ MIX = [
     ("def fibonacci(n):", 32),
     ("Q: Why is the sky blue?\nA:", 24),
 ]
+# Random prompt ids come from here: ordinary tokens in every Llama 3 / SmolLM2 vocabulary (no specials).
+IDS = (100, 10_000)
+NEW_TOKENS = 64  # the single and concurrent cases' request length (the issue's)
+PROMPT_TOKENS = 16
+CONCURRENT = 4
 
 
-async def one_request(client, prompt, max_tokens):
-    """Streams one completion; returns (ttft, inter-token gaps, output tokens, seconds)."""
+def random_ids(rng: random.Random, n: int) -> list[int]:
+    return [rng.randrange(*IDS) for _ in range(n)]
+
+
+def pct(x, q) -> float:
+    return float(np.percentile(np.asarray(x, dtype=float), q))
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.0f} ms"
+
+
+def table(header: list[str], rows: list[list]) -> None:
+    print("| " + " | ".join(header) + " |")
+    print("|" + " ---: |" * len(header))
+    for r in rows:
+        print("| " + " | ".join(str(x) for x in r) + " |")
+
+
+# --- Requests ------------------------------------------------------------------------------------
+
+
+async def stream(client, prompt, max_tokens: int, **extra) -> dict:
+    """Streams one greedy completion; returns its ttft, inter-token gaps (one per token; a chunk's gap
+    is shared by the tokens it carries), token ids, seconds, and prompt tokens found cached."""
     body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "return_token_ids": True}
+            "return_token_ids": True, **extra}
     t0 = time.perf_counter()
-    last, ttft, gaps, n = t0, None, [], 0
+    last, ttft, gaps, ids, cached = t0, None, [], [], 0
     async with client.stream("POST", "/v1/completions", json=body) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
-            choices = json.loads(line[6:]).get("choices") or [{}]
-            k = len(choices[0].get("token_ids") or ())
-            if not k:
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(chunk["error"]["message"])
+            if chunk.get("usage"):
+                cached = (chunk["usage"].get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+            new = (chunk.get("choices") or [{}])[0].get("token_ids") or []
+            if not new:
                 continue
             now = time.perf_counter()
             if ttft is None:
                 ttft = now - t0
-                k_rest = k - 1  # the first chunk's other tokens came with it
-                gaps += [0.0] * k_rest
+                gaps += [0.0] * (len(new) - 1)  # the first chunk's other tokens came with it
             else:
-                gaps += [(now - last) / k] * k
-            last, n = now, n + k
-    return ttft, gaps, n, time.perf_counter() - t0
+                gaps += [(now - last) / len(new)] * len(new)
+            last = now
+            ids += new
+    return {"ttft": ttft, "gaps": gaps, "ids": ids, "seconds": time.perf_counter() - t0, "cached": cached}
 
 
-async def run_level(url, clients, n_requests, rate, seed=0):
+async def exact(client, prompt, max_tokens: int) -> dict:
+    """`stream` of a request that runs to max_tokens (ignore_eos)."""
+    return await stream(client, prompt, max_tokens, ignore_eos=True)
+
+
+def http_client(url: str, connections: int):
     import httpx
 
-    rng = random.Random(seed)
-    mix = [MIX[i % len(MIX)] for i in range(n_requests)]
-    gate = asyncio.Semaphore(clients)
-    results = []
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=clients + 4)) as c:
-        async def client_request(delay, prompt, max_tokens):
-            await asyncio.sleep(delay)
-            async with gate:
-                results.append(await one_request(c, prompt, max_tokens))
-
-        t, delays = 0.0, []
-        for _ in mix:
-            t += rng.expovariate(rate)  # Poisson arrivals
-            delays.append(t)
-        t0 = time.perf_counter()
-        await asyncio.gather(*(client_request(d, p, m) for d, (p, m) in zip(delays, mix)))
-        wall = time.perf_counter() - t0
-    ttft = np.array([r[0] for r in results])
-    itl = np.array([g for r in results for g in r[1]] or [0.0])
-    tokens = sum(r[2] for r in results)
-    return {"clients": clients, "requests": len(results), "wall_s": wall, "req_s": len(results) / wall,
-            "tok_s": tokens / wall, "ttft_p50": np.percentile(ttft, 50), "ttft_p99": np.percentile(ttft, 99),
-            "itl_p50": np.percentile(itl, 50), "itl_p99": np.percentile(itl, 99), "tokens": tokens}
+    return httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=connections + 4))
 
 
-def serve_in_process(args):
-    """Loads the model, compiles, serves it on a free port in a thread; returns (url, stop)."""
-    import socket
-    import threading
+# --- The server ----------------------------------------------------------------------------------
 
+
+class Target(NamedTuple):
+    url: str
+    engine: object | None  # the in-process EngineThread (None with --url)
+
+
+_model = None
+
+
+def load_model(args):
+    global _model
+    if _model is None:
+        import llama_jax
+        from llama_jax.default_model import default_model_path
+
+        _model = llama_jax.load(args.model or default_model_path())
+    return _model
+
+
+@contextlib.contextmanager
+def serving(args, **options):
+    """Yields a Target: --url as given, or the model served in this process on a free port by an
+    engine with the benchmark's options (and `options`, e.g. prefix_caching=False), compiled first."""
+    if args.url:
+        yield Target(args.url, None)
+        return
+    import jax
     import uvicorn
 
-    import llama_jax
-    from llama_jax.default_model import default_model_path
-    from llama_jax.scheduler import Scheduler
+    from llama_jax.engine import Engine, EngineThread
     from llama_jax.server import create_app
 
-    llama = llama_jax.load(args.model or default_model_path())
-    sched = Scheduler(llama, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
-                      decode_steps=args.decode_steps)
+    llama = load_model(args)
+    options = dict(max_batch=args.max_batch, max_seq_len=args.max_seq_len, decode_steps=args.decode_steps,
+                   kv_cache_tokens=args.kv_cache_tokens) | options
+    engine = Engine(llama, **options)
+    thread = EngineThread(engine, max_queue=256)
     t = time.perf_counter()
-    sched.warmup()
-    print(f"compiled in {time.perf_counter() - t:.1f}s: {Scheduler.compiled_programs()}")
-    sched.start()
+    compiled = thread.warmup()
+    dev = jax.devices()[0]
+    print(f"server: in-process on {dev.platform} ({dev.device_kind}); {engine.pool.usable} KV blocks of "
+          f"{engine.block_size} tokens, max batch {engine.max_batch}, max seq len {engine.max_seq_len}, "
+          f"decode steps {engine.decode_steps}, prefix caching {engine.pool.prefix_caching}; warmup "
+          f"{time.perf_counter() - t:.1f}s ({compiled['prefill']} prefill, {compiled['decode']} decode programs "
+          f"traced)", flush=True)
+    thread.start()
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(llama, scheduler=sched), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
+    server = uvicorn.Server(uvicorn.Config(create_app(llama, engine=thread), log_level="warning"))
+    th = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    th.start()
     while not server.started:
         time.sleep(0.05)
-
-    def stop():
+    try:
+        yield Target(f"http://127.0.0.1:{sock.getsockname()[1]}", thread)
+    finally:
         server.should_exit = True
-        thread.join()
-        sched.stop()
+        th.join()
+        thread.stop()
 
-    return f"http://127.0.0.1:{sock.getsockname()[1]}", stop
+
+def kv_sample(thread) -> tuple[int, int, int]:
+    """(running requests, KV blocks in use, tokens the running requests hold) now. Read from the
+    engine's thread without a lock: a sample can straddle a step, which is noise, not bias."""
+    engine = thread.engine
+    running = list(engine.scheduler.running)
+    return len(running), engine.pool.used(), sum(len(s.tokens) for s in running)
+
+
+# --- Cases -----------------------------------------------------------------------------------------
+
+
+def case_poisson(args):
+    print("\n## poisson: N concurrent streaming clients, Poisson arrivals "
+          f"({args.rate}/s), a fixed mix of six text prompts")
+
+    async def level(url, clients, n_requests, seed=0):
+        rng = random.Random(seed)
+        mix = [MIX[i % len(MIX)] for i in range(n_requests)]
+        gate = asyncio.Semaphore(clients)
+        results = []
+        async with http_client(url, clients) as c:
+            async def one(delay, prompt, max_tokens):
+                await asyncio.sleep(delay)
+                async with gate:
+                    results.append(await stream(c, prompt, max_tokens))
+
+            t, delays = 0.0, []
+            for _ in mix:
+                t += rng.expovariate(args.rate)  # Poisson arrivals
+                delays.append(t)
+            t0 = time.perf_counter()
+            await asyncio.gather(*(one(d, p, m) for d, (p, m) in zip(delays, mix)))
+            wall = time.perf_counter() - t0
+        ttft = [r["ttft"] for r in results]
+        itl = [g for r in results for g in r["gaps"]] or [0.0]
+        tokens = sum(len(r["ids"]) for r in results)
+        return [clients, len(results), f"{len(results) / wall:.2f}", f"{tokens / wall:.1f}", ms(pct(ttft, 50)),
+                ms(pct(ttft, 99)), f"{pct(itl, 50) * 1e3:.1f} ms", f"{pct(itl, 99) * 1e3:.1f} ms"]
+
+    with serving(args) as target:
+        asyncio.run(level(target.url, 1, 2))  # warm the HTTP path too
+        rows = [asyncio.run(level(target.url, n, max(6, n * args.requests))) for n in args.clients]
+    table(["clients", "requests", "req/s", "output tok/s", "TTFT p50", "TTFT p99", "ITL p50", "ITL p99"], rows)
+
+
+def case_mixed(args):
+    n = args.mixed_requests
+    print(f"\n## mixed: {n} requests at once, prompts of 16-1024 tokens, answers of 16-256 (log-uniform)")
+    log_uniform = lambda rng, lo, hi: int(round(math.exp(rng.uniform(math.log(lo), math.log(hi)))))  # noqa: E731
+
+    def load(seed):
+        rng = random.Random(seed)
+        return [(random_ids(rng, log_uniform(rng, 16, 1024)), log_uniform(rng, 16, 256)) for _ in range(n)]
+
+    async def run(target, reqs, samples):
+        done = asyncio.Event()
+
+        async def sample():
+            while not done.is_set():
+                samples.append(kv_sample(target.engine))
+                await asyncio.sleep(0.05)
+
+        async with http_client(target.url, n) as c:
+            sampler = asyncio.create_task(sample()) if target.engine else None
+            t0 = time.perf_counter()
+            results = await asyncio.gather(*(exact(c, p, m) for p, m in reqs))
+            wall = time.perf_counter() - t0
+            done.set()
+            if sampler:
+                await sampler
+        return results, wall
+
+    with serving(args) as target:
+        asyncio.run(run(target, load(1), []))  # compiles the prefill shapes this mix needs
+        before = target.engine.stats().preemptions if target.engine else 0
+        reqs, samples = load(0), []
+        results, wall = asyncio.run(run(target, reqs, samples))
+        preempted = target.engine.stats().preemptions - before if target.engine else "n/a"
+        block_size = target.engine.engine.block_size if target.engine else 0
+    out = sum(len(r["ids"]) for r in results)
+    prompt = sum(len(p) for p, _ in reqs)
+    ttft = [r["ttft"] for r in results]
+
+    def waste(rows):  # of the blocks in use, the share no token fills
+        held, used = sum(r[2] for r in rows), sum(r[1] for r in rows) * block_size
+        return f"{100 * (1 - held / used):.1f}%" if used else "n/a"
+
+    steady = [s for s in samples if s[0] == args.max_batch]
+    worst = max((1 - s[2] / (s[1] * block_size) for s in steady if s[1]), default=None)
+    table(["requests", "prompt tokens", "output tokens", "wall", "req/s", "output tok/s", "TTFT p50", "TTFT p99",
+           "preemptions"],
+          [[n, prompt, out, f"{wall:.1f} s", f"{n / wall:.2f}", f"{out / wall:.1f}", ms(pct(ttft, 50)),
+            ms(pct(ttft, 99)), preempted]])
+    print()
+    if not samples:
+        print("KV waste: needs the in-process engine (no --url)")
+        return
+    table(["KV samples", "of them steady (batch full)", "mean blocks used (steady)", "mean tokens held (steady)",
+           "waste, steady", "waste, worst steady sample", "waste, whole run", "target"],
+          [[len(samples), len(steady), f"{np.mean([s[1] for s in steady]):.0f}" if steady else "n/a",
+            f"{np.mean([s[2] for s in steady]):.0f}" if steady else "n/a", waste(steady),
+            "n/a" if worst is None else f"{100 * worst:.1f}%", waste(samples), "<= 4%"]])
+
+
+def case_shared_prefix(args):
+    users, n_sys = args.users, args.system_tokens
+    print(f"\n## shared-prefix: a {n_sys}-token system prompt, {users} users each with a 16-token question")
+
+    async def run(url, seed):
+        rng = random.Random(seed)
+        system = random_ids(rng, n_sys)
+        questions = [system + random_ids(rng, 16) for _ in range(2 * users - 1)]
+        async with http_client(url, users) as c:
+            first = await exact(c, questions[0], 16)
+            t0 = time.perf_counter()
+            together = await asyncio.gather(*(exact(c, q, 16) for q in questions[1:users]))
+            wall = time.perf_counter() - t0
+            alone = [await exact(c, q, 16) for q in questions[users:]]
+        return first, together, wall, alone
+
+    with serving(args, max_batch=max(args.max_batch, users)) as target:
+        asyncio.run(run(target.url, 1))  # compiles the long prefill and the batched short ones
+        first, together, wall, alone = asyncio.run(run(target.url, 0))
+    f = first["ttft"]
+    rows = [["first, alone", 1, first["cached"], ms(f), ms(f), "1.00", "1.00", ""]]
+    for name, rs in ((f"the other {users - 1}, together", together), (f"{users - 1} more, one at a time", alone)):
+        t = [r["ttft"] for r in rs]
+        rows.append([name, len(rs), int(np.median([r["cached"] for r in rs])), ms(pct(t, 50)), ms(max(t)),
+                     f"{pct(t, 50) / f:.2f}", f"{max(t) / f:.2f}", "<= 0.20"])
+    table(["requests", "n", "cached prompt tokens (median)", "TTFT p50", "TTFT max", "p50 x first", "max x first",
+           "target"], rows)
+    print(f"\n(together: all {users - 1} done in {wall:.2f} s)")
+
+
+def case_chat(args):
+    if args.url:
+        raise SystemExit("chat: needs the in-process engine (a server with and one without the prefix cache)")
+    turns = args.turns
+    print(f"\n## chat: {turns} turns (256-token system prompt, 32-token user messages, 64-token answers), "
+          "time to first token with and without the prefix cache")
+
+    async def conversation(url, seed):
+        rng = random.Random(seed)
+        prompt, out = random_ids(rng, 256), []
+        async with http_client(url, 1) as c:
+            for _ in range(turns):
+                prompt = prompt + random_ids(rng, 32)
+                r = await exact(c, prompt, 64)
+                out.append((len(prompt), r))
+                prompt = prompt + r["ids"]
+        return out
+
+    runs = {}
+    for caching in (True, False):
+        with serving(args, prefix_caching=caching) as target:
+            asyncio.run(conversation(target.url, 1))  # compiles each turn's prefill shape
+            runs[caching] = asyncio.run(conversation(target.url, 0))
+    rows = []
+    for turn, ((n, on), (_, off)) in enumerate(zip(runs[True], runs[False]), 1):
+        same = "yes" if on["ids"] == off["ids"] else "NO"
+        rows.append([turn, n, on["cached"], ms(on["ttft"]), ms(off["ttft"]), f"{on['ttft'] / off['ttft']:.2f}", same])
+    table(["turn", "prompt tokens", "cached (cache on)", "TTFT cache on", "TTFT cache off", "on / off",
+           "same answer"], rows)
+
+
+def case_single(args):
+    if args.url:
+        raise SystemExit("single: needs the model in this process (its reference is Llama.generate)")
+    print(f"\n## single: one {NEW_TOKENS}-token request ({PROMPT_TOKENS}-token prompt), HTTP against "
+          "Llama.generate (medians of 3)")
+    llama = load_model(args)
+    prompt = random_ids(random.Random(0), PROMPT_TOKENS)
+    llama.generate([prompt], max_new_tokens=NEW_TOKENS, stop_token_ids=[])  # compiles
+    ref = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        [c] = llama.generate([prompt], max_new_tokens=NEW_TOKENS, stop_token_ids=[])
+        ref.append((c.timings["time_to_first_token_s"], c.timings["decode_tokens_per_s"],
+                    len(c.token_ids) / (time.perf_counter() - t0)))
+
+    async def run(url):
+        async with http_client(url, 1) as c:
+            await exact(c, prompt, NEW_TOKENS)  # warm
+            out = []
+            for _ in range(3):
+                r = await exact(c, prompt, NEW_TOKENS)
+                out.append((r["ttft"], (len(r["ids"]) - 1) / (r["seconds"] - r["ttft"]), len(r["ids"]) / r["seconds"]))
+                assert len(r["ids"]) == NEW_TOKENS, len(r["ids"])
+            return out
+
+    with serving(args) as target:
+        http = asyncio.run(run(target.url))
+    g, h = [[statistics.median(x) for x in zip(*rs)] for rs in (ref, http)]
+    table(["path", "TTFT", "decode tok/s", "end-to-end tok/s"],
+          [["Llama.generate", ms(g[0]), f"{g[1]:.1f}", f"{g[2]:.1f}"],
+           ["HTTP (streamed)", ms(h[0]), f"{h[1]:.1f}", f"{h[2]:.1f}"],
+           ["HTTP / generate", f"{h[0] / g[0]:.2f}", f"{h[1] / g[1]:.2f}", f"{h[2] / g[2]:.2f}"]])
+    print(f"\ntarget: HTTP end to end >= 0.9x generate: {h[2] / g[2]:.2f}x end to end; "
+          f"{h[2] / g[1]:.2f}x generate's decode tok/s (the issue's measure)")
+
+
+def case_concurrent(args):
+    print(f"\n## concurrent: {CONCURRENT} greedy {NEW_TOKENS}-token requests one at a time, then together")
+    rng = random.Random(0)
+    prompts = [random_ids(rng, PROMPT_TOKENS) for _ in range(CONCURRENT)]
+
+    async def run(url):
+        async with http_client(url, CONCURRENT) as c:
+            await asyncio.gather(*(exact(c, p, NEW_TOKENS) for p in prompts))  # warm (batched prefill)
+            t0 = time.perf_counter()
+            alone = [await exact(c, p, NEW_TOKENS) for p in prompts]
+            t1 = time.perf_counter()
+            together = await asyncio.gather(*(exact(c, p, NEW_TOKENS) for p in prompts))
+            t2 = time.perf_counter()
+        return (alone, t1 - t0), (together, t2 - t1)
+
+    with serving(args) as target:
+        (alone, wa), (together, wt) = asyncio.run(run(target.url))
+    rate = lambda rs, wall: sum(len(r["ids"]) for r in rs) / wall  # noqa: E731
+    same = all(a["ids"] == b["ids"] for a, b in zip(alone, together))
+    table(["mode", "requests", "wall", "aggregate tok/s", "TTFT p50", "x one at a time", "target"],
+          [["one at a time", CONCURRENT, f"{wa:.2f} s", f"{rate(alone, wa):.1f}",
+            ms(pct([r["ttft"] for r in alone], 50)), "1.00", ""],
+           ["together", CONCURRENT, f"{wt:.2f} s", f"{rate(together, wt):.1f}",
+            ms(pct([r["ttft"] for r in together], 50)), f"{rate(together, wt) / rate(alone, wa):.2f}", ">= 3.00"]])
+    print(f"\n(greedy outputs together equal to alone: {'yes' if same else 'NO'})")
+
+
+def case_startup(args):
+    import httpx
+
+    from llama_jax.default_model import default_model_path
+
+    model = args.model or default_model_path()  # converted before the clock starts
+    print("\n## startup: `llama-jax serve` to /health 200, with an empty then a filled JAX compilation cache")
+
+    def start(cache: str) -> tuple[float, str]:
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        sock.close()
+        cmd = [sys.executable, "-m", "llama_jax.cli", "serve", "--port", str(port)] + (
+            ["--model", model] if args.model else [])
+        env = os.environ | {"JAX_COMPILATION_CACHE_DIR": cache}
+        with tempfile.TemporaryFile("w+") as err:
+            t0 = time.perf_counter()
+            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err)
+            try:
+                while True:
+                    if proc.poll() is not None:
+                        err.seek(0)
+                        raise SystemExit(f"startup: `llama-jax serve` exited with {proc.returncode}:\n{err.read()}")
+                    with contextlib.suppress(httpx.HTTPError):
+                        if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                            break
+                    if time.perf_counter() - t0 > args.startup_timeout:
+                        raise SystemExit(f"startup: not ready within {args.startup_timeout} s")
+                    time.sleep(0.1)
+                ready = time.perf_counter() - t0
+            finally:
+                proc.send_signal(signal.SIGINT)
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            err.seek(0)
+            compiled = re.search(r"compiled .*? in [\d.]+s", err.read())
+        return ready, compiled.group(0) if compiled else "?"
+
+    with tempfile.TemporaryDirectory() as cache:
+        cold = start(cache)
+        files = sum(len(f) for _, _, f in os.walk(cache))
+        warm = start(cache)
+    table(["start", "compilation cache", "ready", "x cold", "at start", "target"],
+          [["cold", "empty", f"{cold[0]:.1f} s", "1.00", cold[1], "<= 30 s"],
+           ["warm", f"{files} files", f"{warm[0]:.1f} s", f"{warm[0] / cold[0]:.2f}", warm[1], "< 1.00"]])
+
+
+CASES = {"poisson": case_poisson, "mixed": case_mixed, "shared-prefix": case_shared_prefix, "chat": case_chat,
+         "single": case_single, "concurrent": case_concurrent, "startup": case_startup}
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--case", nargs="+", choices=[*CASES, "all"], default=["poisson"])
     p.add_argument("--url", help="a running server (e.g. `llama-jax serve` on a GPU); default: serve in-process")
     p.add_argument("--model", help="model directory to serve in-process (default: the default model)")
-    p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
-    p.add_argument("--requests", type=int, default=3, help="requests per client (at least 6 per level)")
-    p.add_argument("--rate", type=float, default=4.0, help="Poisson arrival rate, requests per second")
     p.add_argument("--max-batch", type=int, default=16)
-    p.add_argument("--max-seq-len", type=int, default=1024)
+    p.add_argument("--max-seq-len", type=int, default=2048)
+    p.add_argument("--kv-cache-tokens", type=int, help="default: the engine's")
     p.add_argument("--decode-steps", type=int, default=4)
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16], help="poisson: concurrency levels")
+    p.add_argument("--requests", type=int, default=3, help="poisson: requests per client (at least 6 per level)")
+    p.add_argument("--rate", type=float, default=4.0, help="poisson: arrivals per second")
+    p.add_argument("--mixed-requests", type=int, default=64)
+    p.add_argument("--system-tokens", type=int, default=1500)
+    p.add_argument("--users", type=int, default=16)
+    p.add_argument("--turns", type=int, default=8)
+    p.add_argument("--startup-timeout", type=float, default=300)
     args = p.parse_args(argv)
-
-    url, stop = (args.url, lambda: None) if args.url else serve_in_process(args)
-    try:
-        asyncio.run(run_level(url, 1, 2, args.rate))  # warm the HTTP path too
-        rows = [asyncio.run(run_level(url, n, max(6, n * args.requests), args.rate)) for n in args.clients]
-    finally:
-        stop()
-    if args.url:
-        print(f"\nserver: {args.url}, arrivals {args.rate}/s")
-    else:
-        import jax
-
-        dev = jax.devices()[0]
-        print(f"\nserver: in-process, device: {dev.platform} ({dev.device_kind}), max batch {args.max_batch}, "
-              f"decode steps per call {args.decode_steps}, arrivals {args.rate}/s")
-    print("| clients | requests | req/s | output tok/s | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for r in rows:
-        print(f"| {r['clients']} | {r['requests']} | {r['req_s']:.2f} | {r['tok_s']:.1f} | "
-              f"{r['ttft_p50'] * 1e3:.0f} ms | {r['ttft_p99'] * 1e3:.0f} ms | {r['itl_p50'] * 1e3:.1f} ms | "
-              f"{r['itl_p99'] * 1e3:.1f} ms |")
+    for name in CASES if "all" in args.case else args.case:
+        CASES[name](args)
 
 
 if __name__ == "__main__":

@@ -405,9 +405,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
           file=sys.stderr, flush=True)
     t = time.perf_counter()
     compiled = sched.warmup()
-    print(f"compiled {compiled['prefill']} prefill and {compiled['decode']} decode programs in "
-          f"{time.perf_counter() - t:.1f}s (others compile on first use; all are kept in JAX's compilation cache)",
-          file=sys.stderr, flush=True)
+    print(f"prepared {compiled['prefill']} prefill and {compiled['decode']} decode programs in "
+          f"{time.perf_counter() - t:.1f}s (compiled, or read from JAX's compilation cache; others compile on "
+          "first use)", file=sys.stderr, flush=True)
     sched.start()
     print(f"serving {name} at http://{args.host}:{args.port}/v1 (Ctrl-C stops)", file=sys.stderr, flush=True)
     try:

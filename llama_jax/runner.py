@@ -117,7 +117,10 @@ class ModelRunner:
     def _zeros(self):
         with sharding.on_mesh(self.mesh):
             model = nnx.merge(self.graphdef, self.state)
-            return model.init_pages(self.num_blocks, self.block_size, sharding=sharding.placement(self.mesh))
+            pool = model.init_pages(self.num_blocks, self.block_size, sharding=sharding.placement(self.mesh))
+        # Committed to its device, as every pool a program returns is: an uncommitted first pool
+        # would compile each program once more.
+        return pool if self.mesh is not None else jax.device_put(pool, jax.devices()[0])
 
     def reset(self) -> None:
         """A fresh pool (after a failed call: a donated pool may be gone)."""
