@@ -52,11 +52,11 @@ sys.path.insert(0, str(ROOT))  # run from a checkout
 import llama_jax  # noqa: E402
 import pallas_kernels as pk  # noqa: E402
 from pallas_kernels.mosaic import flash_attention_mosaic  # noqa: E402
-from llama_jax import generate, sharding, train  # noqa: E402
+from llama_jax import engine, generate, runner, scheduler, sharding, train  # noqa: E402
 from llama_jax import model as model_lib  # noqa: E402
 from llama_jax.api import INFERENCE_LAYOUT  # noqa: E402
 from llama_jax.model import KVCache  # noqa: E402
-from llama_jax.sharding import CACHE_AXES  # noqa: E402
+from llama_jax.sharding import PAGE_AXES  # noqa: E402
 from hlo_shapes import shape_bytes  # noqa: E402
 
 TARGET = ROOT / "benchmarks" / "gpu" / "h100_sxm.txtpb"
@@ -524,19 +524,31 @@ def _base(name: str) -> str:
 # --- Whole programs -------------------------------------------------------------------------------
 
 
-def programs(config, where, *, batch=1, context=4096, prompt=2048, layout="layers", attention="pallas"):
-    """The jitted prefill and decode loop of `config` in bf16 with our kernels, from abstract
-    parameters. where: a Device (one GPU) or a ('data', 'model') Mesh. layout: "layers" (per-layer
-    arrays, `llama_jax.api.INFERENCE_LAYOUT`, what `Llama` runs by default) or "scan" (the stored
-    stacked layers under lax.scan). attention: the RuntimeConfig's attention_impl, "pallas" (the Triton
-    kernels) or "mosaic" (the Mosaic GPU prefill kernel; decode is the Triton kernel in both). The
-    prefill is one chunk of `prompt` tokens written into the cache. Returns
-    [(name, jitted_fn, abstract_args, meta)]; meta["min_bytes"] = (weight bytes, KV bytes) one
-    decode step must read per device, with a full cache of `context` tokens.
+def programs(config, where, *, batch=1, context=4096, prompt=2048, layout="layers", attention="pallas",
+             block_size=engine.DEFAULT_BLOCK_SIZE):
+    """The engine's jitted prefill and decode (llama_jax.runner, what `Llama.generate`, `stream`,
+    `chat` and the server run) of `config` in bf16 with our kernels, from abstract parameters, over
+    a paged KV cache. where: a Device (one GPU) or a ('data', 'model') Mesh with no data split (the
+    engine's pool is split by KV heads only). layout: "layers" (per-layer arrays,
+    `llama_jax.api.INFERENCE_LAYOUT`, what `Llama` runs by default) or "scan" (the stored stacked
+    layers under lax.scan). attention: the RuntimeConfig's attention_impl, "pallas" (the Triton
+    kernels) or "mosaic" (the Mosaic GPU prefill kernel; decode is the Triton paged kernel in both).
 
-    The one place that knows the generation API (llama_jax.generate.prefill_chunk and decode_chunk,
-    as generate_ids calls them): change it with that API."""
+    The pool: blocks of `block_size` tokens (the engine's default), `batch` rows of `context`
+    tokens each in blocks of their own, plus the null block 0. Prefill: `batch` rows of a chunk of
+    `prompt` tokens (of a prompt that fills the context: its table as wide as the context's blocks,
+    bucketed as the engine does). Decode: the engine's decode call of generate.CHUNK steps (as
+    `Llama.generate` runs it), its table of the engine's decode width for a `context`-token
+    max_seq_len. Returns [(name, jitted_fn, abstract_args, meta)]; meta["min_bytes"] = (weight
+    bytes, KV bytes) one decode step must read per device, with every row's `context` tokens in
+    the cache (the pool's used blocks, not the null block).
+
+    The one place that knows the engine's program API (llama_jax.runner.prefill and decode, as
+    llama_jax.engine calls them): change it with that API."""
     mesh = where if isinstance(where, Mesh) else None
+    if mesh is not None and (sharding.axis_size("batch", mesh) > 1 or sharding.axis_size("seq", mesh) > 1):
+        raise ValueError("the engine needs a mesh without data or context axes; Llama.generate runs "
+                         "llama_jax.generate's contiguous programs there, which this harness does not compile")
     runtime = llama_jax.RuntimeConfig(param_dtype="bfloat16", dtype="bfloat16", attention_impl=attention,
                                       norm_impl="pallas")
     cfg = config
@@ -555,33 +567,59 @@ def programs(config, where, *, batch=1, context=4096, prompt=2048, layout="layer
                           is_leaf=lambda x: isinstance(x, P))
     nnx.replace_by_pure_dict(state, params)
 
-    b, L, K, E = batch, cfg.n_layers, cfg.n_kv_heads, cfg.head_dim
+    # The pool, as ModelRunner makes it (Transformer.init_pages on sharding.placement(mesh)).
+    b, L, K, E, bs = batch, cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, block_size
+    used = b * -(-context // bs)  # each row's context in blocks of its own
+    num_blocks = used + 1  # and the null block 0
     if layout == "scan":
-        kv = sds((L, b, context, K, E), jnp.bfloat16, ("layers", *CACHE_AXES))
-        cache = KVCache(kv, kv)
+        kv = sds((L, num_blocks, bs, K, E), jnp.bfloat16, ("layers", *PAGE_AXES))
+        pool = KVCache(kv, kv)
     else:
-        kv = sds((b, context, K, E), jnp.bfloat16, CACHE_AXES)
-        cache = [KVCache(kv, kv) for _ in range(L)]
-    rows = lambda *shape, dtype=jnp.int32: sds(shape, dtype, ("batch", *(None,) * (len(shape) - 1)))  # noqa: E731
-    # Each row's seed, temperature, top_p, top_k, then stop ids and max_new_tokens: as generate_ids
-    # passes them.
-    sampling = (generate.Sampling(rows(b, dtype=jnp.uint32), rows(b, dtype=jnp.float32), rows(b, dtype=jnp.float32),
-                                  rows(b)), sds((1,), jnp.int32), sds((), jnp.int32))
-    ds = generate.DecodeState(cache, sds((b,), jnp.int32), rows(b), rows(b), sds((b,), jnp.bool_))
+        kv = sds((num_blocks, bs, K, E), jnp.bfloat16, PAGE_AXES)
+        pool = [KVCache(kv, kv) for _ in range(L)]
+    # The engine hands every other argument over as host numpy arrays: jit replicates them.
+    host = lambda *shape, dtype=jnp.int32: sds(shape, dtype)  # noqa: E731
+    sampling = runner.Sampling(host(b, dtype=jnp.uint32), host(b, dtype=jnp.float32), host(b, dtype=jnp.float32),
+                               host(b))
+    # A table's width: Engine.max_width for a max_seq_len of `context` (decode), and Engine._prefill's
+    # for a prompt of `context` tokens (its blocks are allocated at admission): the same bucket.
+    width = scheduler.bucket(-(-context // bs), minimum=engine.MIN_TABLE_WIDTH)
 
     per_device = lambda x: int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize  # noqa: E731
     weights = sum(per_device(x) for x in jax.tree.leaves(params))
     if not cfg.tie_embeddings:  # the input embedding is a lookup: a step reads b rows of it
         emb = params["tok_embeddings"]
         weights += b * cfg.dim * emb.dtype.itemsize - per_device(emb)
+    kv_bytes = sum(per_device(x) // num_blocks * used for x in jax.tree.leaves(pool))  # the used blocks only
     meta = dict(config=cfg, batch=b, context=context, layout=layout, mesh=mesh, params=params,
-                min_bytes=(weights, sum(per_device(x) for x in jax.tree.leaves(cache))))
-    # tokens [B, C] at positions start.., lengths [B], last hidden states [B, D].
-    prefill_args = (graphdef, state, cache, rows(b, prompt), sds((), jnp.int32), rows(b),
-                    sds((b, cfg.dim), jnp.bfloat16, ("batch", "act_embed")))
-    decode_args = (graphdef, state, ds, *sampling)
-    return [("prefill", generate.prefill_chunk, prefill_args, dict(meta, kind="prefill", prompt=prompt)),
-            ("decode", generate.decode_chunk, decode_args, dict(meta, kind="decode"))]
+                block_size=bs, num_blocks=num_blocks, min_bytes=(weights, kv_bytes),
+                in_place=True)  # the runner donates the pool: each program must update it in place
+    # tokens [R, C] at positions start [R].., table [R, W], the chunk index of each row's last token
+    # [R], its tokens generated so far [R], sampling.
+    prefill_args = (graphdef, state, pool, host(b, prompt), host(b), host(b, width), host(b), host(b),
+                    sampling)
+    rows = runner.Rows(token=host(b), pos=host(b), count=host(b), max_new=host(b),
+                       stop_ids=host(b, runner.MAX_STOP_IDS), live=host(b, dtype=jnp.bool_), sampling=sampling)
+    decode_args = (graphdef, state, pool, generate.CHUNK, rows, host(b, width))
+    return [("prefill", runner.prefill, prefill_args, dict(meta, kind="prefill", prompt=prompt)),
+            ("decode", runner.decode, decode_args, dict(meta, kind="decode", steps=generate.CHUNK))]
+
+
+def not_in_place(compiled, hlo: Hlo, name: str) -> list[Failure]:
+    """A failure unless the program donates arguments (the engine's pool) and XLA aliases every
+    donated parameter to an output, so that the program updates it in place rather than writing a new
+    copy of it each call (jit drops a donation it cannot use, with only a warning)."""
+    aliased = {int(i) for i in re.findall(r"\{[\d,]*\}: \((\d+), \{[\d,]*\}, (?:may|must)-alias\)",
+                                          hlo.text.split("\n", 1)[0])}
+    kept = sorted(compiled._executable._kept_var_idx)  # the HLO parameters: these of the flat arguments
+    donated = [i for i, a in enumerate(jax.tree.leaves(compiled.args_info)) if a.donated and i in kept]
+    if not donated:
+        return [Failure(f"donation: {name}", "no donated argument: the pool is copied each call")]
+    missing = [i for i in donated if kept.index(i) not in aliased]
+    if missing:
+        return [Failure(f"donation: {name}", f"{len(missing)} of {len(donated)} donated parameters not aliased "
+                        "to an output (a copy each call)")]
+    return []
 
 
 def analyse_program(name, fn, args, meta, dump) -> tuple[dict, list[Failure]]:
@@ -601,8 +639,10 @@ def analyse_program(name, fn, args, meta, dump) -> tuple[dict, list[Failure]]:
     trip = lambda t: hlo.by_name.get(thunk_names.get(t.id, ""), Instr("", "", "", "")).trip_count or 1  # noqa: E731
     fails = [Failure(f"spill: {_base(k)} in {name}", _spills(s))
              for k, s in ptxas_stats(dump).items() if s["spill_stores"] or s["spill_loads"]]
+    if meta.get("in_place"):
+        fails += not_in_place(compiled, hlo, name)
     row = dict(name=name, seconds=secs, kind=meta["kind"], layers=meta["config"].n_layers,
-               **{k: meta.get(k) for k in ("batch", "context", "prompt")})
+               **{k: meta.get(k) for k in ("batch", "context", "prompt", "block_size")})
     if meta["kind"] != "decode":
         cost, count = hlo.cost(hlo.entry), launches(thunks, trip)
         row.update(cost=cost, launches=count)
@@ -725,8 +765,10 @@ def report(kernel_rows, program_rows, failures, expected, args, total_s) -> str:
             for f in failures] or ["None."]
     first = lambda key: next((r[key] for r in program_rows if r.get(key)), "?")  # noqa: E731
     out += ["", "## Programs", "",
-            f"bf16, Pallas kernels, batch {first('batch')}, a KV cache of {first('context')} tokens, a prefill "
-            f"chunk of {first('prompt')} tokens. Decode rows: one step "
+            f"bf16, Pallas kernels: the engine's programs (`llama_jax.runner.prefill` and `decode`, what "
+            f"`Llama.generate`, `chat` and the server run) over a paged KV cache of blocks of {first('block_size')} "
+            f"tokens; batch {first('batch')}, {first('context')} tokens of context in the pool, a prefill chunk of "
+            f"{first('prompt')} tokens. Decode rows: one step "
             "(the decode loop's body); prefill rows: the whole chunk. *layers*: a list of per-layer "
             "blocks (what `Llama` runs by default); *scan*: stacked layers under `lax.scan`. Train rows: the "
             "gradient program of one training step on 8 H100s (`llama_jax.train.gradient_program`: bf16 compute, "
@@ -787,8 +829,9 @@ METHOD = """\
   inside it (the layer scan) is then counted its known trip count: cost = flat cost + (n - 1) x
   body cost. Prefill (one chunk): the whole module, loops counted the same way.
 - **Minimum bytes of a decode step, per device**: every parameter shard (of an untied input
-  embedding only the looked-up rows) plus the whole KV cache shard (K and V, every layer) at the
-  cache length, which the decode kernel reads as an operand. Roofline = max(FLOPs / 989 TFLOP/s,
+  embedding only the looked-up rows) plus the KV cache shard the context fills (K and V, every
+  layer): the pool's used blocks, each row's context tokens, without the null block. The paged
+  decode kernel reads the pool as an operand (the harness counts the whole pool, null block too). Roofline = max(FLOPs / 989 TFLOP/s,
   bytes / 3.35 TB/s).
 - **Kernels per step**: launches in the decode loop's thunks (kernels, memcpys, collectives), loops
   inside counted their trip counts; per layer = step / layers.

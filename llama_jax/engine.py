@@ -108,7 +108,8 @@ class Engine:
     max_batch: most sequences running at once (decoded together), not a memory reservation;
     max_seq_len: the longest request, prompt and new tokens (default: the model's context, at most
     4096); kv_cache_tokens: the pool's size (default: CPU_KV_CACHE_BYTES of cache on a CPU,
-    GPU_KV_CACHE_SHARE of the free memory on a GPU, and at least max_seq_len); block_size: tokens
+    GPU_KV_CACHE_SHARE of the free memory on a GPU; at least max_seq_len, at most max_batch times
+    it); block_size: tokens
     per block; prefill_chunk: prompt tokens per step (default the model's runtime.prefill_chunk);
     decode_steps: steps per decode call (tokens reach Python once per call: more cost less
     dispatch, fewer let requests join sooner); prefix_caching: reuse the blocks of prefixes seen

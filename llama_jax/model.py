@@ -214,14 +214,15 @@ class Attention(nnx.Module):
         A position past the table's width writes to the null block 0, as do the table's unused
         entries: the padding of a chunk or of a batch lands where nobody reads."""
         b, t = positions.shape
-        n_blocks, bs = cache.k.shape[:2]
+        bs = cache.k.shape[1]
         w = block_table.shape[1]
         index = positions // bs
         block = jnp.where(index < w, jnp.take_along_axis(block_table, jnp.minimum(index, w - 1), axis=1), 0)
-        slot = (block * bs + positions % bs).reshape(-1)  # (B * T,) rows of the flattened pool
-        flat = lambda pool: pool.reshape(n_blocks * bs, *pool.shape[2:])  # noqa: E731
-        write = lambda pool, new: flat(pool).at[slot].set(  # noqa: E731
-            new.reshape(b * t, *new.shape[2:]).astype(pool.dtype), mode="promise_in_bounds").reshape(pool.shape)
+        # Indexed [block, offset] in the pool as it is: through a flattened view, XLA's cost analysis
+        # counts the whole pool per write (an H100 decode step read 1.11x its minimum bytes, not 1.01x).
+        at = (block.reshape(-1), (positions % bs).reshape(-1))  # (B * T,) each
+        write = lambda pool, new: pool.at[at].set(  # noqa: E731
+            new.reshape(b * t, *new.shape[2:]).astype(pool.dtype), mode="promise_in_bounds")
         cache = KVCache(write(cache.k, k), write(cache.v, v))
         rt = self.runtime
         if t == 1:

@@ -18,6 +18,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import gpu_compile  # noqa: E402
+import jax  # noqa: E402
 import pallas_kernels as pk  # noqa: E402
 from llama_jax import LlamaConfig  # noqa: E402
 
@@ -72,18 +73,22 @@ def test_a_tiny_program_gets_its_decode_figures(h100, tmp_path):
     [prefill, decode] = gpu_compile.programs(TINY, h100, batch=1, context=256, prompt=64)
     name, fn, args, meta = decode
     assert name == "decode"
-    # Minimum bytes, by hand: every weight (of the untied input embedding, one row) and the cache.
+    # Minimum bytes, by hand: every weight (of the untied input embedding, one row) and the cache's
+    # used blocks (256 tokens, 16 blocks of 16), not the null block.
     d, f, kv, v, L = 128, 352, 2 * 32, 509, 2
     per_layer = 2 * d * d + 2 * d * kv + 3 * d * f + 2 * d
     assert meta["min_bytes"] == (2 * (L * per_layer + d + d * v + d), 2 * (L * 2 * 256 * kv))
+    assert meta["num_blocks"] == 256 // 16 + 1 and meta["block_size"] == 16
+    pool = args[2]
+    assert [x.shape for x in pool[0]] == [(17, 16, 2, 32)] * 2  # the engine's pool: [P, block_size, K, E]
 
     row, fails = gpu_compile.analyse_program("tiny decode", fn, args, meta, tmp_path / "decode")
-    assert not [f for f in fails if f.key.startswith(("compile", "spill"))], fails
+    assert not [f for f in fails if f.key.startswith(("compile", "spill", "donation"))], fails
     assert 1.0 <= row["ratio"] < 5, row["ratio"]  # the step reads at least the weights and the cache
     assert row["cost"]["flops"] >= meta["min_bytes"][0]  # a multiply-add (2 FLOPs) per bf16 weight (2 bytes)
     kernels = row["launches"]
     assert kernels["kernel"] > 0
-    assert _launches(row, "decode_attention") == TINY.n_layers  # one per layer and step
+    assert _launches(row, "paged_decode_attention") == TINY.n_layers  # one per layer and step
 
     name, fn, args, meta = prefill
     row, fails = gpu_compile.analyse_program("tiny prefill", fn, args, meta, tmp_path / "prefill")
@@ -92,13 +97,22 @@ def test_a_tiny_program_gets_its_decode_figures(h100, tmp_path):
     assert _launches(row, "flash_attention_fwd") == TINY.n_layers
 
 
+def test_a_program_that_copies_the_pool_fails_the_check(h100, tmp_path):
+    # The engine's decode without donating its pool: XLA must then write a new pool each call.
+    [_, (_, fn, args, meta)] = gpu_compile.programs(TINY, h100, batch=1, context=256, prompt=64)
+    copying = jax.jit(fn.__wrapped__, static_argnums=(0, 3))
+    _, fails = gpu_compile.analyse_program("tiny decode", copying, args, meta, tmp_path / "copy")
+    [fail] = [f for f in fails if f.key.startswith("donation")]
+    assert fail.key == "donation: tiny decode" and fail.detail.startswith("no donated argument"), fail
+
+
 def test_a_scanned_decode_counts_every_layer(h100, tmp_path):
     # HLO cost analysis counts a while loop's body once; the harness multiplies the layer scan by
     # its trip count, so one step still reads every layer's weights.
     [_, (_, fn, args, meta)] = gpu_compile.programs(TINY, h100, batch=1, context=256, prompt=64, layout="scan")
     row, _ = gpu_compile.analyse_program("tiny decode (scan)", fn, args, meta, tmp_path / "scan")
     assert row["cost"]["bytes"] >= meta["min_bytes"][0]
-    assert _launches(row, "decode_attention") == TINY.n_layers
+    assert _launches(row, "paged_decode_attention") == TINY.n_layers
 
 
 def test_mosaic_kernels_use_wgmma_and_tma_without_spills(h100, tmp_path):
