@@ -15,8 +15,8 @@ llama_jax.
 """
 
 from cpu_kernels._library import installed, keep_freed_memory, load, require
-from cpu_kernels.attention import attention, decode_attention
+from cpu_kernels.attention import attention, decode_attention, paged_decode_attention
 from cpu_kernels.gemm import MIN_ROWS, gemm, gemm_reference, matvec
 
-__all__ = ["MIN_ROWS", "attention", "decode_attention", "gemm", "gemm_reference", "installed", "keep_freed_memory",
+__all__ = ["MIN_ROWS", "attention", "decode_attention", "gemm", "paged_decode_attention", "gemm_reference", "installed", "keep_freed_memory",
            "load", "matvec", "require"]

@@ -1,5 +1,5 @@
 """Attention on the CPU: `attention` (causal GQA, forward and backward, FlashAttention-2 style) and
-`decode_attention` (flash-decoding over a KV cache).
+`decode_attention` and `paged_decode_attention` (flash-decoding over a KV cache, contiguous or paged).
 
 - `attention`: per (sequence, kv head, block) on XLA's thread pool, MKL GEMMs on an L2-resident tile
   and one pass of mask, max and exp between them (what torch's CPU flash kernel does). XLA's blocked
@@ -85,11 +85,22 @@ def attention(q, k, v, *, causal=True, q_offset=None, kv_lengths=None, q_segment
 def decode_attention(q, k_cache, v_cache, *, lengths, sm_scale=None):
     """`pallas_kernels.blocked_decode_attention`'s function and contract (q [B, H, E] over the first
     lengths[b] keys of k_cache, v_cache [B, S, K, E], f32; no keys give 0), forward only: each
-    sequence's keys split into chunks over the spinning threads."""
+    sequence's keys split into chunks over the spinning threads. The cache is read as a paged one
+    of one page per sequence."""
+    B = q.shape[0]
+    tables = jnp.arange(B, dtype=jnp.int32)[:, None]
+    return paged_decode_attention(q, k_cache, v_cache, tables, lengths, sm_scale=sm_scale)
+
+
+def paged_decode_attention(q, k_pages, v_pages, block_tables, lengths, *, sm_scale=None):
+    """`pallas_kernels.paged_decode_attention`'s function and contract (q [B, H, E] over the first
+    lengths[b] keys of a pool k_pages, v_pages [P, page_size, K, E] read through block_tables
+    [B, max_pages], f32), forward only, as `decode_attention`."""
     require()
     B, H, E = q.shape
-    if H % k_cache.shape[2]:
-        raise ValueError(f"H={H} query heads is not a multiple of K={k_cache.shape[2]} kv heads")
+    if H % k_pages.shape[2]:
+        raise ValueError(f"H={H} query heads is not a multiple of K={k_pages.shape[2]} kv heads")
     lengths = jnp.broadcast_to(jnp.asarray(lengths, jnp.int32), (B,))
     return jax.ffi.ffi_call(DECODE_ATTENTION, jax.ShapeDtypeStruct(q.shape, jnp.float32), vmap_method="sequential")(
-        q, k_cache, v_cache, lengths, sm_scale=np.float32(sm_scale_or_default(sm_scale, E)))
+        q, k_pages, v_pages, block_tables.astype(jnp.int32), lengths,
+        sm_scale=np.float32(sm_scale_or_default(sm_scale, E)))

@@ -227,7 +227,7 @@ class Attention(nnx.Module):
         rt = self.runtime
         if t == 1:
             out = ops.paged_decode_attention(q[:, 0], cache.k, cache.v, block_table, lengths=positions[:, 0] + 1,
-                                             impl=rt.attention_impl)
+                                             impl=rt.attention_impl, cpu_kernels=rt.cpu_kernels == "on")
             return out[:, None], cache
         gather = lambda pool: pool[block_table].reshape(b, w * bs, *pool.shape[2:])  # noqa: E731
         start = positions[:, 0]

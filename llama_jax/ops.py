@@ -222,13 +222,18 @@ def decode_attention(q, k_cache, v_cache, *, lengths, impl="auto", cpu_kernels=F
     return _per_device(kernel, [DECODE_Q, CACHE_AXES, CACHE_AXES, PER_ROW], DECODE_Q)(q, k_cache, v_cache, lengths)
 
 
-def paged_decode_attention(q, k_pages, v_pages, block_tables, *, lengths, impl="auto"):
+def paged_decode_attention(q, k_pages, v_pages, block_tables, *, lengths, impl="auto", cpu_kernels=False):
     """decode_attention over a paged cache: the keys of sequence b are its first lengths[b] tokens,
     token t at pages[block_tables[b, t // page_size], t % page_size] (pages [P, page_size, K, E],
     block_tables [B, max_pages]). "xla" gathers a block of pages per loop step (the cache read once,
-    never copied whole); "pallas", "mosaic" and "cudnn" run the Triton paged kernel."""
+    never copied whole), or runs the C++ backend's flash-decoding through the table; "pallas",
+    "mosaic" and "cudnn" run the Triton paged kernel."""
     if resolve(impl) == "xla":
-        return pk.blocked_paged_decode_attention(q, k_pages, v_pages, block_tables, lengths)
+        xla = functools.partial(pk.blocked_paged_decode_attention, lengths=lengths)
+        if not _cpu_serves(cpu_kernels, q, k_pages, v_pages):
+            return xla(q, k_pages, v_pages, block_tables)
+        return _cpu_or(functools.partial(ck.paged_decode_attention, lengths=lengths), xla, q, k_pages, v_pages,
+                       block_tables)
     kernel = lambda q, k, v, t, n: pk.paged_decode_attention(q, k, v, t, n)  # noqa: E731
     axes = [DECODE_Q, PAGE_AXES, PAGE_AXES, BLOCK_TABLE, PER_ROW]
     return _per_device(kernel, axes, DECODE_Q)(q, k_pages, v_pages, block_tables, lengths)

@@ -10,8 +10,9 @@
 // Matvec: y = x @ op(w) for a decode step's few rows, split over threads of our own that spin
 //   between products (SpinPool), AVX2 with software prefetch.
 //
-// DecodeAttention: one query per head over a KV cache, flash-decoding: chunks of each sequence's
-//   keys over the same threads, merged by their log-sum-exps.
+// DecodeAttention: one query per head over a paged KV cache (a contiguous one is one page per
+//   sequence), flash-decoding: chunks of each sequence's keys over the same threads, merged by
+//   their log-sum-exps.
 //
 // Attention: causal (or not) GQA attention in the FlashAttention-2 way, per (sequence, kv head,
 //   block) on XLA's intra-op pool: the G query heads of a kv head stacked as rows, MKL GEMMs
@@ -604,18 +605,24 @@ ffi::Error AttentionBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::
 
 // --- Decode attention -----------------------------------------------------------------------------
 
-// One query per head and sequence over the first lengths[b] keys of a cache, split into chunks of
-// kDecodeChunk keys (flash-decoding) so that a single sequence spreads over the spinning pool's
-// threads; each chunk leaves its running max, sum and weighted values, and the calling thread
-// merges them. The keys of one position (every kv head) lie together in the cache, so a chunk
-// reads its keys and values as whole rows, tile by tile.
+// One query per head and sequence over the first lengths[b] keys of a paged cache, split into
+// chunks of kDecodeChunk keys (flash-decoding) so that a single sequence spreads over the spinning
+// pool's threads; each chunk leaves its running max, sum and weighted values, and the calling
+// thread merges them. Key t of sequence b is row t % page of page table[b, t / page] in the pool;
+// the keys of one position (every kv head) lie together, so a chunk reads its keys and values as
+// whole rows, tile by tile.
 constexpr int64_t kDecodeChunk = 256, kDecodeTile = 64;
 
 struct DecodeArgs {
-  const float *q, *k, *v;  // [B, H, E], [B, S, K, E], [B, S, K, E]
-  const int32_t* len;      // [B]
-  int64_t B, S, H, K, E;
+  const float *q, *k, *v;  // [B, H, E], [P, page, K, E], [P, page, K, E]
+  const int32_t *table, *len;  // [B, W], [B]
+  int64_t B, P, page, W, H, K, E;
   float scale;
+
+  int64_t S() const { return W * page; }  // the most keys a sequence can have
+  int64_t Row(int64_t b, int64_t t) const {  // key t of sequence b: its row in the pool
+    return int64_t{table[b * W + t / page]} * page + t % page;
+  }
 };
 
 // y[0..n) = y * a + p * x (AVX2).
@@ -641,7 +648,7 @@ void DecodeChunk(const DecodeArgs& a, int64_t b, int64_t j0, int64_t j1, float* 
   for (int64_t t0 = j0; t0 < j1; t0 += T) {
     const int64_t n = std::min(T, j1 - t0);
     for (int64_t j = 0; j < n; ++j) {
-      const float* kj = a.k + (b * a.S + t0 + j) * a.K * E;
+      const float* kj = a.k + a.Row(b, t0 + j) * a.K * E;
       for (int64_t h = 0; h < H; ++h) s[h * T + j] = a.scale * Dot(q + h * E, kj + h / G * E, E);
     }
     for (int64_t h = 0; h < H; ++h) {
@@ -656,30 +663,35 @@ void DecodeChunk(const DecodeArgs& a, int64_t b, int64_t j0, int64_t j1, float* 
     vmsExp(H * T, s, s, kVmlLA);
     for (int64_t h = 0; h < H; ++h) l[h] += RowSum(s + h * T, n);
     for (int64_t j = 0; j < n; ++j) {
-      const float* vj = a.v + (b * a.S + t0 + j) * a.K * E;
+      const float* vj = a.v + a.Row(b, t0 + j) * a.K * E;
       for (int64_t h = 0; h < H; ++h) ScaleAdd(acc + h * E, 1.0f, s[h * T + j], vj + h / G * E, E);
     }
   }
 }
 
 ffi::Error DecodeAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                               ffi::Buffer<ffi::S32> lengths, ffi::ResultBuffer<ffi::F32> out, float sm_scale) {
-  const auto kd = k.dimensions(), vd = v.dimensions();
-  if (q.dimensions().size() != 3 || kd.size() != 4 || !std::equal(kd.begin(), kd.end(), vd.begin(), vd.end()))
-    return ffi::Error::InvalidArgument("cpu_decode_attention: q [B, H, E], k and v [B, S, K, E]");
-  DecodeArgs a{q.typed_data(), k.typed_data(), v.typed_data(), lengths.typed_data(),
-               q.dimensions()[0], k.dimensions()[1], q.dimensions()[1], k.dimensions()[2], q.dimensions()[2], sm_scale};
-  if (k.dimensions()[0] != a.B || k.dimensions()[3] != a.E || a.H % a.K || lengths.element_count() != a.B)
+                               ffi::Buffer<ffi::S32> table, ffi::Buffer<ffi::S32> lengths,
+                               ffi::ResultBuffer<ffi::F32> out, float sm_scale) {
+  const auto kd = k.dimensions(), vd = v.dimensions(), td = table.dimensions();
+  if (q.dimensions().size() != 3 || kd.size() != 4 || td.size() != 2 ||
+      !std::equal(kd.begin(), kd.end(), vd.begin(), vd.end()))
+    return ffi::Error::InvalidArgument("cpu_decode_attention: q [B, H, E], k and v [P, page, K, E], table [B, W]");
+  DecodeArgs a{q.typed_data(), k.typed_data(), v.typed_data(), table.typed_data(), lengths.typed_data(),
+               q.dimensions()[0], kd[0], kd[1], td[1], q.dimensions()[1], kd[2], q.dimensions()[2], sm_scale};
+  if (td[0] != a.B || kd[3] != a.E || a.H % a.K || lengths.element_count() != a.B)
     return ffi::Error::InvalidArgument("cpu_decode_attention: shapes do not match");
+  for (int64_t i = 0; i < a.B * a.W; ++i)
+    if (a.table[i] < 0 || a.table[i] >= a.P)
+      return ffi::Error::InvalidArgument("cpu_decode_attention: a block table entry outside the pool");
   int64_t longest = 0;
-  for (int64_t b = 0; b < a.B; ++b) longest = std::max<int64_t>(longest, std::clamp<int64_t>(a.len[b], 0, a.S));
+  for (int64_t b = 0; b < a.B; ++b) longest = std::max<int64_t>(longest, std::clamp<int64_t>(a.len[b], 0, a.S()));
   const int64_t chunks = std::max<int64_t>(1, (longest + kDecodeChunk - 1) / kDecodeChunk), n = a.B * chunks;
   std::vector<float> m(n * a.H), l(n * a.H), acc(n * a.H * a.E);  // per (b, chunk)
   std::atomic<int64_t> next{0};
   auto work = [&](int) {
     MKL_Set_Num_Threads_Local(1);  // vmsExp on this thread only
     for (int64_t i; (i = next.fetch_add(1)) < n;) {
-      const int64_t b = i / chunks, c = i % chunks, len = std::clamp<int64_t>(a.len[b], 0, a.S);
+      const int64_t b = i / chunks, c = i % chunks, len = std::clamp<int64_t>(a.len[b], 0, a.S());
       DecodeChunk(a, b, std::min(len, c * kDecodeChunk), std::min(len, (c + 1) * kDecodeChunk), &m[i * a.H],
                   &l[i * a.H], &acc[i * a.H * a.E]);
     }
@@ -726,6 +738,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LlamaJaxDecodeAttention, DecodeAttentionImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("sm_scale"));
