@@ -440,18 +440,20 @@ def case_concurrent(args):
 
 
 @contextlib.contextmanager
-def serve_process(args, cache: str | None = None):
+def serve_process(args, cache: str | None = None, *, defaults: bool = False):
     """`llama-jax serve` (--model, or the default model) in a process of its own on a free port, with
-    the benchmark's --max-batch and --max-seq-len (and JAX compilation cache dir `cache`): yields
-    (url, seconds from start to /health 200, the line saying what it compiled); stopped at the end."""
+    the benchmark's --max-batch and --max-seq-len (or the command's defaults), and JAX compilation
+    cache dir `cache`: yields (url, seconds from start to /health 200, the line saying what it
+    compiled); stopped at the end."""
     import httpx
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     sock.close()
-    cmd = [sys.executable, "-m", "llama_jax.cli", "serve", "--port", str(port), "--max-batch", str(args.max_batch),
-           "--max-seq-len", str(args.max_seq_len)] + (["--model", args.model] if args.model else [])
+    sizes = [] if defaults else ["--max-batch", str(args.max_batch), "--max-seq-len", str(args.max_seq_len)]
+    cmd = [sys.executable, "-m", "llama_jax.cli", "serve", "--port", str(port), *sizes] + (
+        ["--model", args.model] if args.model else [])
     env = os.environ | ({"JAX_COMPILATION_CACHE_DIR": cache} if cache else {})
     with tempfile.TemporaryFile("w+") as err:
         t0 = time.perf_counter()
@@ -484,12 +486,13 @@ def case_startup(args):
     from llama_jax.default_model import default_model_path
 
     default_model_path()  # converted before the clock starts
-    print("\n## startup: `llama-jax serve` to /health 200, with an empty then a filled JAX compilation cache")
+    print("\n## startup: `llama-jax serve` (its default sizes) to /health 200, with an empty then a filled JAX "
+          "compilation cache")
     with tempfile.TemporaryDirectory() as cache:
-        with serve_process(args, cache) as (_, *cold):
+        with serve_process(args, cache, defaults=True) as (_, *cold):
             pass
         files = sum(len(f) for _, _, f in os.walk(cache))
-        with serve_process(args, cache) as (_, *warm):
+        with serve_process(args, cache, defaults=True) as (_, *warm):
             pass
     table(["start", "compilation cache", "ready", "x cold", "at start", "target"],
           [["cold", "empty", f"{cold[0]:.1f} s", "1.00", cold[1], "<= 30 s"],

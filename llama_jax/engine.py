@@ -15,10 +15,12 @@ the same seed alone or in any batch, through Python or HTTP, before or after a p
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import copy
 import dataclasses
 import itertools
 import logging
+import os
 import threading
 import time
 from typing import Callable, Iterator, Sequence
@@ -32,7 +34,7 @@ from llama_jax.block_pool import BlockPool
 from llama_jax.detokenizer import Detokenizer
 from llama_jax.metrics import Stats
 from llama_jax.requests import SamplingParams
-from llama_jax.runner import MAX_STOP_IDS, ModelRunner, Rows, Sampling
+from llama_jax.runner import MAX_STOP_IDS, ModelRunner, Rows, Sampling, decode, prefill
 from llama_jax.scheduler import Scheduler, Sequence as Seq, bucket
 
 log = logging.getLogger("llama_jax.engine")
@@ -257,8 +259,7 @@ class Engine:
         return table
 
     def _sampling(self, seqs: list[Seq], rows: int) -> Sampling:
-        s = Sampling(np.zeros(rows, np.uint32), np.zeros(rows, np.float32), np.ones(rows, np.float32),
-                     np.zeros(rows, np.int32))
+        s = _sampling_zeros(rows)
         for i, seq in enumerate(seqs):
             p = seq.params
             s.seed[i], s.temperature[i] = p.seed % 2**32, p.temperature
@@ -365,30 +366,42 @@ class Engine:
         """Compiles, before any request, what short requests run: a one-row prefill of each chunk
         length up to 256 tokens, and a decode call for each power of two of rows up to max_batch
         (longer chunks and batched prefills compile on first use, or come from JAX's compilation
-        cache). Returns the programs compiled, by name. Nothing is written to a block anyone holds:
-        the warmup's rows point at the null block."""
+        cache). The programs compile ahead of time, several at once (XLA compiles one on one
+        core). Returns the programs prepared, by name (compiled, or read from the cache)."""
         before = ModelRunner.compiled_programs()
-        one = Sampling(np.zeros(1, np.uint32), np.zeros(1, np.float32), np.ones(1, np.float32),
-                       np.zeros(1, np.int32))
+        r = self.runner
+        programs = []
         c = 16
         while c <= min(self.chunk, 256):
             width = bucket(-(-c // self.block_size), minimum=MIN_TABLE_WIDTH)
-            self.runner.prefill(np.zeros((1, c), np.int32), np.zeros(1, np.int32), np.zeros((1, width), np.int32),
-                                np.zeros(1, np.int32), np.zeros(1, np.int32), one)
+            programs.append((prefill, (np.zeros((1, c), np.int32), np.zeros(1, np.int32),
+                                              np.zeros((1, width), np.int32), np.zeros(1, np.int32),
+                                              np.zeros(1, np.int32), _sampling_zeros(1))))
             c *= 2
         b = 1
         while True:
             b = min(b, bucket(self.max_batch, minimum=1))
             z = lambda dtype: np.zeros(b, dtype)  # noqa: E731
             rows = Rows(z(np.int32), z(np.int32), z(np.int32), np.ones(b, np.int32),
-                        np.full((b, MAX_STOP_IDS), -1, np.int32), z(bool),
-                        Sampling(z(np.uint32), z(np.float32), np.ones(b, np.float32), z(np.int32)))
-            self.runner.decode(self.decode_steps, rows, np.zeros((b, self.max_width), np.int32))
+                        np.full((b, MAX_STOP_IDS), -1, np.int32), z(bool), _sampling_zeros(b))
+            programs.append((decode, (self.decode_steps, rows, np.zeros((b, self.max_width), np.int32))))
             if b >= self.max_batch:
                 break
             b *= 2
+
+        def compile_one(program):
+            fn, args = program
+            with sharding.on_mesh(r.mesh):
+                fn.lower(r.graphdef, r.state, r.pool, *args).compile()
+        with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+            list(pool.map(compile_one, programs))
         after = ModelRunner.compiled_programs()
         return {k: after[k] - before[k] for k in after}
+
+
+def _sampling_zeros(rows: int) -> Sampling:
+    return Sampling(np.zeros(rows, np.uint32), np.zeros(rows, np.float32), np.ones(rows, np.float32),
+                    np.zeros(rows, np.int32))
 
 
 def generate_ids(llama, prompts: Sequence[Sequence[int]], params: SamplingParams, *, decode_steps: int = 32
