@@ -451,7 +451,8 @@ def serve_process(args, cache: str | None = None, *, defaults: bool = False):
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     sock.close()
-    sizes = [] if defaults else ["--max-batch", str(args.max_batch), "--max-seq-len", str(args.max_seq_len)]
+    sizes = [] if defaults else ["--max-batch", str(args.max_batch), "--max-seq-len", str(args.max_seq_len),
+                                 "--decode-steps", str(args.decode_steps)]
     cmd = [sys.executable, "-m", "llama_jax.cli", "serve", "--port", str(port), *sizes] + (
         ["--model", args.model] if args.model else [])
     env = os.environ | ({"JAX_COMPILATION_CACHE_DIR": cache} if cache else {})
@@ -511,7 +512,7 @@ def main(argv=None):
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--max-seq-len", type=int, default=2048)
     p.add_argument("--kv-cache-tokens", type=int, help="default: the engine's")
-    p.add_argument("--decode-steps", type=int, default=4)
+    p.add_argument("--decode-steps", type=int, default=8)
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16], help="poisson: concurrency levels")
     p.add_argument("--requests", type=int, default=3, help="poisson: requests per client (at least 6 per level)")
     p.add_argument("--rate", type=float, default=4.0, help="poisson: arrivals per second")

@@ -354,6 +354,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _add_serve_command(sub) -> None:
+    from llama_jax.engine import DEFAULT_DECODE_STEPS
+
     sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching",
                         description="Serves POST /v1/chat/completions and /v1/completions (streaming or not), "
                                     "GET /v1/models, /health and /metrics. Without --model: the default model.")
@@ -369,6 +371,9 @@ def _add_serve_command(sub) -> None:
                     help="tokens the paged KV cache holds, all requests together (default: 1 GiB of cache on a "
                          "CPU, 90%% of the memory free after the weights on a GPU; at least --max-seq-len, at "
                          "most --max-batch times it)")
+    sv.add_argument("--decode-steps", type=int_at_least(1), default=DEFAULT_DECODE_STEPS, metavar="N",
+                    help="decode steps per device call: tokens reach clients N at a time, and a new request "
+                         f"waits at most one call to start (default {DEFAULT_DECODE_STEPS})")
     sv.add_argument("--max-queue", type=int_at_least(0), default=64, metavar="N",
                     help="requests waiting to start before the server answers 429 (default 64)")
     sv.set_defaults(func=cmd_serve)
@@ -389,7 +394,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     name = os.path.basename(os.path.abspath(args.model)) if args.model else "SmolLM2-135M-Instruct"
     try:
         engine = Engine(model, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
-                        kv_cache_tokens=args.kv_cache_tokens)
+                        kv_cache_tokens=args.kv_cache_tokens, decode_steps=args.decode_steps)
         sched = EngineThread(engine, max_queue=args.max_queue)
     except ValueError as e:
         raise CliError(first_line(e), 2) from None

@@ -140,11 +140,14 @@ def test_sampling_is_the_same_alone_in_a_batch_and_after_preemption(llm):
         assert g == _alone(llm, p, 24, **kw)
 
 
-def test_many_short_requests_share_a_pool_too_small_for_their_contexts(llm):
-    """16 requests of 100 tokens run together in a pool of 2048 tokens, though each may grow to a
-    512-token context (slots of max_seq_len would fit 4); blocks held track tokens held."""
+def test_many_short_requests_share_a_pool_too_small_for_their_contexts():
+    """16 requests of 100 tokens run together in a pool of 8192 tokens, though each may grow to a
+    4096-token context (slots of max_seq_len would fit 2); blocks held track tokens held."""
+    config = LlamaConfig(vocab_size=VOCAB, dim=48, n_layers=2, n_heads=6, n_kv_heads=2, ffn_dim=88,
+                         max_seq_len=4096)
+    llm = api.from_config(config, seed=3)
     prompts = _prompts([60] * 16, seed=6)
-    engine = Engine(llm, max_batch=16, max_seq_len=512, kv_cache_tokens=2048, block_size=16, decode_steps=8)
+    engine = Engine(llm, max_batch=16, max_seq_len=4096, kv_cache_tokens=8192, block_size=16, decode_steps=8)
     used = []
     outs = [[] for _ in prompts]
     for i, p in enumerate(prompts):
