@@ -374,9 +374,27 @@ def _add_serve_command(sub) -> None:
     sv.add_argument("--decode-steps", type=int_at_least(1), default=DEFAULT_DECODE_STEPS, metavar="N",
                     help="decode steps per device call: tokens reach clients N at a time, and a new request "
                          f"waits at most one call to start (default {DEFAULT_DECODE_STEPS})")
+    sv.add_argument("--api-key", metavar="KEY",
+                    help="require 'Authorization: Bearer KEY' on /v1 and /metrics (default: $LLAMA_JAX_API_KEY, "
+                         "which keeps the key out of process listings; none: anyone who reaches the port)")
     sv.add_argument("--max-queue", type=int_at_least(0), default=64, metavar="N",
                     help="requests waiting to start before the server answers 429 (default 64)")
     sv.set_defaults(func=cmd_serve)
+
+
+API_KEY_ENV = "LLAMA_JAX_API_KEY"
+
+
+def _loopback(host: str) -> bool:
+    """Whether a listening address serves this machine only."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve anywhere
+        return False
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -390,6 +408,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from llama_jax.engine import Engine, EngineThread
     from llama_jax.server import create_app
 
+    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
+    if api_key is not None and not api_key.strip():
+        raise CliError("--api-key: must not be empty", 2)
     model = load_model(args)
     name = os.path.basename(os.path.abspath(args.model)) if args.model else "SmolLM2-135M-Instruct"
     try:
@@ -415,10 +436,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
           "first use)", file=sys.stderr, flush=True)
     sched.start()
     print(f"serving {name} at http://{args.host}:{args.port}/v1 (Ctrl-C stops)", file=sys.stderr, flush=True)
+    if api_key is None and not _loopback(args.host):
+        print(f"warning: serving on {args.host} without an API key: anyone who can reach port {args.port} can use "
+              f"it (--api-key or ${API_KEY_ENV})", file=sys.stderr, flush=True)
     try:
         # uvicorn's access log would repeat the server's own line per request.
-        uvicorn.run(create_app(model, engine=sched, model_name=name), host=args.host, port=args.port,
-                    log_level="warning", access_log=False)
+        app = create_app(model, engine=sched, model_name=name, api_key=api_key)
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
     finally:
         sched.stop()
     return 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
 import secrets
@@ -130,12 +131,14 @@ class _BadRequest(Exception):
         self.param = param
 
 
-_ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 405: "invalid_request_error",
+_ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "not_found_error",
+                405: "invalid_request_error",
                 429: "rate_limit_error", 500: "server_error", 503: "service_unavailable"}
 
 
-def _error(status: int, message: str, param: str | None = None, headers: dict | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": _ERROR_TYPES.get(status, "error"), "param": param, "code": None}}
+def _error(status: int, message: str, param: str | None = None, headers: dict | None = None,
+           code: str | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": _ERROR_TYPES.get(status, "error"), "param": param, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
 
 
@@ -168,14 +171,17 @@ def _where(loc) -> str:
 
 
 def create_app(llama, *, engine: EngineThread | None = None, model_name: str = "llama-jax", max_queue: int = 64,
-               **options) -> FastAPI:
+               api_key: str | None = None, **options) -> FastAPI:
     """An ASGI app serving `llama` (a `Llama`) with OpenAI's HTTP API.
 
     options: the Engine's (max_batch, max_seq_len, kv_cache_tokens, block_size, prefill_chunk,
     decode_steps, prefix_caching); max_queue: requests waiting beyond the running ones before 429.
     Without `engine` the app makes one, starts it now and stops it when the app shuts down; with
-    one, the caller starts and stops it. model_name: the id /v1/models lists and
+    one, the caller starts and stops it. api_key: when given, every /v1 and /metrics request must
+    carry `Authorization: Bearer <api_key>` (else 401); /health stays open. model_name: the id /v1/models lists and
     responses carry (requests may name any model: there is one)."""
+    if api_key is not None and not api_key:
+        raise ValueError("api_key: must not be empty")
     own = engine is None
     if not own and options:
         raise TypeError(f"create_app: {sorted(options)} are options of a new engine, not of the one given")
@@ -195,11 +201,23 @@ def create_app(llama, *, engine: EngineThread | None = None, model_name: str = "
     created = int(time.time())
 
     def failed(http: HTTPRequest, status: int, message: str, param: str | None = None, *,
-               retry: bool = False) -> JSONResponse:
+               retry: bool = False, code: str | None = None) -> JSONResponse:
         """An error response (the log line of a request that did not run); `retry` adds Retry-After."""
         http_errors[status] = http_errors.get(status, 0) + 1
         log.info("%s %d %s", http.url.path, status, message)
-        return _error(status, message, param, {"Retry-After": str(RETRY_AFTER_S)} if retry else None)
+        return _error(status, message, param, {"Retry-After": str(RETRY_AFTER_S)} if retry else None, code)
+
+    if api_key is not None:
+        expected = f"Bearer {api_key}".encode()
+
+        @app.middleware("http")
+        async def _authorize(http: HTTPRequest, call_next):
+            if http.url.path.startswith(("/v1", "/metrics")):
+                # Compared in constant time: the key cannot be found by timing the answers.
+                if not hmac.compare_digest(http.headers.get("authorization", "").encode(), expected):
+                    return failed(http, 401, "invalid API key: send the header 'Authorization: Bearer <key>'",
+                                  code="invalid_api_key")
+            return await call_next(http)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, exc: RequestValidationError):

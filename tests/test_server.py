@@ -262,6 +262,32 @@ def test_full_queue_answers_429_and_stopped_503(tiny):
     asyncio.run(run())
 
 
+def test_api_key_guards_v1_and_metrics(tiny):
+    """With a key, /v1 and /metrics answer 401 (OpenAI's error body) without it or with another one,
+    in constant time; /health stays open; the official client with the key gets through."""
+    sched = EngineThread(Engine(tiny, max_batch=1, max_seq_len=32))  # never started: no request runs
+    app = create_app(tiny, engine=sched, model_name="tiny", api_key="s3cret")
+    served = Served(app)
+    try:
+        with httpx.Client(base_url=served.url, timeout=30) as c:
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+                for path in ("/v1/models", "/metrics"):
+                    r = c.get(path, headers=headers)
+                    _check_error(r, 401)
+                    assert r.json()["error"]["code"] == "invalid_api_key"
+                _check_error(c.post("/v1/completions", json={"prompt": [5], "max_tokens": 1}, headers=headers), 401)
+            assert c.get("/health").status_code == 503  # open (and saying the engine is not running)
+            assert c.get("/metrics", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        client = openai.OpenAI(base_url=served.url + "/v1", api_key="s3cret", max_retries=0, timeout=30)
+        assert [m.id for m in client.models.list()] == ["tiny"]
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=served.url + "/v1", api_key="other", max_retries=0).models.list()
+    finally:
+        served.close()
+    with pytest.raises(ValueError, match="api_key"):
+        create_app(tiny, engine=sched, api_key="")
+
+
 # --- SmolLM2-135M-Instruct: the openai client, text, stop strings ---------------------------------
 
 QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
@@ -435,3 +461,8 @@ def test_detokenizer_stop_strings_across_tokens():
 def test_serve_command_defaults():
     args = build_parser().parse_args(["serve"])
     assert (args.model, args.host, args.port, args.max_batch, args.max_seq_len) == (None, "127.0.0.1", 8000, 8, None)
+    assert (args.kv_cache_tokens, args.api_key) == (None, None)
+    from llama_jax.cli import _loopback
+
+    assert _loopback("127.0.0.1") and _loopback("::1") and _loopback("localhost")
+    assert not _loopback("0.0.0.0") and not _loopback("example.com")
