@@ -260,7 +260,8 @@ class Engine:
     def _table(self, seqs: list[Seq], rows: int, width: int) -> np.ndarray:
         table = np.zeros((rows, width), np.int32)  # the null block where no block is
         for i, seq in enumerate(seqs):
-            table[i, :len(seq.blocks)] = seq.blocks
+            blocks = seq.blocks[:width]
+            table[i, :len(blocks)] = blocks
         return table
 
     def _sampling(self, seqs: list[Seq], rows: int) -> Sampling:
@@ -275,7 +276,9 @@ class Engine:
         seqs = [seq for seq, _ in rows]
         r = bucket(len(rows), minimum=1)
         c = max(min(bucket(n), self.chunk) for _, n in rows)
-        width = bucket(max(len(seq.blocks) for seq in seqs), minimum=MIN_TABLE_WIDTH)
+        # The blocks up to each chunk's end: the chunk attends to those only (the later ones of a
+        # long prompt are allocated already, but gathering them would cost every chunk the whole prompt).
+        width = bucket(max(-(-(seq.computed + n) // self.block_size) for seq, n in rows), minimum=MIN_TABLE_WIDTH)
         tokens, start = np.zeros((r, c), np.int32), np.zeros(r, np.int32)
         last, count = np.zeros(r, np.int32), np.zeros(r, np.int32)
         for i, (seq, n) in enumerate(rows):
