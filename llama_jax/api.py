@@ -16,6 +16,7 @@ from llama_jax import model as model_lib
 from llama_jax.checkpoint import read_hf_params
 from llama_jax.config import LlamaConfig, RuntimeConfig, default_dtype
 from llama_jax.model import Layout, Transformer
+from llama_jax.speculative import SpeculativeConfig
 
 # How inference reads the weights: per-layer arrays (a decode step on a CPU runs about 1.5x faster
 # than scanning the stacked ones) stored [out, in] (XLA's GPU matrix-vector product then reads each
@@ -37,7 +38,7 @@ class Llama:
     A thin handle: the model is split once into `graphdef` and `state` (its arrays), which the
     jitted functions of llama_jax.generate take, so nothing re-traces per call."""
 
-    def __init__(self, model: Transformer, *, tokenizer=None, chat_format=None, mesh=None):
+    def __init__(self, model: Transformer, *, tokenizer=None, chat_format=None, mesh=None, speculative=None):
         ops.check_runtime(model.runtime)  # fails now, not at the first call
         sharding.place(model, mesh)
         self.config: LlamaConfig = model.config
@@ -46,6 +47,7 @@ class Llama:
         self.tokenizer = tokenizer
         self.mesh = mesh
         self.chat_format = chat_format
+        self.speculative: SpeculativeConfig | None = SpeculativeConfig.of(speculative)
         self.graphdef, self.state = nnx.split(model)
 
     @property
@@ -79,14 +81,15 @@ class Llama:
         sharding.check_batch(self.mesh, len(ids))
         return ids, params
 
-    def _generate_ids(self, prompts: list[list[int]], params: requests.SamplingParams):
+    def _generate_ids(self, prompts: list[list[int]], params: requests.SamplingParams, report: dict | None = None):
         """The new tokens of each prompt, chunk by chunk: from the engine (a paged KV cache, prompts
         sharing a prefix compute it once), or, on a mesh that splits rows or the sequence (data or
         context parallel), from llama_jax.generate's batch over a contiguous cache."""
         if self.mesh is not None and (sharding.axis_size("batch", self.mesh) > 1
                                       or sharding.axis_size("seq", self.mesh) > 1):
-            return gen.generate_ids(self.graphdef, self.state, prompts, params, mesh=self.mesh)
-        return engine.generate_ids(self, prompts, params, decode_steps=gen.CHUNK)
+            return gen.generate_ids(self.graphdef, self.state, prompts, params, mesh=self.mesh)  # never speculates
+        return engine.generate_ids(self, prompts, params, decode_steps=gen.CHUNK, speculative=self.speculative,
+                                   report=report)
 
     def _text(self, ids: list[int], stops) -> str:
         if self.tokenizer is None:
@@ -102,7 +105,9 @@ class Llama:
         Completion per prompt (token_ids: the generated ids only)."""
         ids, params = self._request(prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                     seed=seed, stop_token_ids=stop_token_ids)
-        rows, timings = gen.collect(self._generate_ids(ids, params), len(ids))
+        report = {}
+        rows, timings = gen.collect(self._generate_ids(ids, params, report), len(ids))
+        timings.update(report)
         stops = params.stop_token_ids
         return [gen.Completion(token_ids=row, text=self._text(row, stops),
                                finish_reason="stop" if row and row[-1] in stops else "length",
@@ -153,7 +158,7 @@ class Llama:
 
 def load(path: str | os.PathLike, *, dtype=None, mesh=None, attention_impl: str = "auto",
          norm_impl: str = "auto", prefill_chunk: int | None = None, cpu_kernels: str = "auto",
-         unstack_layers: bool = True) -> Llama:
+         unstack_layers: bool = True, speculative=None) -> Llama:
     """Loads a model directory: a Hugging Face one (config.json with model.safetensors, or shards
     with model.safetensors.index.json) or one made by `llama-jax convert` (Orbax).
 
@@ -163,8 +168,12 @@ def load(path: str | os.PathLike, *, dtype=None, mesh=None, attention_impl: str 
     attention_impl ("auto", "xla", "pallas", "cudnn") and norm_impl ("auto", "xla", "pallas"), where
     "auto" is pallas on GPU and xla on CPU; prefill_chunk (prompt tokens per prefill step, a
     multiple of 16; None: 2048); cpu_kernels ("auto", "on", "off": the optional C++ CPU backend).
-    unstack_layers: run per-layer arrays (INFERENCE_LAYOUT, the default) or scan the stacked ones."""
+    unstack_layers: run per-layer arrays (INFERENCE_LAYOUT, the default) or scan the stacked ones.
+    speculative: speculative decoding for generate, stream, chat and the server, with vLLM's names:
+    {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 1}
+    (llama_jax.speculative; the same tokens as without it, fewer forwards where guesses hold)."""
     path = os.fspath(path)
+    speculative = SpeculativeConfig.of(speculative)  # a bad setting fails before anything loads
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: no such model directory")
     dtype = jnp.dtype(dtype or default_dtype()).name
@@ -188,7 +197,7 @@ def load(path: str | os.PathLike, *, dtype=None, mesh=None, attention_impl: str 
     tokenizer, chat_format = _load_tokenizer(path)
     layout = INFERENCE_LAYOUT if unstack_layers else model_lib.STORED
     return Llama(model_lib.build(config, _view_freeing(params, layout, config), runtime, layout),
-                 tokenizer=tokenizer, chat_format=chat_format, mesh=mesh)
+                 tokenizer=tokenizer, chat_format=chat_format, mesh=mesh, speculative=speculative)
 
 
 def _view_freeing(params: dict, layout: Layout, config: LlamaConfig) -> dict:

@@ -78,6 +78,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu-kernels", choices=CPU_KERNELS, default="auto", help=CPU_KERNELS_HELP)
 
 
+def _add_speculative_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--speculative", choices=("ngram",),
+                   help="speculative decoding: ngram proposes the tokens that followed the latest earlier "
+                        "occurrence of the text's last few tokens (the same output, fewer forwards where it "
+                        "repeats); default: none")
+    p.add_argument("--num-speculative-tokens", type=int_at_least(1), default=4, metavar="K",
+                   help="tokens proposed per step with --speculative (default 4)")
+
+
 def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     p.add_argument("--max-new-tokens", type=checked(int, lambda n: n >= 1, ">= 1"), default=max_new_tokens,
                    metavar="N", help=f"default {max_new_tokens}")
@@ -152,8 +161,11 @@ def load_model(args, mesh=None):
     path = model_path(args)
     _cache_compiled_programs()
     try:
+        speculative = None
+        if getattr(args, "speculative", None):
+            speculative = {"method": args.speculative, "num_speculative_tokens": args.num_speculative_tokens}
         return llama_jax.load(path, dtype=args.dtype, attention_impl=args.attention_impl,
-                              cpu_kernels=args.cpu_kernels, mesh=mesh)
+                              cpu_kernels=args.cpu_kernels, mesh=mesh, speculative=speculative)
     except FileNotFoundError as e:  # a directory that holds no model
         raise CliError(first_line(e), 2) from None
     except (CheckpointError, GGUFError, SafetensorsError, OSError) as e:
@@ -360,6 +372,7 @@ def _add_serve_command(sub) -> None:
                         description="Serves POST /v1/chat/completions and /v1/completions (streaming or not), "
                                     "GET /v1/models, /health and /metrics. Without --model: the default model.")
     _add_model_args(sv)
+    _add_speculative_args(sv)
     sv.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
     sv.add_argument("--port", type=checked(int, lambda n: 0 <= n < 65536, "a port number"), default=8000,
                     help="default 8000")
@@ -415,7 +428,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     name = os.path.basename(os.path.abspath(args.model)) if args.model else "SmolLM2-135M-Instruct"
     try:
         engine = Engine(model, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
-                        kv_cache_tokens=args.kv_cache_tokens, decode_steps=args.decode_steps)
+                        kv_cache_tokens=args.kv_cache_tokens, decode_steps=args.decode_steps,
+                        speculative=model.speculative)
         sched = EngineThread(engine, max_queue=args.max_queue)
     except ValueError as e:
         raise CliError(first_line(e), 2) from None
@@ -464,6 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(g)
     g.add_argument("--prompt", action="append", required=True, metavar="TEXT", help="repeat for several prompts")
     _add_sampling_args(g, max_new_tokens=64)
+    _add_speculative_args(g)
     g.add_argument("--json", action="store_true",
                    help="one JSON object per prompt: prompt, token_ids, text, finish_reason, timings")
     g.set_defaults(func=cmd_generate)
@@ -472,6 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(ch)
     ch.add_argument("--system", metavar="TEXT", help="a system message that starts the conversation")
     _add_sampling_args(ch, max_new_tokens=256)
+    _add_speculative_args(ch)
     ch.add_argument("--json", action="store_true", help="one JSON object per turn: user, reply, finish_reason")
     ch.set_defaults(func=cmd_chat)
 
@@ -481,6 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--new-tokens", type=checked(int, lambda n: n >= 2, ">= 2"), default=64, metavar="N")
     b.add_argument("--batch", type=checked(int, lambda n: n >= 1, ">= 1"), default=1, metavar="B")
     b.add_argument("--repeats", type=checked(int, lambda n: n >= 1, ">= 1"), default=3, metavar="R")
+    _add_speculative_args(b)
     b.set_defaults(func=cmd_bench)
 
     from llama_jax.eval import add_eval_command

@@ -36,6 +36,7 @@ from llama_jax.metrics import Stats
 from llama_jax.requests import SamplingParams
 from llama_jax.runner import MAX_STOP_IDS, ModelRunner, Rows, Sampling, decode, prefill
 from llama_jax.scheduler import Scheduler, Sequence as Seq, bucket
+from llama_jax.speculative import SpeculativeConfig, propose_ngram
 
 log = logging.getLogger("llama_jax.engine")
 
@@ -119,12 +120,12 @@ class Engine:
     per block; prefill_chunk: prompt tokens per step (default the model's runtime.prefill_chunk);
     decode_steps: steps per decode call (tokens reach Python once per call: more cost less
     dispatch, fewer let requests join sooner); prefix_caching: reuse the blocks of prefixes seen
-    before."""
+    before; speculative: a llama_jax.speculative.SpeculativeConfig (or its dict), or None."""
 
     def __init__(self, llama, *, max_batch: int = 8, max_seq_len: int | None = None,
                  kv_cache_tokens: int | None = None, block_size: int = DEFAULT_BLOCK_SIZE,
                  prefill_chunk: int | None = None, decode_steps: int = DEFAULT_DECODE_STEPS,
-                 prefix_caching: bool = True):
+                 prefix_caching: bool = True, speculative=None):
         config = llama.config
         if max_batch < 1 or decode_steps < 1:
             raise ValueError(f"max_batch ({max_batch}) and decode_steps ({decode_steps}) must be >= 1")
@@ -136,6 +137,7 @@ class Engine:
             raise ValueError("the engine needs a mesh without data or context axes (dp=cp=1); split the model "
                              "with tp")
         self.llama = llama
+        self.speculative = SpeculativeConfig.of(speculative)
         self.max_batch, self.decode_steps, self.block_size = max_batch, decode_steps, block_size
         self.max_seq_len = min(max_seq_len or DEFAULT_MAX_SEQ_LEN, config.max_seq_len)
         if self.max_seq_len < 2:
@@ -154,6 +156,8 @@ class Engine:
         # blocks up to its length), so one width, and one program per row count.
         self.max_width = bucket(-(-self.max_seq_len // block_size), minimum=MIN_TABLE_WIDTH)
         self.handles: dict[Seq, Handle] = {}
+        self.spec_proposed = self.spec_accepted = 0  # proposed tokens verified, and kept
+        self.spec_steps = 0  # sequences' verify steps that had proposals
         self.stats_lock = threading.Lock()
         self._stats = Stats()
         self._wake = lambda: None  # EngineThread's, to notice a cancel
@@ -225,6 +229,7 @@ class Engine:
         with self.stats_lock:
             st = copy.deepcopy(self._stats)
         st.preemptions, st.prefix_cache_hit_tokens = self.scheduler.preemptions, self.scheduler.prefix_hit_tokens
+        st.spec_proposed_tokens, st.spec_accepted_tokens = self.spec_proposed, self.spec_accepted
         return st
 
     # --- A step ---
@@ -252,10 +257,54 @@ class Engine:
             self._prefill(rows)
 
     def decode_step(self) -> None:
-        """One decode call of the decoding sequences (preempting the newest while blocks are short)."""
-        seqs = self.scheduler.schedule_decode(self.decode_steps)
+        """One decode call of the decoding sequences (preempting the newest while blocks are short),
+        or, when speculating and some sequence has proposals, one verify call."""
+        steps = self.decode_steps
+        if self.speculative is not None:
+            k = self.speculative.num_speculative_tokens
+            proposals = {seq: self._propose(seq) for seq in self.scheduler.running if seq.prefilled}
+            if any(proposals.values()):
+                seqs = self.scheduler.schedule_decode(k + 1)
+                if seqs:
+                    self._verify(seqs, [proposals.get(seq, []) for seq in seqs])
+                return
+            steps = min(steps, k + 1)  # no proposal now: look again after as many tokens as a verify makes
+        seqs = self.scheduler.schedule_decode(steps)
         if seqs:
-            self._decode(seqs)
+            self._decode(seqs, steps)
+
+    def _propose(self, seq: Seq) -> list[int]:
+        """seq's proposed next tokens, none while it backs off: after a verify that kept none of its
+        proposals a sequence proposes again only after 1, 2, 4 ... 16 decode calls, so speculation
+        costs little where guesses fail."""
+        if seq.spec_wait:
+            seq.spec_wait -= 1
+            return []
+        sp = self.speculative
+        room = seq.params.max_new_tokens - len(seq.generated) - 1  # the verify adds one token of its own
+        k = min(sp.num_speculative_tokens, room)
+        return propose_ngram(seq.tokens, k, sp.prompt_lookup_max, sp.prompt_lookup_min) if k > 0 else []
+
+    def _verify(self, seqs: list[Seq], proposals: list[list[int]]) -> None:
+        r, c = bucket(len(seqs), minimum=1), self.speculative.num_speculative_tokens + 1
+        tokens, start, count = np.zeros((r, c), np.int32), np.zeros(r, np.int32), np.zeros(r, np.int32)
+        for i, (seq, drafts) in enumerate(zip(seqs, proposals)):
+            tokens[i, 0], tokens[i, 1:1 + len(drafts)] = seq.tokens[-1], drafts
+            start[i], count[i] = len(seq.tokens) - 1, len(seq.generated)
+        width = bucket(max(-(-(int(p) + c) // self.block_size) for p in start[:len(seqs)]), minimum=MIN_TABLE_WIDTH)
+        out = self.runner.verify(tokens, start, self._table(seqs, r, width), count, self._sampling(seqs, r))
+        for i, (seq, drafts) in enumerate(zip(seqs, proposals)):
+            kept = 0
+            while kept < len(drafts) and out[i, kept] == drafts[kept]:
+                kept += 1
+            if drafts:
+                self.spec_steps += 1
+                self.spec_proposed += len(drafts)
+                self.spec_accepted += kept
+                seq.spec_misses = 0 if kept else min(seq.spec_misses + 1, 5)
+                seq.spec_wait = 0 if kept else 2 ** (seq.spec_misses - 1)
+            new = [int(t) for t in out[i, :kept + 1]]  # the kept proposals, then the model's own next token
+            self._emit(self.handles[seq], new, fed=len(new))
 
     def _table(self, seqs: list[Seq], rows: int, width: int) -> np.ndarray:
         table = np.zeros((rows, width), np.int32)  # the null block where no block is
@@ -292,7 +341,7 @@ class Engine:
                 seq.prefilled = True
                 self._emit(self.handles[seq], [int(out[i])])
 
-    def _decode(self, seqs: list[Seq]) -> None:
+    def _decode(self, seqs: list[Seq], steps: int) -> None:
         b = bucket(len(seqs), minimum=1)
         stop_ids = np.full((b, MAX_STOP_IDS), -1, np.int32)
         rows = Rows(token=np.zeros(b, np.int32), pos=np.zeros(b, np.int32), count=np.zeros(b, np.int32),
@@ -303,7 +352,7 @@ class Engine:
             rows.token[i], rows.pos[i], rows.count[i] = seq.tokens[-1], len(seq.tokens) - 1, len(seq.generated)
             rows.max_new[i], rows.live[i] = p.max_new_tokens, True
             stop_ids[i, :len(p.stop_token_ids)] = p.stop_token_ids
-        out = self.runner.decode(self.decode_steps, rows, self._table(seqs, b, self.max_width))
+        out = self.runner.decode(steps, rows, self._table(seqs, b, self.max_width))
         for i, seq in enumerate(seqs):
             new = [int(t) for t in out[i] if t >= 0]
             self._emit(self.handles[seq], new, fed=len(new))
@@ -412,18 +461,19 @@ def _sampling_zeros(rows: int) -> Sampling:
                     np.zeros(rows, np.int32))
 
 
-def generate_ids(llama, prompts: Sequence[Sequence[int]], params: SamplingParams, *, decode_steps: int = 32
-                 ) -> Iterator[list[list[int]]]:
+def generate_ids(llama, prompts: Sequence[Sequence[int]], params: SamplingParams, *, decode_steps: int = 32,
+                 speculative=None, report: dict | None = None) -> Iterator[list[list[int]]]:
     """`Llama.generate`'s drive of an engine of its own: yields, step by step, the new tokens of each
     prompt (lists, possibly empty); stop tokens included. The pool holds every prompt and its new
-    tokens (so nothing is preempted), less what prompts share. Prompts are checked already."""
+    tokens (so nothing is preempted), less what prompts share. Prompts are checked already. When
+    speculating, `report` receives the proposals' figures at the end."""
     longest = max(len(p) for p in prompts) + params.max_new_tokens
     bs = DEFAULT_BLOCK_SIZE
     blocks = sum(-(-(len(p) + params.max_new_tokens) // bs) for p in prompts)
     # The pool's size is a program's shape: a power of two of blocks (the null block included).
     blocks = bucket(blocks + 1, minimum=MIN_TABLE_WIDTH) - 1
     engine = Engine(llama, max_batch=len(prompts), max_seq_len=longest, decode_steps=decode_steps,
-                    kv_cache_tokens=blocks * bs)
+                    kv_cache_tokens=blocks * bs, speculative=speculative)
     new: list[list[int]] = [[] for _ in prompts]
     for i, p in enumerate(prompts):
         engine.add(Request(tuple(p), params), lambda out, i=i: new[i].extend(out.token_ids))
@@ -433,6 +483,10 @@ def generate_ids(llama, prompts: Sequence[Sequence[int]], params: SamplingParams
             yield [list(row) for row in new]
             for row in new:
                 row.clear()
+    if report is not None and engine.speculative is not None:
+        p, a, n = engine.spec_proposed, engine.spec_accepted, engine.spec_steps
+        report["speculative"] = {"proposed_tokens": p, "accepted_tokens": a,
+                                 "acceptance_rate": a / p if p else None, "accepted_per_step": a / n if n else None}
 
 
 def default_kv_cache_tokens(llama) -> int:

@@ -35,6 +35,8 @@ class Stats:
     rejected: int = 0  # queue full
     preemptions: int = 0  # running sequences that gave back their KV blocks, to be recomputed
     prefix_cache_hit_tokens: int = 0  # prompt tokens found in the prefix cache
+    spec_proposed_tokens: int = 0  # speculative decoding: proposed tokens verified
+    spec_accepted_tokens: int = 0  # and kept
     time_to_first_token_s: Histogram = dataclasses.field(
         default_factory=lambda: Histogram((0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)))
     decode_tokens_per_s: Histogram = dataclasses.field(

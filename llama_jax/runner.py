@@ -1,12 +1,14 @@
 """The model runner: the engine's jitted programs over a paged KV cache, and the pool they update.
 
-Two programs, both over the pool of KV blocks (llama_jax.block_pool) and rows of sequences, each row
+Three programs, all over the pool of KV blocks (llama_jax.block_pool) and rows of sequences, each row
 with its block table:
 - `prefill`: a chunk of each row's tokens (row r's at positions start[r]...) into the cache, then a
   token sampled from each row's last chunk position (used where that position is the row's last
   known token; the others' are discarded, which costs one head product per row);
 - `decode`: up to `steps` decode steps of every row in a `lax.while_loop`, stopping early once every
-  row has stopped; a row stops at a stop id or at its max_new tokens.
+  row has stopped; a row stops at a stop id or at its max_new tokens;
+- `verify` (speculative decoding): each row's last token and its proposed next tokens in one
+  forward, and the token sampled after each of them.
 Shapes are bucketed (rows, chunk and table width to powers of two) and every per-row value is an
 array, so a program is compiled once per bucket and never per request. Sampling is
 llama_jax.sampling's one scheme: row r's token number n comes from fold_in(key(seed[r]), n).
@@ -75,6 +77,24 @@ def prefill(graphdef, state, pool, tokens, start, table, last, count, s: Samplin
     return pool, sharding.replicated(token)
 
 
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
+@_counted
+def verify(graphdef, state, pool, tokens, start, table, count, s: Sampling):
+    """Speculative decoding's check: each row's last token and its proposed next ones, tokens
+    [R, C], at positions start[r]... into the cache through table [R, W], and the token the model
+    samples after each position, as the row's token number count[r] + i: the same draw a decode
+    step would make there. Returns (pool, tokens [R, C])."""
+    model = nnx.merge(graphdef, state)
+    r, c = tokens.shape
+    positions = start[:, None] + jnp.arange(c, dtype=jnp.int32)[None]  # (R, C)
+    x, pool = model.hidden(tokens, positions, cache=pool, block_table=table)  # (R, C, D)
+    logits = model.head(x).reshape(r * c, -1)
+    counts = (count[:, None] + jnp.arange(c, dtype=jnp.int32)[None]).reshape(-1)
+    each = lambda a: jnp.repeat(a, c)  # noqa: E731  a row's parameters at each of its positions
+    out = sampling.sample(logits, each(s.seed), counts, each(s.temperature), each(s.top_p), each(s.top_k))
+    return pool, sharding.replicated(out.reshape(r, c))
+
+
 @functools.partial(jax.jit, static_argnums=(0, 3), donate_argnums=(2,))
 @_counted
 def decode(graphdef, state, pool, steps: int, r: Rows, table):
@@ -131,6 +151,11 @@ class ModelRunner:
             self.pool, token = prefill(self.graphdef, self.state, self.pool, tokens, start, table, last, count, s)
         return np.asarray(token)
 
+    def verify(self, tokens, start, table, count, s: Sampling) -> np.ndarray:
+        with sharding.on_mesh(self.mesh):
+            self.pool, out = verify(self.graphdef, self.state, self.pool, tokens, start, table, count, s)
+        return np.asarray(out)
+
     def decode(self, steps: int, rows: Rows, table) -> np.ndarray:
         with sharding.on_mesh(self.mesh):
             self.pool, out = decode(self.graphdef, self.state, self.pool, steps, rows, table)
@@ -139,4 +164,4 @@ class ModelRunner:
     @staticmethod
     def compiled_programs() -> dict[str, int]:
         """Programs traced so far by each jitted piece (every runner of this process together)."""
-        return {name: TRACES[name] for name in ("prefill", "decode")}
+        return {name: TRACES[name] for name in ("prefill", "decode", "verify")}

@@ -41,6 +41,8 @@ class Sequence:
     computed: int = 0  # leading tokens whose keys and values are in the cache
     prefilled: bool = False  # every known token computed and the next one sampled: decoding
     cached_tokens: int = 0  # prompt tokens the prefix cache held when it was first admitted
+    spec_misses: int = 0  # speculation: verifies in a row that kept none of its proposals
+    spec_wait: int = 0  # speculation: decode calls to go before it proposes again
     id: int = dataclasses.field(default_factory=itertools.count().__next__)  # arrival order
 
     def __post_init__(self):

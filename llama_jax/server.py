@@ -473,6 +473,10 @@ def _prometheus(sched: EngineThread, http_errors: dict[int, int]) -> str:
            [("", st.prefix_cache_hit_tokens)])
     metric("preemptions_total", "counter", "Running requests that gave back their KV blocks, to be recomputed.",
            [("", st.preemptions)])
+    metric("spec_proposed_tokens_total", "counter", "Speculative decoding: proposed tokens verified.",
+           [("", st.spec_proposed_tokens)])
+    metric("spec_accepted_tokens_total", "counter", "Speculative decoding: proposed tokens kept.",
+           [("", st.spec_accepted_tokens)])
     for name, h, help_ in (("time_to_first_token_seconds", st.time_to_first_token_s,
                             "From arrival to the first token."),
                            ("decode_tokens_per_second", st.decode_tokens_per_s,

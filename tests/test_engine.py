@@ -13,6 +13,7 @@ from llama_jax import generate as gen
 from llama_jax.block_pool import NULL_BLOCK, BlockPool, block_keys
 from llama_jax.config import LlamaConfig
 from llama_jax.engine import Engine
+from llama_jax.speculative import SpeculativeConfig, propose_ngram
 
 VOCAB = 211
 
@@ -182,3 +183,44 @@ def test_cancel_gives_back_blocks(llm):
     h.cancel()
     engine.step()
     assert outs[-1].finish_reason == "cancelled" and engine.pool.used() == 0 and not engine.has_work()
+
+
+# --- Speculative decoding -------------------------------------------------------------------------------
+
+
+def test_ngram_proposals():
+    assert propose_ngram([1, 2, 3, 9, 1, 2, 3], 3, 4, 1) == [9, 1, 2]  # "1 2 3" before: what followed
+    assert propose_ngram([5, 1, 2, 7, 2], 2, 4, 1) == [7, 2]  # down to the 1-gram "2"
+    assert propose_ngram([1, 2, 3], 4, 4, 1) == []
+    assert propose_ngram([4, 4], 4, 4, 2) == []  # no 2-gram before the last
+    with pytest.raises(ValueError, match="num_speculative_tokens"):
+        SpeculativeConfig.of({"method": "ngram", "num_speculative_tokens": 0})
+    with pytest.raises(ValueError, match="unknown setting 'k'"):
+        SpeculativeConfig.of({"k": 3})
+
+
+@pytest.mark.parametrize("sampling", [{}, {"temperature": 0.9, "top_p": 0.95, "seed": 5}], ids=["greedy", "sampled"])
+def test_speculation_gives_the_same_tokens(llm, sampling):
+    """Prompts that repeat (proposals kept) and random ones (proposals missed, the backoff): every
+    request gets the tokens it gets without speculation, alone, for the same seed; a repeating
+    request makes several tokens per verify."""
+    rng = np.random.default_rng(7)
+    text = [int(t) for t in rng.integers(3, VOCAB, 10)]
+    prompts = [text * 4, _prompts([25], seed=8)[0], text + text[:6]]
+    engine = Engine(llm, max_batch=3, block_size=8, speculative={"method": "ngram", "num_speculative_tokens": 4})
+    got, _, _ = _run(engine, prompts, [30, 20, 30], **sampling)
+    for p, m, g in zip(prompts, [30, 20, 30], got):
+        assert g == _alone(llm, p, m, **sampling)
+    assert engine.spec_proposed > 0
+    if not sampling:  # the random model repeats its repeated prompt: proposals hold
+        assert engine.spec_accepted > engine.spec_steps
+
+
+def test_generate_speculates_and_reports(llm):
+    spec = api.Llama(llm.model, speculative={"method": "ngram", "num_speculative_tokens": 3})
+    text = _prompts([12], seed=9)[0] * 3
+    [plain] = llm.generate([text], max_new_tokens=24, stop_token_ids=[])
+    [fast] = spec.generate([text], max_new_tokens=24, stop_token_ids=[])
+    assert fast.token_ids == plain.token_ids
+    report = fast.timings["speculative"]
+    assert report["proposed_tokens"] > 0 and 0 <= report["acceptance_rate"] <= 1
