@@ -7,7 +7,6 @@ import jax
 import jax.numpy as jnp
 
 import llama_jax
-from llama_jax import generate as gen
 from llama_jax import runner
 from llama_jax.sampling import sample
 from tiny_models import make_hf_model
