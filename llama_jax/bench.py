@@ -12,7 +12,8 @@ def time_generate(model, *, prompt_len: int = 16, new_tokens: int = 64, batch: i
                   seed: int = 0) -> dict:
     """Greedy generation of `new_tokens` after a random `prompt_len`-token prompt, with no stop token.
     Returns medians over `repeats` runs after one warm-up (compile) run: prefill seconds (time to the
-    first token), decode tokens/s per sequence, and the warm-up's seconds."""
+    first token), decode tokens/s per sequence, and the warm-up's seconds; with speculation, the
+    last run's `speculative` figures (llama_jax.engine.generate_ids)."""
     rng = np.random.RandomState(seed)
     vocab = model.config.vocab_size
     prompts = [rng.randint(3, vocab, prompt_len).tolist() for _ in range(batch)]
@@ -24,7 +25,8 @@ def time_generate(model, *, prompt_len: int = 16, new_tokens: int = 64, batch: i
         t = model.generate(prompts, max_new_tokens=new_tokens, stop_token_ids=[])[0].timings
         ttfts.append(t["time_to_first_token_s"])
         rates.append(t["decode_tokens_per_s"] or 0.0)
-    return {"prefill_s": statistics.median(ttfts), "decode_tok_s": statistics.median(rates), "warmup_s": warmup}
+    return {"prefill_s": statistics.median(ttfts), "decode_tok_s": statistics.median(rates), "warmup_s": warmup,
+            "speculative": t.get("speculative")}
 
 
 def read_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 5) -> float:

@@ -352,6 +352,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     widths = [max(len(h), len(v)) for h, v in zip(header, row)]
     print("  ".join(h.rjust(w) for h, w in zip(header, widths)))
     print("  ".join(v.rjust(w) for v, w in zip(row, widths)))
+    spec = r["speculative"]
+    if spec is not None:
+        rate = "-" if spec["acceptance_rate"] is None else f"{spec['acceptance_rate']:.2f}"
+        per = "-" if spec["accepted_per_step"] is None else f"{spec['accepted_per_step']:.2f}"
+        print(f"speculative {model.speculative.method}, K={model.speculative.num_speculative_tokens}: "
+              f"{spec['accepted_tokens']} of {spec['proposed_tokens']} proposed tokens kept (acceptance {rate}, "
+              f"{per} per verify; random prompts rarely repeat)")
     # The decode bound, measured in the same run: a step reads every weight once.
     bandwidth = read_bandwidth()
     per_token = decode_bytes_per_token(model, args.prompt_len + args.new_tokens)
