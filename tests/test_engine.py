@@ -16,6 +16,10 @@ from llama_jax.engine import Engine
 from llama_jax.speculative import SpeculativeConfig, propose_ngram
 
 VOCAB = 211
+# The engines of these tests share their programs (shapes): one with the default pool, and one
+# whose pool is too small for its requests together (preemption).
+ENGINE = dict(max_batch=4, block_size=8, decode_steps=4, prefill_chunk=32)
+SMALL_POOL = dict(ENGINE, kv_cache_tokens=120)
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +105,7 @@ def test_greedy_equals_alone_under_preemption(llm):
     every request still gets exactly its tokens alone."""
     prompts = _prompts([5, 37, 20, 64, 9, 30])
     max_new = [30, 12, 25, 20, 33, 18]
-    engine = Engine(llm, max_batch=6, kv_cache_tokens=160, block_size=4, decode_steps=4, prefill_chunk=32)
+    engine = Engine(llm, **SMALL_POOL)
     got, last, _ = _run(engine, prompts, max_new)
     assert engine.scheduler.preemptions > 0
     for p, m, g, o in zip(prompts, max_new, got, last):
@@ -114,7 +118,7 @@ def test_prefix_cache_hits_give_the_same_tokens(llm):
     those that arrive with it wait for its blocks), and get their tokens alone."""
     shared = _prompts([45], seed=1)[0]
     prompts = _prompts([3, 11, 7, 19], seed=2, prefix=shared)
-    engine = Engine(llm, max_batch=4, block_size=8, decode_steps=4, prefill_chunk=64)
+    engine = Engine(llm, **ENGINE)
     got, last, _ = _run(engine, prompts, [10] * 4)
     assert [o.cached_tokens for o in last] == [0, 40, 40, 40]  # full 8-token blocks of the 45
     assert engine.scheduler.prefix_hit_tokens == 120
@@ -126,7 +130,7 @@ def test_prefix_cache_hits_give_the_same_tokens(llm):
     assert last2[0].cached_tokens == (len(prompts[0]) + len(got[0]) - 1) // 8 * 8
     assert got2[0] == _alone(llm, turn2, 8)
     # Without the prefix cache, nothing is shared, and the tokens are the same.
-    off = Engine(llm, max_batch=4, block_size=8, decode_steps=4, prefill_chunk=64, prefix_caching=False)
+    off = Engine(llm, **ENGINE, prefix_caching=False)
     got_off, last_off, _ = _run(off, prompts, [10] * 4)
     assert got_off == got and all(o.cached_tokens == 0 for o in last_off)
 
@@ -134,7 +138,7 @@ def test_prefix_cache_hits_give_the_same_tokens(llm):
 def test_sampling_is_the_same_alone_in_a_batch_and_after_preemption(llm):
     prompts = _prompts([13, 40, 7, 22], seed=4)
     kw = dict(temperature=0.9, top_p=0.95, top_k=40, seed=11)
-    tight = Engine(llm, max_batch=4, kv_cache_tokens=96, block_size=4, decode_steps=3)
+    tight = Engine(llm, **SMALL_POOL)
     got, _, _ = _run(tight, prompts, [24] * 4, **kw)
     assert tight.scheduler.preemptions > 0
     for p, g in zip(prompts, got):
@@ -175,7 +179,7 @@ def test_requests_the_pool_cannot_hold_are_refused(llm):
 
 
 def test_cancel_gives_back_blocks(llm):
-    engine = Engine(llm, max_batch=2, block_size=8, decode_steps=2)
+    engine = Engine(llm, **ENGINE)
     outs = []
     h = engine.add(engine.make_request(_prompts([20])[0], max_new_tokens=50, ignore_eos=True), outs.append)
     engine.step()
@@ -207,7 +211,7 @@ def test_speculation_gives_the_same_tokens(llm, sampling):
     rng = np.random.default_rng(7)
     text = [int(t) for t in rng.integers(3, VOCAB, 10)]
     prompts = [text * 4, _prompts([25], seed=8)[0], text + text[:6]]
-    engine = Engine(llm, max_batch=3, block_size=8, speculative={"method": "ngram", "num_speculative_tokens": 4})
+    engine = Engine(llm, **ENGINE, speculative={"method": "ngram", "num_speculative_tokens": 3})
     got, _, _ = _run(engine, prompts, [30, 20, 30], **sampling)
     for p, m, g in zip(prompts, [30, 20, 30], got):
         assert g == _alone(llm, p, m, **sampling)
