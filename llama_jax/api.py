@@ -85,8 +85,7 @@ class Llama:
         """The new tokens of each prompt, chunk by chunk: from the engine (a paged KV cache, prompts
         sharing a prefix compute it once), or, on a mesh that splits rows or the sequence (data or
         context parallel), from llama_jax.generate's batch over a contiguous cache."""
-        if self.mesh is not None and (sharding.axis_size("batch", self.mesh) > 1
-                                      or sharding.axis_size("seq", self.mesh) > 1):
+        if not engine.runs_on(self.mesh):
             return gen.generate_ids(self.graphdef, self.state, prompts, params, mesh=self.mesh)  # never speculates
         return engine.generate_ids(self, prompts, params, decode_steps=gen.CHUNK, speculative=self.speculative,
                                    report=report)

@@ -34,7 +34,7 @@ from llama_jax.block_pool import BlockPool
 from llama_jax.detokenizer import Detokenizer
 from llama_jax.metrics import Stats
 from llama_jax.requests import SamplingParams
-from llama_jax.runner import MAX_STOP_IDS, ModelRunner, Rows, Sampling, decode, prefill
+from llama_jax.runner import MAX_STOP_IDS, ModelRunner, Rows, Sampling, decode, prefill, verify
 from llama_jax.scheduler import Scheduler, Sequence as Seq, bucket
 from llama_jax.speculative import SpeculativeConfig, propose_ngram
 
@@ -116,8 +116,7 @@ class Engine:
     max_seq_len: the longest request, prompt and new tokens (default: the model's context, at most
     4096); kv_cache_tokens: the pool's size (default: CPU_KV_CACHE_BYTES of cache on a CPU,
     GPU_KV_CACHE_SHARE of the free memory on a GPU; at least max_seq_len, at most max_batch times
-    it); block_size: tokens
-    per block; prefill_chunk: prompt tokens per step (default the model's runtime.prefill_chunk);
+    it); block_size: tokens per block; prefill_chunk: prompt tokens per step (default the model's runtime.prefill_chunk);
     decode_steps: steps per decode call (tokens reach Python once per call: more cost less
     dispatch, fewer let requests join sooner); prefix_caching: reuse the blocks of prefixes seen
     before; speculative: a llama_jax.speculative.SpeculativeConfig (or its dict), or None."""
@@ -131,9 +130,7 @@ class Engine:
             raise ValueError(f"max_batch ({max_batch}) and decode_steps ({decode_steps}) must be >= 1")
         if block_size < 1 or block_size & (block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {block_size}")
-        if llama.mesh is not None and (sharding.axis_size("batch", llama.mesh) > 1
-                                       or sharding.axis_size("seq", llama.mesh) > 1):
-            # A pool is shared by every row: it is split by KV heads only.
+        if not runs_on(llama.mesh):
             raise ValueError("the engine needs a mesh without data or context axes (dp=cp=1); split the model "
                              "with tp")
         self.llama = llama
@@ -154,7 +151,7 @@ class Engine:
         self.runner = ModelRunner(llama, num_blocks, block_size)
         # A decode's block table: its width costs a decode nothing (the attention reads each row's
         # blocks up to its length), so one width, and one program per row count.
-        self.max_width = bucket(-(-self.max_seq_len // block_size), minimum=MIN_TABLE_WIDTH)
+        self.max_width = self._width(self.max_seq_len)
         self.handles: dict[Seq, Handle] = {}
         self.spec_proposed = self.spec_accepted = 0  # proposed tokens verified, and kept
         self.spec_steps = 0  # sequences' verify steps that had proposals
@@ -259,19 +256,24 @@ class Engine:
     def decode_step(self) -> None:
         """One decode call of the decoding sequences (preempting the newest while blocks are short),
         or, when speculating and some sequence has proposals, one verify call."""
-        steps = self.decode_steps
         if self.speculative is not None:
-            k = self.speculative.num_speculative_tokens
             proposals = {seq: self._propose(seq) for seq in self.scheduler.running if seq.prefilled}
             if any(proposals.values()):
-                seqs = self.scheduler.schedule_decode(k + 1)
+                seqs = self.scheduler.schedule_decode(self.speculative.num_speculative_tokens + 1)
                 if seqs:
                     self._verify(seqs, [proposals.get(seq, []) for seq in seqs])
                 return
-            steps = min(steps, k + 1)  # no proposal now: look again after as many tokens as a verify makes
-        seqs = self.scheduler.schedule_decode(steps)
+        seqs = self.scheduler.schedule_decode(self.steps_per_decode)
         if seqs:
-            self._decode(seqs, steps)
+            self._decode(seqs)
+
+    @property
+    def steps_per_decode(self) -> int:
+        """Steps of a decode call: decode_steps, or, when speculating, no more than a verify makes
+        tokens (a sequence with no proposal now looks again that soon)."""
+        if self.speculative is None:
+            return self.decode_steps
+        return min(self.decode_steps, self.speculative.num_speculative_tokens + 1)
 
     def _propose(self, seq: Seq) -> list[int]:
         """seq's proposed next tokens, none while it backs off: after a verify that kept none of its
@@ -291,7 +293,7 @@ class Engine:
         for i, (seq, drafts) in enumerate(zip(seqs, proposals)):
             tokens[i, 0], tokens[i, 1:1 + len(drafts)] = seq.tokens[-1], drafts
             start[i], count[i] = len(seq.tokens) - 1, len(seq.generated)
-        width = bucket(max(-(-(int(p) + c) // self.block_size) for p in start[:len(seqs)]), minimum=MIN_TABLE_WIDTH)
+        width = self._width(int(start.max()) + c)
         out = self.runner.verify(tokens, start, self._table(seqs, r, width), count, self._sampling(seqs, r))
         for i, (seq, drafts) in enumerate(zip(seqs, proposals)):
             kept = 0
@@ -305,6 +307,11 @@ class Engine:
                 seq.spec_wait = 0 if kept else 2 ** (seq.spec_misses - 1)
             new = [int(t) for t in out[i, :kept + 1]]  # the kept proposals, then the model's own next token
             self._emit(self.handles[seq], new, fed=len(new))
+
+    def _width(self, tokens: int) -> int:
+        """The width of a block table that covers the first `tokens` positions: a power of two of
+        blocks, at least MIN_TABLE_WIDTH (the table's width is a program's shape)."""
+        return bucket(self.scheduler.blocks_for(tokens), minimum=MIN_TABLE_WIDTH)
 
     def _table(self, seqs: list[Seq], rows: int, width: int) -> np.ndarray:
         table = np.zeros((rows, width), np.int32)  # the null block where no block is
@@ -327,7 +334,7 @@ class Engine:
         c = max(min(bucket(n), self.chunk) for _, n in rows)
         # The blocks up to each chunk's end: the chunk attends to those only (the later ones of a
         # long prompt are allocated already, but gathering them would cost every chunk the whole prompt).
-        width = bucket(max(-(-(seq.computed + n) // self.block_size) for seq, n in rows), minimum=MIN_TABLE_WIDTH)
+        width = self._width(max(seq.computed + n for seq, n in rows))
         tokens, start = np.zeros((r, c), np.int32), np.zeros(r, np.int32)
         last, count = np.zeros(r, np.int32), np.zeros(r, np.int32)
         for i, (seq, n) in enumerate(rows):
@@ -341,7 +348,7 @@ class Engine:
                 seq.prefilled = True
                 self._emit(self.handles[seq], [int(out[i])])
 
-    def _decode(self, seqs: list[Seq], steps: int) -> None:
+    def _decode(self, seqs: list[Seq]) -> None:
         b = bucket(len(seqs), minimum=1)
         stop_ids = np.full((b, MAX_STOP_IDS), -1, np.int32)
         rows = Rows(token=np.zeros(b, np.int32), pos=np.zeros(b, np.int32), count=np.zeros(b, np.int32),
@@ -352,7 +359,7 @@ class Engine:
             rows.token[i], rows.pos[i], rows.count[i] = seq.tokens[-1], len(seq.tokens) - 1, len(seq.generated)
             rows.max_new[i], rows.live[i] = p.max_new_tokens, True
             stop_ids[i, :len(p.stop_token_ids)] = p.stop_token_ids
-        out = self.runner.decode(steps, rows, self._table(seqs, b, self.max_width))
+        out = self.runner.decode(self.steps_per_decode, rows, self._table(seqs, b, self.max_width))
         for i, seq in enumerate(seqs):
             new = [int(t) for t in out[i] if t >= 0]
             self._emit(self.handles[seq], new, fed=len(new))
@@ -421,8 +428,8 @@ class Engine:
 
     def warmup(self) -> dict[str, int]:
         """Compiles, before any request, what short requests run: a one-row prefill of each chunk
-        length up to 256 tokens, and a decode call for each power of two of rows up to max_batch
-        (longer chunks and batched prefills compile on first use, or come from JAX's compilation
+        length up to 256 tokens, and a decode call (and a verify, when speculating) for each power
+        of two of rows up to max_batch (longer chunks and batched prefills compile on first use, or come from JAX's compilation
         cache). The programs compile ahead of time, several at once (XLA compiles one on one
         core). Returns the programs prepared, by name (compiled, or read from the cache)."""
         before = ModelRunner.compiled_programs()
@@ -430,10 +437,9 @@ class Engine:
         programs = []
         c = 16
         while c <= min(self.chunk, 256):
-            width = bucket(-(-c // self.block_size), minimum=MIN_TABLE_WIDTH)
             programs.append((prefill, (np.zeros((1, c), np.int32), np.zeros(1, np.int32),
-                                              np.zeros((1, width), np.int32), np.zeros(1, np.int32),
-                                              np.zeros(1, np.int32), _sampling_zeros(1))))
+                                       np.zeros((1, self._width(c)), np.int32), np.zeros(1, np.int32),
+                                       np.zeros(1, np.int32), _sampling_zeros(1))))
             c *= 2
         b = 1
         while True:
@@ -441,7 +447,11 @@ class Engine:
             z = lambda dtype: np.zeros(b, dtype)  # noqa: E731
             rows = Rows(z(np.int32), z(np.int32), z(np.int32), np.ones(b, np.int32),
                         np.full((b, MAX_STOP_IDS), -1, np.int32), z(bool), _sampling_zeros(b))
-            programs.append((decode, (self.decode_steps, rows, np.zeros((b, self.max_width), np.int32))))
+            programs.append((decode, (self.steps_per_decode, rows, np.zeros((b, self.max_width), np.int32))))
+            if self.speculative is not None:  # a verify of contexts up to MIN_TABLE_WIDTH blocks
+                c = self.speculative.num_speculative_tokens + 1
+                programs.append((verify, (np.zeros((b, c), np.int32), z(np.int32),
+                                          np.zeros((b, MIN_TABLE_WIDTH), np.int32), z(np.int32), _sampling_zeros(b))))
             if b >= self.max_batch:
                 break
             b *= 2
@@ -454,6 +464,12 @@ class Engine:
             list(pool.map(compile_one, programs))
         after = ModelRunner.compiled_programs()
         return {k: after[k] - before[k] for k in after}
+
+
+def runs_on(mesh) -> bool:
+    """Whether the engine runs on `mesh`: one pool is shared by every row, so it can be split by KV
+    heads only, not by rows or the sequence (data or context parallel)."""
+    return mesh is None or (sharding.axis_size("batch", mesh) == 1 and sharding.axis_size("seq", mesh) == 1)
 
 
 def _sampling_zeros(rows: int) -> Sampling:

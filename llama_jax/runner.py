@@ -63,6 +63,13 @@ class Rows(NamedTuple):
     sampling: Sampling
 
 
+def _chunk(model, pool, tokens, start, table):
+    """The hidden states [R, C, D] of tokens [R, C] at positions start[r]..., written into the pool
+    through table [R, W] as they go, and the pool."""
+    positions = start[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]  # (R, C)
+    return model.hidden(tokens, positions, cache=pool, block_table=table)
+
+
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
 @_counted
 def prefill(graphdef, state, pool, tokens, start, table, last, count, s: Sampling):
@@ -70,8 +77,7 @@ def prefill(graphdef, state, pool, tokens, start, table, last, count, s: Samplin
     a token sampled (as the row's token number count[r]) from the hidden state at chunk index
     last[r]. Returns (pool, tokens [R])."""
     model = nnx.merge(graphdef, state)
-    positions = start[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]  # (R, C)
-    x, pool = model.hidden(tokens, positions, cache=pool, block_table=table)  # (R, C, D)
+    x, pool = _chunk(model, pool, tokens, start, table)
     x_last = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]  # (R, D)
     token = sampling.sample(model.head(x_last), s.seed, count, s.temperature, s.top_p, s.top_k)
     return pool, sharding.replicated(token)
@@ -86,8 +92,7 @@ def verify(graphdef, state, pool, tokens, start, table, count, s: Sampling):
     step would make there. Returns (pool, tokens [R, C])."""
     model = nnx.merge(graphdef, state)
     r, c = tokens.shape
-    positions = start[:, None] + jnp.arange(c, dtype=jnp.int32)[None]  # (R, C)
-    x, pool = model.hidden(tokens, positions, cache=pool, block_table=table)  # (R, C, D)
+    x, pool = _chunk(model, pool, tokens, start, table)
     logits = model.head(x).reshape(r * c, -1)
     counts = (count[:, None] + jnp.arange(c, dtype=jnp.int32)[None]).reshape(-1)
     each = lambda a: jnp.repeat(a, c)  # noqa: E731  a row's parameters at each of its positions

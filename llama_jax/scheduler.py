@@ -80,7 +80,7 @@ class Scheduler:
 
     def _release(self, seq: Sequence) -> None:
         self.pool.release(seq.blocks[::-1])  # tail first: the prefix stays cached longest
-        seq.blocks, seq.computed, seq.prefilled = [], 0, False
+        seq.blocks, seq.keys, seq.computed, seq.prefilled = [], [], 0, False
 
     # --- Prefill ---
 
@@ -139,9 +139,9 @@ class Scheduler:
         before = seq.computed // bs
         seq.computed += n
         full = seq.computed // bs
-        if len(seq.keys) < full:  # blocks filled by decoding
-            known = len(seq.keys)
-            seq.keys = block_keys(seq.tokens[:full * bs], bs)  # the same keys for the known blocks
+        known = len(seq.keys)
+        if known < full:  # blocks filled by decoding: keyed from the last known one on
+            seq.keys += block_keys(seq.tokens[known * bs:full * bs], bs, parent=seq.keys[-1] if known else None)
             self._register(seq, known, ready=True)
         for i in range(before, full):
             self.pool.mark_ready(seq.blocks[i])
@@ -170,6 +170,5 @@ class Scheduler:
         """seq gives back its blocks and waits first in line, to be recomputed from its tokens."""
         self.running.remove(seq)
         self._release(seq)
-        seq.keys = []
         self.waiting.appendleft(seq)
         self.preemptions += 1
