@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llama_jax import context_parallel, engine, ops, orbax_io, requests, sharding
+from llama_jax import context_parallel, engine, ops, orbax_io, quant, requests, sharding
 from llama_jax import generate as gen
 from llama_jax import model as model_lib
 from llama_jax.checkpoint import read_hf_params
@@ -157,7 +157,7 @@ class Llama:
 
 def load(path: str | os.PathLike, *, dtype=None, mesh=None, attention_impl: str = "auto",
          norm_impl: str = "auto", prefill_chunk: int | None = None, cpu_kernels: str = "auto",
-         unstack_layers: bool = True, speculative=None) -> Llama:
+         unstack_layers: bool = True, speculative=None, quantize: str | None = None) -> Llama:
     """Loads a model directory: a Hugging Face one (config.json with model.safetensors, or shards
     with model.safetensors.index.json) or one made by `llama-jax convert` (Orbax).
 
@@ -170,9 +170,14 @@ def load(path: str | os.PathLike, *, dtype=None, mesh=None, attention_impl: str 
     unstack_layers: run per-layer arrays (INFERENCE_LAYOUT, the default) or scan the stacked ones.
     speculative: speculative decoding for generate, stream, chat and the server, with vLLM's names:
     {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 1}
-    (llama_jax.speculative; the same tokens as without it, fewer forwards where guesses hold)."""
+    (llama_jax.speculative; the same tokens as without it, fewer forwards where guesses hold).
+    quantize: "int8", "int4" or "fp8" weight-only (llama_jax.quant, round to nearest at load: every
+    linear weight, and the embedding and head at 8 bits); weights a checkpoint stores quantized
+    (a GGUF's Q4/Q8 blocks, `convert --quantize`) load as they are either way."""
     path = os.fspath(path)
     speculative = SpeculativeConfig.of(speculative)  # a bad setting fails before anything loads
+    if quantize not in (None, *quant.FORMATS):
+        raise ValueError(f"quantize must be one of {', '.join(quant.FORMATS)}, got {quantize!r}")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: no such model directory")
     dtype = jnp.dtype(dtype or default_dtype()).name
@@ -193,6 +198,8 @@ def load(path: str | os.PathLike, *, dtype=None, mesh=None, attention_impl: str 
         raise FileNotFoundError(f"{path}: no config.json (not a Hugging Face model directory) and no "
                                 f"{orbax_io.CONFIG_FILE} (not a converted one)")
     config, params = sharding.replicate_kv_heads(config, params, r)
+    if quantize:
+        params = quant.quantize_params(params, quantize, model_lib.LINEAR_WEIGHTS, release=True)
     tokenizer, chat_format = _load_tokenizer(path)
     layout = INFERENCE_LAYOUT if unstack_layers else model_lib.STORED
     return Llama(model_lib.build(config, _view_freeing(params, layout, config), runtime, layout),

@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from llama_jax import ops
+from llama_jax.quant import QArray, concatenate_out, split_out, transpose as q_transpose
 from llama_jax.config import LlamaConfig, RuntimeConfig
 from llama_jax.sharding import CACHE_AXES, PAGE_AXES, ROWS, no_mesh
 
@@ -130,9 +131,10 @@ def apply_rope(x: jax.Array, rope: Rope) -> jax.Array:
 
 def _linear(x, w, runtime: RuntimeConfig, layout: Layout):
     """x [B, T, in] @ w in the compute dtype, accumulated in f32; w [in, out] ([out, in] when the
-    layout is transposed)."""
+    layout is transposed), or a QArray in the same layout, read at its stored width."""
     dtype = jnp.dtype(runtime.dtype)
-    y = ops.linear(x, w.astype(dtype), transposed=layout.transposed, cpu_kernels=runtime.cpu_kernels == "on")
+    w = w if isinstance(w, QArray) else w.astype(dtype)
+    y = ops.linear(x, w, transposed=layout.transposed, cpu_kernels=runtime.cpu_kernels == "on")
     return y.astype(dtype)
 
 
@@ -170,9 +172,9 @@ class Attention(nnx.Module):
         b, t, _ = x.shape
         h, kv, e, rt, lt = self.n_heads, self.n_kv_heads, self.head_dim, self.runtime, self.layout
         if lt.fused:
-            q, k, v = jnp.split(_linear(x, self.wqkv[...], rt, lt), [h * e, (h + kv) * e], axis=-1)
+            q, k, v = jnp.split(_linear(x, self.wqkv.get_value(), rt, lt), [h * e, (h + kv) * e], axis=-1)
         else:
-            q, k, v = (_linear(x, w[...], rt, lt) for w in (self.wq, self.wk, self.wv))
+            q, k, v = (_linear(x, w.get_value(), rt, lt) for w in (self.wq, self.wk, self.wv))
         q = q.reshape(b, t, self.n_heads, self.head_dim)
         k = k.reshape(b, t, self.n_kv_heads, self.head_dim)
         v = v.reshape(b, t, self.n_kv_heads, self.head_dim)
@@ -203,7 +205,7 @@ class Attention(nnx.Module):
             out = ops.prefill_attention(q, cache.k, cache.v, q_offset=start, kv_length=start + t,
                                         impl=rt.attention_impl, cpu_kernels=rt.cpu_kernels == "on")
         out = out.reshape(b, t, h * e)  # (B, T, H*E)
-        return _linear(out, self.wo[...], rt, lt), cache
+        return _linear(out, self.wo.get_value(), rt, lt), cache
 
     def _paged(self, q, k, v, cache: KVCache, positions, block_table):
         """Attention over a paged cache (llama_jax.block_pool): token p of row b lives in block
@@ -255,10 +257,10 @@ class FeedForward(nnx.Module):
     def __call__(self, x):
         rt, lt = self.runtime, self.layout
         if lt.fused:
-            gate, up = jnp.split(_linear(x, self.w13[...], rt, lt), 2, axis=-1)
+            gate, up = jnp.split(_linear(x, self.w13.get_value(), rt, lt), 2, axis=-1)
         else:
-            gate, up = _linear(x, self.w1[...], rt, lt), _linear(x, self.w3[...], rt, lt)
-        return _linear(jax.nn.silu(gate) * up, self.w2[...], rt, lt)
+            gate, up = _linear(x, self.w1.get_value(), rt, lt), _linear(x, self.w3.get_value(), rt, lt)
+        return _linear(jax.nn.silu(gate) * up, self.w2.get_value(), rt, lt)
 
 
 class TransformerBlock(nnx.Module):
@@ -298,7 +300,9 @@ def _block_view(block: dict, layout: Layout) -> dict:
     if layout.fused:
         for part, (name, names) in _FUSED.items():
             ws = block[part]
-            ws[name] = jnp.concatenate([ws.pop(n) for n in names], axis=-1)  # (..., in, out1 + out2 + ...)
+            parts = [ws.pop(n) for n in names]
+            ws[name] = (concatenate_out(parts) if isinstance(parts[0], QArray)  # (..., in, out1 + out2 + ...)
+                        else jnp.concatenate(parts, axis=-1))
     if layout.transposed:
         block = _map_linear(block, _swap_last)
     return block
@@ -306,6 +310,8 @@ def _block_view(block: dict, layout: Layout) -> dict:
 
 def _swap_last(w):
     """w with its last two axes swapped: a numpy view for host arrays (nothing copied until placed)."""
+    if isinstance(w, QArray):
+        return q_transpose(w)
     return np.swapaxes(w, -1, -2) if isinstance(w, np.ndarray) else jnp.swapaxes(w, -1, -2)
 
 
@@ -319,7 +325,9 @@ def _block_stored(block: dict, layout: Layout, config: LlamaConfig) -> dict:
         sizes = {"attention": (q, q + kv), "feed_forward": (f,)}
         for part, (name, names) in _FUSED.items():
             ws = block[part]
-            ws.update(zip(names, jnp.split(ws.pop(name), sizes[part], axis=-1)))
+            w = ws.pop(name)
+            ws.update(zip(names, split_out(w, sizes[part]) if isinstance(w, QArray)
+                          else jnp.split(w, sizes[part], axis=-1)))
     return block
 
 
@@ -399,7 +407,7 @@ class Transformer(nnx.Module):
         b, t = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        x = ops.constrain(ops.embed(self.tok_embeddings[...], tokens).astype(self.dtype), ROWS)  # (B, T, D)
+        x = ops.constrain(ops.embed(self.tok_embeddings.get_value(), tokens).astype(self.dtype), ROWS)  # (B, T, D)
         rope = rope_angles(positions, jnp.asarray(rope_frequencies(self.config)))  # a trace-time constant
 
         def step(graphdef):  # one layer as a function of its weights, for scan and for remat
@@ -435,8 +443,9 @@ class Transformer(nnx.Module):
     def head(self, x):
         """Logits [..., V] float32 of normed hidden states x [..., D]."""
         tied = self.config.tie_embeddings  # contract with the embedding as stored: no transposed copy
-        w = self.tok_embeddings[...] if tied else self.output[...]
-        return ops.linear(x, w.astype(self.dtype), transposed=tied, cpu_kernels=self.runtime.cpu_kernels == "on")
+        w = (self.tok_embeddings if tied else self.output).get_value()
+        w = w if isinstance(w, QArray) else w.astype(self.dtype)
+        return ops.linear(x, w, transposed=tied, cpu_kernels=self.runtime.cpu_kernels == "on")
 
     def init_cache(self, batch: int, max_len: int, dtype=None, sharding=None) -> list[KVCache] | KVCache:
         """An all-zero KV cache matching the layer layout: a list of per-layer [B, S, K, E] caches, or

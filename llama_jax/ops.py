@@ -26,7 +26,7 @@ from jax.sharding import PartitionSpec as P
 
 import cpu_kernels as ck
 import pallas_kernels as pk
-from llama_jax import context_parallel, sharding
+from llama_jax import context_parallel, quant, sharding
 from llama_jax.config import hopper_or_later
 from llama_jax.sharding import BLOCK_TABLE, CACHE_AXES, DECODE_Q, HEADS, PAGE_AXES, PER_ROW, ROWS, TOKENS
 
@@ -99,7 +99,12 @@ def _cpu_or(kernel, xla, *args):
 
 
 def linear(x, w, *, transposed=False, cpu_kernels=False):
-    """x [..., K] @ w [K, N] -> [..., N] f32 (w stored [N, K] if transposed), accumulated in f32."""
+    """x [..., K] @ w [K, N] -> [..., N] f32 (w stored [N, K] if transposed), accumulated in f32. w
+    may be a QArray (llama_jax.quant) in the same layout: its product reads the stored bytes."""
+    if isinstance(w, quant.QArray):
+        if (w.axis == -1) != transposed:
+            raise ValueError(f"linear: a QArray with input axis {w.axis} in a {'transposed' if transposed else 'stored'} layout")
+        return quant.qlinear(x, w)
     spec = "...K,NK->...N" if transposed else "...K,KN->...N"
     xla = functools.partial(jnp.einsum, spec, preferred_element_type=jnp.float32)
     rows = x.size // x.shape[-1]
@@ -129,16 +134,17 @@ def embed(table, tokens):
     all-gathers the whole table for every lookup, 1 GB per generated token for Llama 3.1 8B at tp=8."""
     mesh = jax.sharding.get_abstract_mesh()
     n = 1 if mesh.empty else sharding.axis_size("vocab", mesh)
+    rows = quant.take_rows if isinstance(table, quant.QArray) else lambda t, i: t[i]
     if n == 1 or table.shape[0] % n:  # not split (sharding.logical_to_mesh replicates it then)
-        return table[tokens]
+        return rows(table, tokens)
     axis = sharding.spec(("vocab",))[0]
 
     def local(table, tokens):
         v = table.shape[0]  # this device's slice of the vocabulary
         i = tokens - jax.lax.axis_index(axis) * v
         here = (i >= 0) & (i < v)
-        x = jnp.where(here[..., None], table[jnp.clip(i, 0, v - 1)], jnp.zeros((), table.dtype))
-        return jax.lax.psum(x, axis)
+        x = rows(table, jnp.clip(i, 0, v - 1))
+        return jax.lax.psum(jnp.where(here[..., None], x, jnp.zeros((), x.dtype)), axis)
 
     # ("vocab", None): a table split over 'fsdp' as well is gathered whole along D first.
     return _per_device(local, [("vocab", None), TOKENS], ROWS)(table, tokens)

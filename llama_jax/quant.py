@@ -205,6 +205,49 @@ def dequantize(q: QArray, dtype=jnp.float32):
     return _ungroup(w, q.axis).astype(dtype)
 
 
+# --- Reshaping ------------------------------------------------------------------------------------
+
+
+def _out_axis(q: QArray) -> int:
+    """The output axis of a weight's last two: the one that is not the input axis."""
+    return -3 - q.axis
+
+
+def _same_kind(qs) -> None:
+    kinds = {(q.format, q.group_size, q.axis, q.mins is None) for q in qs}
+    if len(kinds) != 1:
+        raise ValueError(f"quantized weights of different kinds cannot be joined: {sorted(map(str, kinds))}")
+
+
+def concatenate_out(qs: list[QArray]) -> QArray:
+    """The QArrays side by side along their outputs (a fused wq|wk|wv): each output channel keeps its
+    own scales, so values, scales and mins concatenate along the same axis."""
+    _same_kind(qs)
+    q0, axis = qs[0], _out_axis(qs[0])
+    join = lambda *a: None if a[0] is None else jnp.concatenate(a, axis=axis)  # noqa: E731
+    return QArray(join(*(q.values for q in qs)), join(*(q.scales for q in qs)), join(*(q.mins for q in qs)),
+                  q0.format, q0.group_size, q0.axis)
+
+
+def split_out(q: QArray, indices) -> list[QArray]:
+    """The inverse of concatenate_out: q split along its outputs at `indices` (as jnp.split's)."""
+    axis = _out_axis(q)
+    parts = [None if a is None else jnp.split(a, indices, axis=axis) for a in (q.values, q.scales, q.mins)]
+    return [QArray(v, s, None if parts[2] is None else parts[2][i], q.format, q.group_size, q.axis)
+            for i, (v, s) in enumerate(zip(parts[0], parts[1]))]
+
+
+def take_rows(q: QArray, index):
+    """Rows of a table [V, D] held as a QArray with its input axis last (an embedding that is also
+    the tied output head), at `index` (any int array) -> [*index.shape, D] float32: only the rows
+    looked up are dequantized."""
+    if q.ndim != 2 or q.axis != -1:
+        raise ValueError(f"take_rows: a [rows, features] table quantized along its features, got shape "
+                         f"{q.shape} with input axis {q.axis}")
+    pick = lambda a: None if a is None else jnp.asarray(a)[index]  # noqa: E731
+    return dequantize(QArray(pick(q.values), pick(q.scales), pick(q.mins), q.format, q.group_size, -1))
+
+
 # --- The product ----------------------------------------------------------------------------------
 
 
@@ -250,6 +293,61 @@ def qlinear(x, q: QArray, *, out_tile: int | None = None):
 
     y = jax.lax.map(tile, jnp.arange(n // out_tile))  # (n / T, ..., T)
     return jnp.moveaxis(y, 0, -2).reshape(*x.shape[:-1], n)
+
+
+# --- A model's parameters -------------------------------------------------------------------------
+
+# The tables a format leaves at 8 bits: the embedding (looked up a row at a time, so its width only
+# costs memory) and the output head, which every token's logits read whole. At 4 bits the head's
+# rounding moves every logit; int8 per channel keeps it close (the same choice as llama.cpp's
+# Q4 files, whose token_embd/output are Q8_0 or Q6_K).
+TABLE_FORMAT = {"int8": "int8", "int4": "int8", "fp8": "fp8"}
+
+
+def quantize_params(params: dict, fmt: str, linear_names, *, release: bool = False) -> dict:
+    """A model's parameters (a nested dict in the stored layout: layers stacked, linear weights
+    [L, in, out], `tok_embeddings` [V, D], optional `output` [D, V]) with every linear weight named
+    in `linear_names` quantized to `fmt` (round to nearest, `quantize`'s defaults), and the
+    embedding and output head to TABLE_FORMAT[fmt]. QArrays already there are kept as they are
+    (a GGUF's own blocks). Norm weights stay float. One weight at a time; with release=True (the
+    caller owns the tree) each float device array is deleted once quantized, so the peak is the
+    quantized model plus one float weight."""
+    if fmt not in FORMATS:
+        raise ValueError(f"quantize must be one of {', '.join(FORMATS)}, got {fmt!r}")
+
+    def one(name, w, fmt, axis=-2):
+        if isinstance(w, QArray):
+            return w
+        k = w.shape[axis]
+        group = INT4_GROUP if fmt == "int4" else None
+        if group and k % group:
+            raise ValueError(f"quantize {fmt}: {name} has {k} inputs, not a multiple of the group size {group}")
+        q = quantize(w, fmt, axis=axis)
+        if release and isinstance(w, jax.Array):
+            w.delete()
+        return q
+
+    params = dict(params)
+    layers = {}
+    for part, ws in params.pop("layers").items():
+        layers[part] = {k: one(f"layers.{part}.{k}", w, fmt) if k in linear_names else w for k, w in ws.items()}
+    params["layers"] = layers
+    table = TABLE_FORMAT[fmt]
+    params["tok_embeddings"] = one("tok_embeddings", params["tok_embeddings"], table, axis=-1)
+    if "output" in params:
+        params["output"] = one("output", params["output"], table)
+    return params
+
+
+def dequantize_params(params: dict, dtype) -> dict:
+    """Every QArray in a parameter tree dequantized to `dtype` (full fine-tuning of a quantized
+    checkpoint trains the float weights it stands for)."""
+    return jax.tree.map(lambda a: dequantize(a, dtype) if isinstance(a, QArray) else a, params,
+                        is_leaf=lambda a: isinstance(a, QArray))
+
+
+def is_quantized(params: dict) -> bool:
+    return any(isinstance(a, QArray) for a in jax.tree.leaves(params, is_leaf=lambda a: isinstance(a, QArray)))
 
 
 # --- GGUF blocks, kept ----------------------------------------------------------------------------
@@ -307,5 +405,6 @@ def from_gguf(type_name: str, blocks: np.ndarray, *, transposed: bool = False) -
                   q.format, q.group_size, q.axis)
 
 
-__all__ = ["FORMATS", "GGUF_BLOCKS", "QArray", "dequantize", "from_gguf", "gguf_block_array", "qlinear",
-           "quantize", "transpose"]
+__all__ = ["FORMATS", "GGUF_BLOCKS", "QArray", "concatenate_out", "dequantize", "from_gguf", "gguf_block_array",
+           "dequantize_params", "is_quantized", "qlinear", "quantize", "quantize_params", "split_out", "take_rows",
+           "transpose"]

@@ -222,17 +222,21 @@ def place(model: nnx.Module, mesh: Mesh | None) -> None:
     for _, var in nnx.iter_graph(model):
         if not isinstance(var, nnx.Variable):
             continue
-        value = var[...]
+        value = var.get_value()
         if mesh is None:
             var.set_value(jax.device_put(value))
             continue
-        axes = var.get_metadata().get("out_sharding") or (None,) * np.ndim(value)
-        sharding = NamedSharding(mesh, logical_to_mesh(tuple(axes), np.shape(value), mesh))
-        if isinstance(value, jax.Array):
-            var.set_value(jax.device_put(value, sharding))
-        else:
-            host = np.asarray(value)
-            var.set_value(jax.make_array_from_callback(host.shape, sharding, lambda idx, h=host: h[idx]))
+        axes = tuple(var.get_metadata().get("out_sharding") or (None,) * value.ndim)
+
+        # A quantized weight's values, scales and mins each follow the weight's axes (each shard's
+        # scales with its rows).
+        def put(a, axes=axes):
+            sharding = NamedSharding(mesh, logical_to_mesh(axes, np.shape(a), mesh))
+            if isinstance(a, jax.Array):
+                return jax.device_put(a, sharding)
+            host = np.asarray(a)
+            return jax.make_array_from_callback(host.shape, sharding, lambda idx, h=host: h[idx])
+        var.set_value(jax.tree.map(put, value))
 
 
 def replicated(x):

@@ -174,3 +174,58 @@ def test_smollm2_q4_1_tensor_kept_equals_its_dequantization():
     ref = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape).astype(np.float32)
     q = from_gguf(t.tensor_type.name, gguf_block_array(t.data, t.tensor_type.name, shape))
     np.testing.assert_array_equal(np.asarray(dequantize(q)), ref.T)
+
+
+# --- A quantized model --------------------------------------------------------------------------------
+
+from llama_jax import api, model as model_lib  # noqa: E402
+from llama_jax.config import LlamaConfig, RuntimeConfig  # noqa: E402
+from llama_jax.model import Layout  # noqa: E402
+
+QCONFIG = LlamaConfig(vocab_size=96, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, max_seq_len=64, bos_id=1, eos_ids=(95,),
+                      tie_embeddings=True)
+XLA = RuntimeConfig(param_dtype="float32", dtype="float32", cpu_kernels="off")
+
+
+@pytest.mark.parametrize("fmt", quant.FORMATS)
+@pytest.mark.parametrize("layout", [api.INFERENCE_LAYOUT, model_lib.STORED, Layout(per_layer=True, fused=True)],
+                         ids=["inference", "stored", "fused"])
+@pytest.mark.parametrize("tied", [True, False])
+def test_quantized_model_is_its_dequantized_model(fmt, layout, tied):
+    """A model over QArrays gives the logits of the float model over the weights they stand for, in
+    every layout (the views transpose and fuse QArrays as they do arrays), the embedding and head
+    included; the stored view round-trips the QArrays."""
+    import dataclasses
+    config = dataclasses.replace(QCONFIG, tie_embeddings=tied)
+    float_params = api.from_config(config, XLA, seed=1).params
+    qparams = quant.quantize_params(float_params, fmt, model_lib.LINEAR_WEIGHTS)
+    assert all(isinstance(w, QArray) for w in qparams["layers"]["attention"].values())
+    assert isinstance(qparams["tok_embeddings"], QArray) and (tied or isinstance(qparams["output"], QArray))
+    llm = api.from_params(config, qparams, XLA, layout=layout)
+    ref = api.from_params(config, quant.dequantize_params(qparams, jnp.float32), XLA, layout=layout)
+    tokens = np.random.default_rng(2).integers(0, config.vocab_size, (2, 24))
+    got, want = llm.logits(tokens), ref.logits(tokens)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, atol=2e-5 * np.abs(want).max(), rtol=0)
+    back = llm.params["layers"]["feed_forward"]["w1"]
+    assert isinstance(back, QArray) and back.axis == -2
+    np.testing.assert_array_equal(np.asarray(back.values), np.asarray(qparams["layers"]["feed_forward"]["w1"].values))
+
+
+def test_quantized_model_generates_its_dequantized_models_tokens():
+    qparams = quant.quantize_params(api.from_config(QCONFIG, XLA, seed=3).params, "int4", model_lib.LINEAR_WEIGHTS)
+    llm = api.from_params(QCONFIG, qparams, XLA)
+    ref = api.from_params(QCONFIG, quant.dequantize_params(qparams, jnp.float32), XLA)
+    prompts = [[1, 2, 3, 4], [5, 6]]
+    for sampling in (dict(), dict(temperature=1.0, seed=5)):
+        got = [c.token_ids for c in llm.generate(prompts, max_new_tokens=12, **sampling)]
+        assert got == [c.token_ids for c in ref.generate(prompts, max_new_tokens=12, **sampling)]
+
+
+def test_quantize_params_names_what_cannot_be_quantized():
+    config = LlamaConfig(vocab_size=64, dim=40, n_layers=1, n_heads=5, n_kv_heads=5, ffn_dim=72)
+    params = api.from_config(config, XLA).params
+    with pytest.raises(ValueError, match=r"layers\.attention\.wq has 40 inputs, not a multiple of the group size 32"):
+        quant.quantize_params(params, "int4", model_lib.LINEAR_WEIGHTS)
+    with pytest.raises(ValueError, match="quantize must be one of"):
+        quant.quantize_params(params, "int3", model_lib.LINEAR_WEIGHTS)
