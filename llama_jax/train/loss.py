@@ -17,6 +17,8 @@ from jax.sharding import PartitionSpec as P
 
 from llama_jax import context_parallel, ops, sharding
 from llama_jax.model import Transformer, scan_layers
+from llama_jax.quant import QArray
+
 
 def _targets(tokens, segment_ids):
     """Next-token targets [B, T-1] and their weights: 1 where token t+1 follows t in the same document,
@@ -32,7 +34,7 @@ def _head(tied: bool, cpu: bool, w, x):
     """Logits [B, C, V] f32 of hidden states x [B, C, D]: Transformer.head with its weight passed in
     (the embedding [V, D] when tied, else the output [D, V]), so the loss can differentiate it by hand.
     cpu: the RuntimeConfig's cpu_kernels resolved "on"."""
-    return ops.linear(x, w.astype(x.dtype), transposed=tied, cpu_kernels=cpu)
+    return ops.linear(x, w if isinstance(w, QArray) else w.astype(x.dtype), transposed=tied, cpu_kernels=cpu)
 
 
 def _chunk_loss(tied, cpu, w, hc, tc, wc):
@@ -46,21 +48,22 @@ def _chunk_loss(tied, cpu, w, hc, tc, wc):
     return jnp.sum(wc * (lse - picked)), e / total
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def chunked_cross_entropy(tied: bool, cpu: bool, w, h, targets, weights):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def chunked_cross_entropy(tied: bool, cpu: bool, head_grad: bool, w, h, targets, weights):
     """Sum of weights * next-token cross-entropy, f32, over chunks: h [n, B, C, D] hidden states,
     targets and weights [n, B, C] (each chunk keeps the batch axis, so a batch split over devices
     stays split). One chunk's [B, C, V] f32 logits exist at a time, forward and backward:
     the gradient is computed in the forward pass (softmax minus one-hot, chunk by chunk, the head's
     two matmuls), so nothing is recomputed and the backward only scales it. cpu: the products on the
-    C++ CPU backend where it serves (RuntimeConfig.cpu_kernels resolved "on")."""
+    C++ CPU backend where it serves (RuntimeConfig.cpu_kernels resolved "on"). head_grad: False when
+    w is frozen (LoRA): its gradient, a [V, D] product per chunk, is then not computed (zero)."""
     def body(_, xs):
         return None, _chunk_loss(tied, cpu, w, *xs)[0]
     _, losses = jax.lax.scan(body, None, (h, targets, weights))
     return jnp.sum(losses)
 
 
-def _cross_entropy_fwd(tied, cpu, w, h, targets, weights):
+def _cross_entropy_fwd(tied, cpu, head_grad, w, h, targets, weights):
     wx = w.astype(h.dtype)
 
     def body(dw, xs):
@@ -69,15 +72,18 @@ def _cross_entropy_fwd(tied, cpu, w, h, targets, weights):
         onehot = tc[..., None] == jnp.arange(p.shape[-1])
         dlogits = (jnp.where(onehot, p - 1, p) * wc[..., None]).astype(hc.dtype)  # (softmax - one-hot) * weight
         dh = ops.linear(dlogits, wx, transposed=not tied, cpu_kernels=cpu)  # (B, C, D)
-        dw = dw + (ops.contract_rows(dlogits, hc, cpu_kernels=cpu) if tied else
-                   ops.contract_rows(hc, dlogits, cpu_kernels=cpu))
+        if head_grad:
+            dw = dw + (ops.contract_rows(dlogits, hc, cpu_kernels=cpu) if tied else
+                       ops.contract_rows(hc, dlogits, cpu_kernels=cpu))
         return dw, (loss, dh.astype(hc.dtype))
 
-    dw, (losses, dh) = jax.lax.scan(body, jnp.zeros(w.shape, jnp.float32), (h, targets, weights))
-    return jnp.sum(losses), (dw.astype(w.dtype), dh, targets, weights)
+    dw, (losses, dh) = jax.lax.scan(body, jnp.zeros(w.shape if head_grad else (), jnp.float32),
+                                    (h, targets, weights))
+    dw = dw.astype(w.dtype) if head_grad else jnp.zeros(w.shape, w.dtype)
+    return jnp.sum(losses), (dw, dh, targets, weights)
 
 
-def _cross_entropy_bwd(tied, cpu, res, g):
+def _cross_entropy_bwd(tied, cpu, head_grad, res, g):
     dw, dh, targets, weights = res
     return ((g * dw).astype(dw.dtype), (g * dh).astype(dh.dtype), np.zeros(targets.shape, jax.dtypes.float0),
             jnp.zeros_like(weights))
@@ -87,12 +93,13 @@ chunked_cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
 
 
 def loss_sums(model: Transformer, tokens, segment_ids=None, positions=None, *, remat=False, chunk: int = 1024,
-              walk=scan_layers):
+              walk=scan_layers, head_grad: bool = True):
     """(sum of next-token cross-entropies over the target tokens, their count), both f32, of one batch
     [B, T]. The output head runs over about `chunk` tokens at a time, chunk // B of each row
     (chunked_cross_entropy), so the full [B, T, V] f32 logits never exist. walk: how stacked layers
     run (`Transformer.hidden`; the trainer passes the pipeline under a mesh with stages). Under a
-    mesh that splits the sequence, the forward runs context-parallel (context_parallel.hidden)."""
+    mesh that splits the sequence, the forward runs context-parallel (context_parallel.hidden).
+    head_grad: False when the output head is frozen (LoRA), so its gradient is not computed."""
     h, _ = context_parallel.hidden(model, tokens, positions, segment_ids=segment_ids, remat=remat, walk=walk)
     targets, weights = _targets(tokens, segment_ids)  # (B, T-1)
     b, t = targets.shape
@@ -108,11 +115,11 @@ def loss_sums(model: Transformer, tokens, segment_ids=None, positions=None, *, r
 
     h, targets, weights = chunks(h), chunks(targets), chunks(weights)
     tied, cpu = model.config.tie_embeddings, model.runtime.cpu_kernels == "on"
-    w = model.tok_embeddings[...] if tied else model.output[...]
-    return _cross_entropy_per_device(tied, cpu, w, h, targets, weights), jnp.sum(weights)
+    w = (model.tok_embeddings if tied else model.output).get_value()
+    return _cross_entropy_per_device(tied, cpu, head_grad, w, h, targets, weights), jnp.sum(weights)
 
 
-def _cross_entropy_per_device(tied: bool, cpu: bool, w, h, targets, weights):
+def _cross_entropy_per_device(tied: bool, cpu: bool, head_grad: bool, w, h, targets, weights):
     """chunked_cross_entropy, run per device over the mesh's batch split (a shard_map manual over
     the batch axes): each device adds its rows' head gradient up over all its chunks and the devices
     sum it once, where the map ends (a reduce-scatter under 'fsdp'). Left to XLA, the head gradient
@@ -121,7 +128,7 @@ def _cross_entropy_per_device(tied: bool, cpu: bool, w, h, targets, weights):
     mesh = jax.sharding.get_abstract_mesh()
     entry = None if mesh.empty else sharding.spec(("batch",), mesh)[0]
     if entry is None:
-        return chunked_cross_entropy(tied, cpu, w, h, targets, weights)
+        return chunked_cross_entropy(tied, cpu, head_grad, w, h, targets, weights)
     axes = (entry,) if isinstance(entry, str) else tuple(entry)
     w_axes = ("vocab", "embed") if tied else ("embed", "vocab")
     # w as split over the batch axes only ('fsdp' splits the weights' D); the rest stays Auto.
@@ -131,7 +138,7 @@ def _cross_entropy_per_device(tied: bool, cpu: bool, w, h, targets, weights):
         for dim, e in enumerate(w_spec):
             if e is not None:  # the whole weight on each device (its transpose: one reduce-scatter)
                 w = jax.lax.all_gather(w, e, axis=dim, tiled=True)
-        return jax.lax.psum(chunked_cross_entropy(tied, cpu, w, h, targets, weights), axes)
+        return jax.lax.psum(chunked_cross_entropy(tied, cpu, head_grad, w, h, targets, weights), axes)
 
     rows = P(None, entry)  # h [n, B, C, D], targets and weights [n, B, C]: split by B
     return jax.shard_map(local, in_specs=(w_spec, rows, rows, rows), out_specs=P(), axis_names=set(axes),
