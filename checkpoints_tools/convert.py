@@ -1,7 +1,13 @@
 """convert-weights: a Hugging Face directory or a .gguf file -> a converted checkpoint (Orbax params,
 llama_config.json, tokenizer files; docs/CHECKPOINT_FORMAT.md).
 
-    python -m checkpoints_tools.convert SRC DST [--dtype bfloat16|float32] [--force] [--allow-extra]
+    python -m checkpoints_tools.convert SRC DST [--dtype bfloat16|float32] [--quantize int8|int4|fp8]
+        [--force] [--allow-extra]
+
+Quantized weights (llama_jax.quant, docs/CHECKPOINT_FORMAT.md): a GGUF's Q8_0, Q4_0 and Q4_1 tensors
+are stored as they are (int8 / int4 with their scales and minimums); other GGUF types dequantize, with
+a line saying so. --quantize rounds every other linear weight to the format as it streams, and the
+embedding and output head to 8 bits (llama_jax.quant.quantization_plan).
 
 Memory: tensors stream from the source's memory map into Orbax one at a time (llama_jax.orbax_io),
 and each source tensor's mapped pages are dropped once written, so the converting process holds about
@@ -46,6 +52,7 @@ class _Source:
     tensors: Callable[[], Iterator]
     write_tokenizer: Callable[[str], None]
     kind: str
+    kept: dict = dataclasses.field(default_factory=dict)  # path -> QSpec of the weights it yields quantized
 
 
 def _temp_names(dst: str) -> re.Pattern:
@@ -129,7 +136,12 @@ def _gguf_source(src: str, allow_extra: bool) -> _Source:
             with open(os.path.join(dst, name), "w") as f:
                 f.write(text)
 
-    return _Source(g.config, lambda: g.tensors(allow_extra=allow_extra), write_tokenizer, "GGUF")
+    dequantized = g.dequantized_types()
+    if dequantized:
+        print(f"note: {src}: " + ", ".join(f"{n} {t} tensors" for t, n in sorted(dequantized.items()))
+              + " dequantized to float (kept as they are: Q8_0, Q4_0, Q4_1)", file=sys.stderr)
+    return _Source(g.config, lambda: g.tensors(allow_extra=allow_extra, keep_quantized=True), write_tokenizer,
+                   "GGUF", g.kept())
 
 
 def _open_source(src: str, allow_extra: bool) -> _Source:
@@ -156,19 +168,26 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def convert(src, dst, *, dtype: str = "bfloat16", force: bool = False, allow_extra: bool = False,
-            progress: bool = True) -> str:
+def convert(src, dst, *, dtype: str = "bfloat16", quantize: str | None = None, force: bool = False,
+            allow_extra: bool = False, progress: bool = True) -> str:
     """Converts SRC (a Hugging Face model directory or a .gguf file) into the converted checkpoint
-    directory DST, parameters stored in `dtype`. Returns DST. Raises UsageError (bad arguments, DST
-    exists without force) or a ValueError naming the culprit; nothing is left at DST on failure."""
+    directory DST, float parameters stored in `dtype`, the GGUF's Q8_0/Q4_0/Q4_1 weights as they are,
+    and with `quantize` every other linear weight quantized. Returns DST. Raises UsageError (bad
+    arguments, DST exists without force) or a ValueError naming the culprit; nothing is left at DST
+    on failure."""
+    import jax
+    import numpy as np
     from tqdm import tqdm
 
-    from llama_jax import orbax_io
+    from llama_jax import orbax_io, quant
     from llama_jax.checkpoint import param_shapes
+    from llama_jax.model import LINEAR_WEIGHTS
 
     src, dst = os.path.abspath(os.fspath(src)), os.path.abspath(os.fspath(dst))
     if dtype not in DTYPES:
         raise UsageError(f"dtype {dtype!r}: must be one of {', '.join(DTYPES)}")
+    if quantize not in (None, *quant.FORMATS):
+        raise UsageError(f"quantize {quantize!r}: must be one of {', '.join(quant.FORMATS)}")
     if os.path.lexists(dst) and not force:
         raise UsageError(f"{dst}: already exists (use --force to replace it)")
     if dst == src or src.startswith(dst + os.sep):
@@ -180,9 +199,17 @@ def convert(src, dst, *, dtype: str = "bfloat16", force: bool = False, allow_ext
     source = _open_source(src, allow_extra)
     config = source.config
     shapes = param_shapes(config)
+    plan = quant.quantization_plan(shapes, quantize, LINEAR_WEIGHTS) if quantize else {}
+    quantized = {**{p: quant.QSpec.quantized(fmt, axis) for p, (fmt, axis) in plan.items()}, **source.kept}
     n_tensors = sum(s[0] if p[0] == "layers" else 1 for p, s in shapes.items())
-    itemsize = 2 if dtype == "bfloat16" else 4
-    total = sum(itemsize * math.prod(s) for s in shapes.values())
+    total = sum(math.prod(s) * d.itemsize for s, d in orbax_io.stored_leaves(config, dtype, quantized).values())
+
+    def tensors():
+        for path, layer, a in source.tensors():
+            if path in plan and not isinstance(a, quant.QArray):
+                name = ".".join(path) + ("" if layer is None else f"[{layer}]")
+                a = jax.tree.map(np.asarray, quant.quantize_weight(name, a, *plan[path]))
+            yield path, layer, a
 
     clean_stale_temps(dst)
     tmp = os.path.join(parent, f".{os.path.basename(dst)}.convert-{os.getpid()}.tmp")
@@ -199,10 +226,10 @@ def convert(src, dst, *, dtype: str = "bfloat16", force: bool = False, allow_ext
         bar.set_postfix_str(f"{count[0]}/{n_tensors} tensors", refresh=False)
 
     try:
-        orbax_io.write_params(os.path.join(tmp, orbax_io.PARAMS_DIR), config, dtype, source.tensors(),
-                              on_tensor=on_tensor)
+        orbax_io.write_params(os.path.join(tmp, orbax_io.PARAMS_DIR), config, dtype, tensors(),
+                              on_tensor=on_tensor, quantized=quantized)
         bar.close()
-        orbax_io.write_config(tmp, config, dtype)
+        orbax_io.write_config(tmp, config, dtype, quantized)
         source.write_tokenizer(tmp)
         _fsync_dir(tmp)
         if os.path.lexists(dst):  # force: the old one goes only now that the new one is complete
@@ -219,7 +246,9 @@ def convert(src, dst, *, dtype: str = "bfloat16", force: bool = False, allow_ext
         raise
     if progress:
         elapsed, size = time.time() - start, _dir_size(dst)
-        print(f"converted {source.kind} {src} -> {dst}: {count[0]} tensors, {size / 1e6:.1f} MB ({dtype}) "
+        formats = sorted({q.format for q in quantized.values()})
+        stored = dtype + (f", {'/'.join(formats)} weights" if formats else "")
+        print(f"converted {source.kind} {src} -> {dst}: {count[0]} tensors, {size / 1e6:.1f} MB ({stored}) "
               f"in {elapsed:.1f} s ({total / 1e6 / max(elapsed, 1e-9):.0f} MB/s)")
     return dst
 
@@ -228,7 +257,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The convert arguments, shared with `llama-jax convert`."""
     p.add_argument("src", metavar="SRC", help="a Hugging Face model directory or a .gguf file")
     p.add_argument("dst", metavar="DST", help="the converted checkpoint directory to create")
-    p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="stored parameter dtype (default bfloat16)")
+    p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="stored float parameter dtype (default bfloat16)")
+    p.add_argument("--quantize", choices=("int8", "int4", "fp8"), default=None,
+                   help="store the linear weights quantized (weight-only, round to nearest; the embedding "
+                        "and head at 8 bits)")
     p.add_argument("--force", action="store_true", help="replace DST if it exists")
     p.add_argument("--allow-extra", action="store_true", help="ignore tensors we do not use instead of failing")
 
@@ -239,7 +271,8 @@ def run(args: argparse.Namespace) -> int:
     from llama_jax.safetensors_io import SafetensorsError
 
     try:
-        convert(args.src, args.dst, dtype=args.dtype, force=args.force, allow_extra=args.allow_extra)
+        convert(args.src, args.dst, dtype=args.dtype, quantize=args.quantize, force=args.force,
+                allow_extra=args.allow_extra)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

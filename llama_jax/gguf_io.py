@@ -1,7 +1,9 @@
 """GGUF (llama.cpp) checkpoints: config, tensors and tokenizer, read with the `gguf` package only.
 
-Tensors are dequantized one at a time (`gguf.quants.dequantize`) into float32 in our layout. Two
-things differ from a Hugging Face checkpoint:
+Q8_0, Q4_0 and Q4_1 tensors are kept as they are (llama_jax.quant: int8 / int4 QArrays, the blocks
+byte for byte) where every layer of a weight has the same one of those types; other tensors are
+dequantized one at a time (`gguf.quants.dequantize`) into float32 in our layout. Two things differ
+from a Hugging Face checkpoint:
 - llama.cpp's converter permutes the rows of the q/k projections (its RoPE rotates interleaved
   pairs, ours and HF's rotate halves); we undo it as transformers' GGUF loader does
   (`LlamaTensorProcessor._reverse_permute_weights`).
@@ -21,6 +23,7 @@ import numpy as np
 
 from llama_jax.checkpoint import param_shapes
 from llama_jax.config import LlamaConfig
+from llama_jax.quant import GGUF_BLOCK, GGUF_BLOCKS, QSpec, from_gguf, gguf_block_array
 
 
 class GGUFError(ValueError):
@@ -148,10 +151,34 @@ class GGUFCheckpoint:
                 out[name if i is None else f"blk.{i}.{name}"] = (path, i, fn, theirs)
         return out
 
-    def tensors(self, *, allow_extra: bool = False
+    def kept(self) -> dict[tuple[str, ...], QSpec]:
+        """The weights `tensors(keep_quantized=True)` yields as QArrays: our path -> QSpec. A weight
+        is kept when all its tensors (one per layer) have the same type among GGUF_BLOCKS."""
+        types: dict[tuple[str, ...], set[str]] = {}
+        for name, (path, _, fn, _) in self._expected().items():
+            if name in self._tensors:
+                types.setdefault((path, fn), set()).add(self._tensors[name].tensor_type.name)
+        kept = {}
+        for (path, fn), names in types.items():
+            if len(names) == 1 and (t := next(iter(names))) in GGUF_BLOCKS:
+                _, fmt, has_min = GGUF_BLOCKS[t]
+                kept[path] = QSpec(fmt, GGUF_BLOCK, -2 if fn else -1, "float16", has_min)
+        return kept
+
+    def dequantized_types(self) -> dict[str, int]:
+        """Quantized GGUF types `tensors(keep_quantized=True)` dequantizes to float: name -> tensors."""
+        kept, counts = self.kept(), {}
+        for name, (path, *_) in self._expected().items():
+            t = self._tensors.get(name)
+            if t is not None and path not in kept and t.tensor_type.name not in ("F32", "F16", "BF16"):
+                counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+        return counts
+
+    def tensors(self, *, allow_extra: bool = False, keep_quantized: bool = False
                 ) -> Iterator[tuple[tuple[str, ...], int | None, np.ndarray]]:
-        """Yields (our path, layer index or None, float32 array in our layout) in file order, after
-        checking every tensor is present with its expected shape."""
+        """Yields (our path, layer index or None, array in our layout) in file order, after checking
+        every tensor is present with its expected shape: float32, or with keep_quantized a QArray
+        for the weights `kept()` names."""
         import gguf
 
         expected = self._expected()
@@ -168,8 +195,17 @@ class GGUFCheckpoint:
             if shape != expected[name][3]:
                 raise GGUFError(f"{self.path}: tensor {name!r} has shape {shape}, expected {expected[name][3]}")
         c = self.config
+        kept = self.kept() if keep_quantized else {}
         for t in sorted((t for t in self.reader.tensors if t.name in expected), key=lambda t: t.data_offset):
             path, layer, fn, shape = expected[t.name]
+            if path in kept:
+                # Rows are whole blocks, so the q/k row permutation is undone on the blocks.
+                blocks = gguf_block_array(t.data, t.tensor_type.name, shape)
+                if fn in ("q", "k"):
+                    blocks = _reverse_permute(blocks, c.n_heads if fn == "q" else c.n_kv_heads)
+                yield path, layer, from_gguf(t.tensor_type.name, blocks, transposed=not fn)
+                drop_mapped_pages(t.data)
+                continue
             a = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape).astype(np.float32, copy=False)
             if fn == "q":
                 a = _reverse_permute(a, c.n_heads)

@@ -29,6 +29,7 @@ from orbax.checkpoint import future as ocp_future
 
 from llama_jax.checkpoint import param_shapes, unflatten
 from llama_jax.config import LlamaConfig
+from llama_jax.quant import QArray, QSpec, parts as quantized_parts
 
 CONFIG_FILE = "llama_config.json"
 PARAMS_DIR = "params"
@@ -47,6 +48,9 @@ def is_converted(path: str | os.PathLike) -> bool:
 # The key of llama_config.json that names the dtype the parameters are stored in: a property of the
 # checkpoint (how it runs is the RuntimeConfig's, chosen at load).
 STORED_DTYPE = "param_dtype"
+# The key that lists the weights stored quantized: "layers/attention/wq" -> its QSpec. Each such
+# weight is a subtree of its parts (values, scales[, mins]) in params/, each in its own dtype.
+QUANTIZED = "quantized"
 
 
 def _read_json(path: str | os.PathLike) -> dict:
@@ -63,7 +67,7 @@ def _read_json(path: str | os.PathLike) -> dict:
 def read_config(path: str | os.PathLike) -> LlamaConfig:
     """The LlamaConfig stored in a converted checkpoint's llama_config.json."""
     try:
-        return LlamaConfig.from_dict(_read_json(path))
+        return LlamaConfig.from_dict({k: v for k, v in _read_json(path).items() if k != QUANTIZED})
     except (TypeError, ValueError) as e:
         raise ValueError(f"{os.path.join(os.fspath(path), CONFIG_FILE)}: invalid ({e})") from None
 
@@ -73,11 +77,39 @@ def stored_dtype(path: str | os.PathLike) -> str:
     return _read_json(path).get(STORED_DTYPE) or "float32"
 
 
-def write_config(path: str | os.PathLike, config: LlamaConfig, dtype: str) -> None:
-    """llama_config.json: the architecture and the dtype the parameters are stored in."""
+def read_quantized(path: str | os.PathLike) -> dict[tuple[str, ...], QSpec]:
+    """The weights a converted checkpoint stores quantized: our path -> QSpec (none: {})."""
+    try:
+        return {tuple(k.split("/")): QSpec.from_json(v) for k, v in _read_json(path).get(QUANTIZED, {}).items()}
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{os.path.join(os.fspath(path), CONFIG_FILE)}: invalid {QUANTIZED!r} ({e})") from None
+
+
+def write_config(path: str | os.PathLike, config: LlamaConfig, dtype: str,
+                 quantized: dict[tuple[str, ...], QSpec] | None = None) -> None:
+    """llama_config.json: the architecture, the dtype the float parameters are stored in, and the
+    weights stored quantized."""
+    extra = {QUANTIZED: {"/".join(p): q.to_json() for p, q in quantized.items()}} if quantized else {}
     with open(os.path.join(os.fspath(path), CONFIG_FILE), "w") as f:
-        json.dump({**config.to_dict(), STORED_DTYPE: jnp.dtype(dtype).name}, f, indent=2)
+        json.dump({**config.to_dict(), STORED_DTYPE: jnp.dtype(dtype).name, **extra}, f, indent=2)
         f.write("\n")
+
+
+def stored_leaves(config: LlamaConfig, dtype, quantized: dict[tuple[str, ...], QSpec] | None = None
+                  ) -> dict[tuple[str, ...], tuple[tuple[int, ...], np.dtype]]:
+    """Every array params/ holds: path -> (shape, dtype). A float parameter is stored in `dtype`; a
+    quantized one as its parts, each at path + (part,) in its own dtype."""
+    quantized = quantized or {}
+    unknown = sorted(set(quantized) - set(param_shapes(config)))
+    if unknown:
+        raise ValueError(f"quantized weight {'/'.join(unknown[0])} is not a parameter of this model")
+    out = {}
+    for path, shape in param_shapes(config).items():
+        if path in quantized:
+            out.update({path + (name,): part for name, part in quantized[path].parts(shape).items()})
+        else:
+            out[path] = (tuple(shape), np.dtype(jnp.dtype(dtype)))
+    return out
 
 
 def read_converted(path: str | os.PathLike, *, dtype=None, shardings=None) -> tuple[LlamaConfig, dict]:
@@ -93,7 +125,9 @@ def read_converted(path: str | os.PathLike, *, dtype=None, shardings=None) -> tu
     if not is_converted(path):
         raise FileNotFoundError(f"{path}: not a converted checkpoint (no {CONFIG_FILE} and {PARAMS_DIR}/)")
     config = read_config(path)
-    dtype = jnp.dtype(dtype or stored_dtype(path))
+    stored = jnp.dtype(stored_dtype(path))
+    dtype = jnp.dtype(dtype or stored)
+    quantized = read_quantized(path)
     shapes = param_shapes(config)
     if shardings is None:
         one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -103,10 +137,30 @@ def read_converted(path: str | os.PathLike, *, dtype=None, shardings=None) -> tu
         if set(flat_shardings) != set(shapes):
             raise ValueError(f"shardings: structure differs from the params "
                              f"({sorted(set(flat_shardings) ^ set(shapes))[:3]} ...)")
-    abstract = unflatten({p: jax.ShapeDtypeStruct(s, dtype, sharding=flat_shardings[p]) for p, s in shapes.items()})
+    leaves = {}
+    for leaf, (shape, leaf_dtype) in stored_leaves(config, stored, quantized).items():
+        weight = leaf if leaf in shapes else leaf[:-1]  # a quantized part restores beside its weight
+        leaves[leaf] = jax.ShapeDtypeStruct(shape, dtype if leaf in shapes else leaf_dtype,
+                                            sharding=_part_sharding(flat_shardings[weight], shape))
     with ocp.StandardCheckpointer() as ckptr:
-        params = ckptr.restore(os.path.join(path, PARAMS_DIR), abstract)
-    return config, params
+        params = ckptr.restore(os.path.join(path, PARAMS_DIR), unflatten(leaves))
+    flat = _flatten(params)
+    for weight, spec in quantized.items():
+        flat[weight] = spec.build({name: flat.pop(weight + (name,)) for name in spec.parts(shapes[weight])})
+    return config, unflatten(flat)
+
+
+def _part_sharding(s: jax.sharding.Sharding, shape: tuple[int, ...]) -> jax.sharding.Sharding:
+    """A weight's sharding for one of its arrays (a quantized part may be shorter along the input:
+    packed values, one scale per group): an axis it cannot split evenly stays whole."""
+    if not isinstance(s, jax.sharding.NamedSharding):
+        return s
+    spec = []
+    for i, axes in enumerate(tuple(s.spec) + (None,) * (len(shape) - len(s.spec))):
+        names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        n = int(np.prod([s.mesh.shape[a] for a in names])) if names else 1
+        spec.append(axes if shape[i] % n == 0 else None)
+    return jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec(*spec))
 
 
 def _flatten(tree: dict, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], object]:
@@ -139,7 +193,7 @@ class _StreamedLeaf:
 
 @dataclasses.dataclass
 class _Stream:
-    tensors: Iterable[tuple[tuple[str, ...], int | None, np.ndarray]]
+    tensors: Iterable[tuple[tuple[str, ...], int | None, np.ndarray | QArray]]
     on_tensor: Callable[[np.ndarray], None] | None
     error: BaseException | None = None
 
@@ -189,14 +243,19 @@ class _StreamingHandler(ocp.type_handlers.NumpyHandler):
                                                 context=info.ts_context), value)
         stream = values[0].stream
         written = {p: set() for p in stores}
-        for path, layer, a in stream.tensors:
-            store, value = stores[path]
-            a = np.ascontiguousarray(a, dtype=value.dtype)
-            await write_tensor(store, layer, a)
-            written[path].add(layer)
+        for path, layer, tensor in stream.tensors:
+            arrays = ({path + (k,): a for k, a in quantized_parts(tensor).items()} if isinstance(tensor, QArray)
+                      else {path: tensor})
+            if not set(arrays) <= set(stores):
+                raise ValueError(f"stream gave {'/'.join(path)} {'quantized' if isinstance(tensor, QArray) else 'as floats'}, "
+                                 f"which the checkpoint's table does not hold so")
+            for leaf, a in arrays.items():
+                store, value = stores[leaf]
+                await write_tensor(store, layer, np.ascontiguousarray(a, dtype=value.dtype))
+                written[leaf].add(layer)
             if stream.on_tensor is not None:
-                stream.on_tensor(a)
-            del a
+                stream.on_tensor(tensor)
+            del tensor, arrays
         for path, (_, value) in stores.items():  # every layer of every array, exactly once
             want = set(range(value.shape[0])) if value.stacked else {None}
             if written[path] != want:
@@ -205,19 +264,21 @@ class _StreamingHandler(ocp.type_handlers.NumpyHandler):
 
 
 def write_params(directory: str | os.PathLike, config: LlamaConfig, dtype,
-                 tensors: Iterable[tuple[tuple[str, ...], int | None, np.ndarray]], *,
-                 on_tensor: Callable[[np.ndarray], None] | None = None) -> None:
+                 tensors: Iterable[tuple[tuple[str, ...], int | None, np.ndarray | QArray]], *,
+                 on_tensor: Callable[[np.ndarray | QArray], None] | None = None,
+                 quantized: dict[tuple[str, ...], QSpec] | None = None) -> None:
     """Writes the params of `config` as an Orbax checkpoint at `directory` (must not exist),
     streaming: `tensors` yields (our path, layer index or None, array in our layout) one at a time,
-    each cast to `dtype` and written before the next is read. on_tensor(a) is called after each."""
+    each cast to `dtype` and written before the next is read; the weights in `quantized` come as
+    QArrays (a layer's, for stacked ones) and are written as their parts. on_tensor(a) is called
+    after each."""
     directory = os.path.abspath(os.fspath(directory))
-    dtype = np.dtype(jnp.dtype(dtype))
     # Take the first tensor here, so a source that validates before yielding (names, shapes) fails
     # in the caller's thread, before Orbax starts.
     tensors = iter(tensors)
     first = next(tensors, None)
     stream = _Stream(itertools.chain([first] if first is not None else [], tensors), on_tensor)
-    tree = unflatten({p: _StreamedLeaf(p, tuple(s), dtype, stream) for p, s in param_shapes(config).items()})
+    tree = unflatten({p: _StreamedLeaf(p, s, d, stream) for p, (s, d) in stored_leaves(config, dtype, quantized).items()})
     # jax.Array registered too, only because Orbax warns when a registry lacks it.
     registry = ocp.type_handlers.create_type_handler_registry(
         (_StreamedLeaf, _StreamingHandler()), (jax.Array, ocp.type_handlers.ArrayHandler()))

@@ -304,39 +304,55 @@ def qlinear(x, q: QArray, *, out_tile: int | None = None):
 TABLE_FORMAT = {"int8": "int8", "int4": "int8", "fp8": "fp8"}
 
 
-def quantize_params(params: dict, fmt: str, linear_names, *, release: bool = False) -> dict:
-    """A model's parameters (a nested dict in the stored layout: layers stacked, linear weights
-    [L, in, out], `tok_embeddings` [V, D], optional `output` [D, V]) with every linear weight named
-    in `linear_names` quantized to `fmt` (round to nearest, `quantize`'s defaults), and the
-    embedding and output head to TABLE_FORMAT[fmt]. QArrays already there are kept as they are
-    (a GGUF's own blocks). Norm weights stay float. One weight at a time; with release=True (the
-    caller owns the tree) each float device array is deleted once quantized, so the peak is the
-    quantized model plus one float weight."""
+def quantization_plan(paths, fmt: str, linear_names) -> dict[tuple[str, ...], tuple[str, int]]:
+    """What quantizing a model to `fmt` does to each parameter path (tuples, as in the stored
+    layout): path -> (format, input axis) for the linear weights named in `linear_names` ([L, in,
+    out]: axis -2), the embedding ([V, D]: axis -1, the tied head reads it [out, in]) and the
+    output head; norm weights are not in it (they stay float)."""
     if fmt not in FORMATS:
         raise ValueError(f"quantize must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    plan = {}
+    for path in paths:
+        if path[0] == "layers" and path[-1] in linear_names:
+            plan[path] = (fmt, -2)
+        elif path == ("tok_embeddings",):
+            plan[path] = (TABLE_FORMAT[fmt], -1)
+        elif path == ("output",):
+            plan[path] = (TABLE_FORMAT[fmt], -2)
+    return plan
 
-    def one(name, w, fmt, axis=-2):
-        if isinstance(w, QArray):
+
+def quantize_weight(name: str, w, fmt: str, axis: int) -> QArray:
+    """quantize(w, fmt, axis=axis) with quantize's defaults; a ValueError naming the weight when
+    its input axis does not split into groups."""
+    group = INT4_GROUP if fmt == "int4" else None
+    if group and w.shape[axis] % group:
+        raise ValueError(f"quantize {fmt}: {name} has {w.shape[axis]} inputs, not a multiple of the group size {group}")
+    return quantize(w, fmt, axis=axis)
+
+
+def quantize_params(params: dict, fmt: str, linear_names, *, release: bool = False) -> dict:
+    """A model's parameters (a nested dict in the stored layout) quantized as `quantization_plan`
+    says, round to nearest. QArrays already there are kept as they are (a GGUF's own blocks). One
+    weight at a time; with release=True (the caller owns the tree) each float device array is
+    deleted once quantized, so the peak is the quantized model plus one float weight."""
+    def walk(tree, prefix):
+        return {k: walk(v, prefix + (k,)) if isinstance(v, dict) else one(prefix + (k,), v) for k, v in tree.items()}
+
+    def one(path, w):
+        if path not in plan or isinstance(w, QArray):
             return w
-        k = w.shape[axis]
-        group = INT4_GROUP if fmt == "int4" else None
-        if group and k % group:
-            raise ValueError(f"quantize {fmt}: {name} has {k} inputs, not a multiple of the group size {group}")
-        q = quantize(w, fmt, axis=axis)
+        q = quantize_weight(".".join(path), w, *plan[path])
         if release and isinstance(w, jax.Array):
             w.delete()
         return q
 
-    params = dict(params)
-    layers = {}
-    for part, ws in params.pop("layers").items():
-        layers[part] = {k: one(f"layers.{part}.{k}", w, fmt) if k in linear_names else w for k, w in ws.items()}
-    params["layers"] = layers
-    table = TABLE_FORMAT[fmt]
-    params["tok_embeddings"] = one("tok_embeddings", params["tok_embeddings"], table, axis=-1)
-    if "output" in params:
-        params["output"] = one("output", params["output"], table)
-    return params
+    plan = quantization_plan(_paths(params), fmt, linear_names)
+    return walk(params, ())
+
+
+def _paths(tree: dict, prefix=()) -> list[tuple[str, ...]]:
+    return [p for k, v in tree.items() for p in (_paths(v, prefix + (k,)) if isinstance(v, dict) else [prefix + (k,)])]
 
 
 def dequantize_params(params: dict, dtype) -> dict:
@@ -348,6 +364,62 @@ def dequantize_params(params: dict, dtype) -> dict:
 
 def is_quantized(params: dict) -> bool:
     return any(isinstance(a, QArray) for a in jax.tree.leaves(params, is_leaf=lambda a: isinstance(a, QArray)))
+
+
+# --- Stored ---------------------------------------------------------------------------------------
+
+PARTS = ("values", "scales", "mins")
+
+
+@dataclasses.dataclass(frozen=True)
+class QSpec:
+    """What a checkpoint records of a QArray beside its arrays (docs/CHECKPOINT_FORMAT.md): enough
+    to lay out its parts before any is read, and to rebuild it after."""
+
+    format: str
+    group_size: int | None
+    axis: int
+    scale_dtype: str
+    has_mins: bool
+
+    @classmethod
+    def of(cls, q: QArray) -> "QSpec":
+        return cls(q.format, q.group_size, q.axis, np.dtype(q.scales.dtype).name, q.mins is not None)
+
+    @classmethod
+    def quantized(cls, fmt: str, axis: int = -2) -> "QSpec":
+        """The spec of `quantize(w, fmt, axis=axis)` with its defaults, read off a traced call."""
+        return cls.of(jax.eval_shape(lambda w: quantize(w, fmt, axis=axis), jax.ShapeDtypeStruct((64, 64), jnp.float32)))
+
+    def parts(self, shape: tuple[int, ...]) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """The stored parts of a QArray of logical `shape`: name -> (shape, dtype)."""
+        k, shape = shape[self.axis], list(shape)
+        groups = _groups(k, self.group_size, self.format)
+        values = list(shape)
+        if self.format == "int4":
+            values[self.axis] //= 2
+        value_dtype = {"int8": np.int8, "int4": np.uint8, "fp8": np.dtype(_FP8)}[self.format]
+        scales = list(shape)
+        scales[self.axis] = groups
+        out = {"values": (tuple(values), np.dtype(value_dtype)), "scales": (tuple(scales), np.dtype(self.scale_dtype))}
+        if self.has_mins:
+            out["mins"] = (tuple(scales), np.dtype(self.scale_dtype))
+        return out
+
+    def build(self, parts: dict) -> QArray:
+        return QArray(parts["values"], parts["scales"], parts.get("mins"), self.format, self.group_size, self.axis)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "QSpec":
+        return cls(**d)
+
+
+def parts(q: QArray) -> dict:
+    """A QArray's stored parts by name (mins only where it has them)."""
+    return {name: a for name, a in zip(PARTS, (q.values, q.scales, q.mins)) if a is not None}
 
 
 # --- GGUF blocks, kept ----------------------------------------------------------------------------
@@ -405,6 +477,6 @@ def from_gguf(type_name: str, blocks: np.ndarray, *, transposed: bool = False) -
                   q.format, q.group_size, q.axis)
 
 
-__all__ = ["FORMATS", "GGUF_BLOCKS", "QArray", "concatenate_out", "dequantize", "from_gguf", "gguf_block_array",
-           "dequantize_params", "is_quantized", "qlinear", "quantize", "quantize_params", "split_out", "take_rows",
-           "transpose"]
+__all__ = ["FORMATS", "GGUF_BLOCKS", "PARTS", "QArray", "QSpec", "concatenate_out", "dequantize", "dequantize_params",
+           "from_gguf", "gguf_block_array", "is_quantized", "parts", "qlinear", "quantization_plan", "quantize",
+           "quantize_params", "quantize_weight", "split_out", "take_rows", "transpose"]

@@ -247,6 +247,59 @@ def test_gguf_greedy_generation_matches_transformers(gguf_converted, smollm2_hf_
     assert out.text.startswith(" Paris")
 
 
+@pytest.mark.slow
+def test_gguf_blocks_are_kept_byte_for_byte(gguf_converted):
+    """The Q4_1 layers and the Q8_0 embedding are stored as int4 / int8 QArrays whose bytes are the
+    GGUF's blocks (after the q/k row permutation, which moves whole blocks), a fifth of float32."""
+    import gguf
+
+    from llama_jax import quant
+
+    specs = orbax_io.read_quantized(gguf_converted)
+    assert specs[("tok_embeddings",)] == quant.QSpec("int8", 32, -1, "float16", False)
+    assert specs[("layers", "feed_forward", "w2")] == quant.QSpec("int4", 32, -2, "float16", True)
+    _, params = orbax_io.read_converted(gguf_converted)
+    w2 = params["layers"]["feed_forward"]["w2"]
+    t = next(t for t in gguf.GGUFReader(smollm2_gguf_path()).tensors if t.name == "blk.3.ffn_down.weight")
+    blocks = quant.gguf_block_array(t.data, "Q4_1", tuple(reversed(t.shape.tolist())))
+    kept = quant.transpose(jax.tree.map(lambda a: np.asarray(a)[3], w2))  # layer 3, GGUF's [out, in]
+    np.testing.assert_array_equal(np.asarray(kept.values).reshape(blocks.shape[0], -1, 16), blocks[..., 4:])
+    np.testing.assert_array_equal(np.asarray(kept.scales), blocks[..., :2].copy().view(np.float16)[..., 0])
+    size = sum(f.stat().st_size for f in gguf_converted.rglob("*") if f.is_file())
+    assert size < 0.21 * 4 * 134.5e6, size
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4", "fp8"])
+def test_convert_quantize_stores_what_load_quantizes(tiny_hf, ids, tmp_path, fmt):
+    """convert --quantize (a layer at a time, as it streams) stores the weights load(quantize=)
+    makes from the float checkpoint (the whole stack at once): the same logits, and a checkpoint
+    that loads quantized with no flag."""
+    from llama_jax import quant
+
+    src = tiny_hf["sharded"]
+    dst = conv.convert(src, tmp_path / "q", dtype="float32", quantize=fmt, progress=False)
+    assert {s.format for s in orbax_io.read_quantized(dst).values()} == {fmt, quant.TABLE_FORMAT[fmt]}
+    stored = llama_jax.load(dst, dtype="float32", cpu_kernels="off")
+    assert isinstance(stored.params["layers"]["attention"]["wq"], quant.QArray)
+    at_load = llama_jax.load(src, dtype="float32", quantize=fmt, cpu_kernels="off")
+    np.testing.assert_array_equal(stored.logits(ids), at_load.logits(ids))
+
+
+def test_quantized_checkpoint_on_a_tensor_parallel_mesh(tiny_hf, ids, tmp_path):
+    """Each device reads its shard of a quantized weight's parts (scales with their rows) and the
+    sharded model computes the single-device logits; greedy tokens agree too."""
+    dst = conv.convert(tiny_hf["sharded"], tmp_path / "q", dtype="float32", quantize="int4", progress=False)
+    alone = llama_jax.load(dst, cpu_kernels="off")
+    sharded = llama_jax.load(dst, mesh=llama_jax.make_mesh(tp=2), cpu_kernels="off")
+    w1 = sharded.state["layers"][0]["feed_forward"]["w1"].get_value()  # [out, in], out split
+    assert {s.data.shape[0] for s in w1.scales.addressable_shards} == {w1.shape[0] // 2}
+    want = alone.logits(ids)
+    np.testing.assert_allclose(sharded.logits(ids), want, atol=1e-5 * np.abs(want).max(), rtol=0)
+    prompts = [ids[0][:5], ids[1][:7]]
+    assert ([c.token_ids for c in sharded.generate(prompts, max_new_tokens=6)]
+            == [c.token_ids for c in alone.generate(prompts, max_new_tokens=6)])
+
+
 # ---------------------------------------------------------------------------------------------
 # Memory and kills, on a generated 8-shard model
 
