@@ -76,6 +76,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention-impl", choices=ATTENTION_IMPLS, default="auto",
                    help="default auto: pallas on GPU, xla on CPU")
     p.add_argument("--cpu-kernels", choices=CPU_KERNELS, default="auto", help=CPU_KERNELS_HELP)
+    p.add_argument("--quantize", choices=("int8", "int4", "fp8"),
+                   help="quantize the weights at load (weight-only, round to nearest; the embedding and head at "
+                        "8 bits); weights a checkpoint stores quantized load as they are; default: as stored")
 
 
 def _add_speculative_args(p: argparse.ArgumentParser) -> None:
@@ -151,8 +154,8 @@ def parse_mesh(text: str | None):
 
 
 def load_model(args, mesh=None):
-    """The Llama that --model, --dtype, --attention-impl and --cpu-kernels name (on `mesh`); raises
-    CliError."""
+    """The Llama that --model, --dtype, --attention-impl, --cpu-kernels and --quantize name (on
+    `mesh`); raises CliError."""
     import llama_jax
     from llama_jax.checkpoint import CheckpointError
     from llama_jax.gguf_io import GGUFError
@@ -165,7 +168,8 @@ def load_model(args, mesh=None):
         if getattr(args, "speculative", None):
             speculative = {"method": args.speculative, "num_speculative_tokens": args.num_speculative_tokens}
         return llama_jax.load(path, dtype=args.dtype, attention_impl=args.attention_impl,
-                              cpu_kernels=args.cpu_kernels, mesh=mesh, speculative=speculative)
+                              cpu_kernels=args.cpu_kernels, mesh=mesh, speculative=speculative,
+                              quantize=args.quantize)
     except FileNotFoundError as e:  # a directory that holds no model
         raise CliError(first_line(e), 2) from None
     except (CheckpointError, GGUFError, SafetensorsError, OSError) as e:
@@ -208,6 +212,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"path: {path}")
     print(f"parameters: {n_params:,} ({n_params / 1e9:.2f} B)")
     print(f"dtype: {orbax_io.stored_dtype(path)}")
+    quantized = orbax_io.read_quantized(path)
+    if quantized:
+        kinds = sorted({(q.format, q.group_size, q.has_mins) for q in quantized.values()}, key=str)
+        print("quantized: " + ", ".join(f"{f}" + (f" (groups of {g}{', with minimums' if m else ''})" if g else
+                                                   " (per channel)") for f, g, m in kinds)
+              + f": {len(quantized)} of {len(param_shapes(config))} weights")
     print(f"backend: {ops.describe(RuntimeConfig().resolved())} (on this machine, by default)")
     print(f"size on disk: {size / 1e6:.1f} MB")
     print("config: " + json.dumps(config.to_dict(), indent=2))

@@ -135,8 +135,8 @@ def _read_corpus(path: str) -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """llama-jax eval --model DIR --data PATH [--seq-len T]: prints one JSON object (perplexity,
-    nll, tokens, windows, seq_len, model, data)."""
+    """llama-jax eval --model DIR --data PATH [--quantize F] [--seq-len T]: prints one JSON object
+    (perplexity, nll, tokens, windows, seq_len, model, data, quantize)."""
     from llama_jax.cli import CliError, load_model
 
     text = _read_corpus(args.data)  # before loading: a wrong path fails in a moment
@@ -147,7 +147,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         result = perplexity(llm, [text], seq_len=args.seq_len, batch_size=args.batch_size)
     except ValueError as e:
         raise CliError(str(e).splitlines()[0], 2) from None
-    result.update(model=args.model, data=args.data)
+    result.update(model=args.model, data=args.data, quantize=args.quantize)
     print(json.dumps(result))
     return 0
 

@@ -108,3 +108,16 @@ def test_cli_eval_errors_are_one_line(byte_model, tmp_path):
         with pytest.raises(CliError, match=message) as e:
             cmd_eval(_eval(["--model", str(path), "--data", str(data)]))
         assert e.value.code == 2 and "\n" not in str(e.value)
+
+
+def test_cli_eval_quantize(byte_model, tmp_path, capsys):
+    """--quantize int8 measures the quantized model: close to the float perplexity, not equal to it."""
+    _, path, _ = byte_model
+    data = tmp_path / "corpus.txt"
+    data.write_text("Pack my box with five dozen liquor jugs. " * 4, encoding="utf-8")
+    runs = {}
+    for quantize in ([], ["--quantize", "int8"]):
+        assert cmd_eval(_eval(["--model", str(path), "--data", str(data), "--seq-len", "48", *quantize])) == 0
+        out = json.loads(capsys.readouterr().out)
+        runs[out["quantize"]] = out["nll"]
+    assert runs["int8"] != runs[None] and runs["int8"] == pytest.approx(runs[None], rel=0.02)
