@@ -302,6 +302,11 @@ def qlinear(x, q: QArray, *, out_tile: int | None = None):
 # rounding moves every logit; int8 per channel keeps it close (the same choice as llama.cpp's
 # Q4 files, whose token_embd/output are Q8_0 or Q6_K).
 TABLE_FORMAT = {"int8": "int8", "int4": "int8", "fp8": "fp8"}
+# A model's int4 weights get a minimum per group (GGUF Q4_1's form; torchao's and gpt-fast's int4
+# weight-only keep a zero point per group too): 16 levels over [min, max] instead of 15 over
+# [-absmax, absmax], for half a bit more per weight. On SmolLM2 (whose float weights are Q4_1's grid)
+# symmetric rounding lost 35% perplexity, with minimums 0.1% (docs/QUANTIZATION.md).
+MODEL_INT4_MINS = True
 
 
 def quantization_plan(paths, fmt: str, linear_names) -> dict[tuple[str, ...], tuple[str, int]]:
@@ -323,12 +328,13 @@ def quantization_plan(paths, fmt: str, linear_names) -> dict[tuple[str, ...], tu
 
 
 def quantize_weight(name: str, w, fmt: str, axis: int) -> QArray:
-    """quantize(w, fmt, axis=axis) with quantize's defaults; a ValueError naming the weight when
-    its input axis does not split into groups."""
+    """w quantized as a model's weight: `quantize` with its defaults, int4 with minimums
+    (MODEL_INT4_MINS); a ValueError naming the weight when its input axis does not split into
+    groups."""
     group = INT4_GROUP if fmt == "int4" else None
     if group and w.shape[axis] % group:
         raise ValueError(f"quantize {fmt}: {name} has {w.shape[axis]} inputs, not a multiple of the group size {group}")
-    return quantize(w, fmt, axis=axis)
+    return quantize(w, fmt, axis=axis, asymmetric=fmt == "int4" and MODEL_INT4_MINS)
 
 
 def quantize_params(params: dict, fmt: str, linear_names, *, release: bool = False) -> dict:
@@ -388,8 +394,8 @@ class QSpec:
 
     @classmethod
     def quantized(cls, fmt: str, axis: int = -2) -> "QSpec":
-        """The spec of `quantize(w, fmt, axis=axis)` with its defaults, read off a traced call."""
-        return cls.of(jax.eval_shape(lambda w: quantize(w, fmt, axis=axis), jax.ShapeDtypeStruct((64, 64), jnp.float32)))
+        """The spec of `quantize_weight(..., fmt, axis)`, read off a traced call."""
+        return cls.of(jax.eval_shape(lambda w: quantize_weight("", w, fmt, axis), jax.ShapeDtypeStruct((64, 64), jnp.float32)))
 
     def parts(self, shape: tuple[int, ...]) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         """The stored parts of a QArray of logical `shape`: name -> (shape, dtype)."""
