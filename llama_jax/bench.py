@@ -56,7 +56,7 @@ def decode_bytes_per_token(model, context: int) -> int:
     c = model.config
     weights = sum(x.nbytes for x in jax.tree.leaves(model.state))
     if not c.tie_embeddings:  # the input embedding is a lookup of one row, not a read of the table
-        emb = model.state["tok_embeddings"][...]
-        weights -= emb.nbytes - emb.nbytes // c.vocab_size
+        emb = sum(x.nbytes for x in jax.tree.leaves(model.state["tok_embeddings"]))  # a QArray's parts too
+        weights -= emb - emb // c.vocab_size
     kv = 2 * c.n_layers * context * c.n_kv_heads * c.head_dim * np.dtype(model.runtime.dtype).itemsize
     return weights + kv

@@ -344,7 +344,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """llama-jax bench: greedy generation timings (llama_jax.bench.time_generate) as a small table."""
     import jax
 
-    from llama_jax import ops
+    from llama_jax import ops, quant
     from llama_jax.bench import decode_bytes_per_token, read_bandwidth, time_generate
 
     model = load_model(args)
@@ -355,6 +355,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(f"dtype: {model.runtime.dtype}, attention: {model.runtime.attention_impl}, "
           f"device: {devices[0].platform} ({devices[0].device_kind})")
     print(f"backend: {ops.describe(model.runtime)}")
+    print(f"weights: {quant.describe(model.state)}")
     print(f"medians of {args.repeats} runs after one warm-up run (which includes compilation)")
     header = ("prompt tokens", "new tokens", "batch", "warmup s", "prefill s", "decode tok/s")
     row = (str(args.prompt_len), str(args.new_tokens), str(args.batch), f"{r['warmup_s']:.2f}",

@@ -368,6 +368,21 @@ def dequantize_params(params: dict, dtype) -> dict:
                         is_leaf=lambda a: isinstance(a, QArray))
 
 
+def describe(params) -> str:
+    """The weights' storage in a few words, e.g. "int4 (groups of 32, with minimums): 210 weights,
+    int8 (groups of 32): 1 weight, float32: 61 arrays"."""
+    kinds: dict[str, int] = {}
+    for a in jax.tree.leaves(params, is_leaf=lambda a: isinstance(a, QArray)):
+        if isinstance(a, QArray):
+            groups = f"groups of {a.group_size}" if a.group_size else "per channel"
+            kind = f"{a.format} ({groups}{', with minimums' if a.mins is not None else ''})"
+        else:
+            kind = np.dtype(a.dtype).name
+        kinds[kind] = kinds.get(kind, 0) + 1
+    noun = lambda k, n: ("array" if "(" not in k else "weight") + ("s" if n != 1 else "")  # noqa: E731
+    return ", ".join(f"{k}: {n} {noun(k, n)}" for k, n in kinds.items())
+
+
 def is_quantized(params: dict) -> bool:
     return any(isinstance(a, QArray) for a in jax.tree.leaves(params, is_leaf=lambda a: isinstance(a, QArray)))
 
@@ -483,6 +498,6 @@ def from_gguf(type_name: str, blocks: np.ndarray, *, transposed: bool = False) -
                   q.format, q.group_size, q.axis)
 
 
-__all__ = ["FORMATS", "GGUF_BLOCKS", "PARTS", "QArray", "QSpec", "concatenate_out", "dequantize", "dequantize_params",
+__all__ = ["FORMATS", "GGUF_BLOCKS", "PARTS", "QArray", "QSpec", "concatenate_out", "dequantize", "describe", "dequantize_params",
            "from_gguf", "gguf_block_array", "is_quantized", "parts", "qlinear", "quantization_plan", "quantize",
            "quantize_params", "quantize_weight", "split_out", "take_rows", "transpose"]
