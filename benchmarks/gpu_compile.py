@@ -52,7 +52,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout
 import llama_jax  # noqa: E402
 import pallas_kernels as pk  # noqa: E402
 from pallas_kernels.mosaic import flash_attention_mosaic  # noqa: E402
-from llama_jax import engine, generate, runner, scheduler, sharding, train  # noqa: E402
+from llama_jax import engine, generate, quant, runner, scheduler, sharding, train  # noqa: E402
 from llama_jax import model as model_lib  # noqa: E402
 from llama_jax.api import INFERENCE_LAYOUT  # noqa: E402
 from llama_jax.model import KVCache  # noqa: E402
@@ -61,7 +61,7 @@ from hlo_shapes import shape_bytes  # noqa: E402
 
 TARGET = ROOT / "benchmarks" / "gpu" / "h100_sxm.txtpb"
 OUR_KERNELS = ("flash_attention_fwd", "flash_attention_dq", "flash_attention_dkv", "decode_attention",
-               "paged_decode_attention", "rms_norm_fwd", "rms_norm_bwd")
+               "paged_decode_attention", "rms_norm_fwd", "rms_norm_bwd", "quant_matmul")
 MOSAIC_KERNELS = "mosaic_flash_attention_"  # Mosaic GPU kernels compile outside XLA's dump
 H100_SMEM = 227 * 1024  # opt-in shared memory per block
 H100_FLOPS, H100_BYTES_PER_S = 989e12, 3.35e12  # dense bf16, HBM3
@@ -400,14 +400,29 @@ def rms_case(n, d, residual) -> KernelCase:
     return KernelCase(f"rms [{n}, {d}]{' +residual' if residual else ''} fwd+bwd", _grad(f, len(args)), args)
 
 
+def quant_case(fmt, m, n, k, group_size=None, mins=False) -> KernelCase:
+    """The quantized matmul: x [m, k] bf16 times a weight [n, k] quantized along k, as
+    llama_jax.quant.quantize(w, fmt, group_size=..., asymmetric=mins, axis=-1) stores it."""
+    values = _sds(n, k // 2, dtype=jnp.uint8) if fmt == "int4" else _sds(n, k, dtype=QUANT_VALUES[fmt])
+    scales = _sds(n, 1, dtype=jnp.float32) if group_size is None else _sds(n, k // group_size, dtype=jnp.float16)
+    f = lambda x, v, s, *mn: pk.quant_matmul(x, v, s, *mn, fmt=fmt, group_size=group_size)  # noqa: E731
+    kind = fmt + (f" g{group_size}" if group_size else " per channel") + (" mins" if mins else "")
+    return KernelCase(f"quant {kind} M{m} N{n} K{k}", f, [_sds(m, k), values, scales] + [scales] * mins)
+
+
+QUANT_VALUES = {"int8": jnp.int8, "fp8": jnp.float8_e4m3fn}
+# Llama 3.1 8B's products (N, K): wq/wo, w1/w3, w2, the output head.
+QUANT_SHAPES_8B = ((4096, 4096), (14336, 4096), (4096, 14336), (128256, 4096))
+
+
 def kernel_cases(quick=False) -> list[KernelCase]:
     """Head dims 64 and 128, GQA groups 1/4/8, causal and not, 1K-128K; decode 1K-128K at batch 1
     and 8; paged decode (pages of 16) at 8K and 128K, batch 8; RMSNorm at [8192, 4096] and [8192, 576]
-    (SmolLM2's width), with and without residual."""
+    (SmolLM2's width), with and without residual; the quantized matmul at Llama 3.1 8B's shapes."""
     if quick:
         return [flash_case(128, 4, True, 1024), flash_case(128, 8, True, 1024, grad=True),
                 decode_case(128, 4, 8192, 8), rms_case(8192, 4096, True),
-                mosaic_case(128, True, 1024, grad=True)]
+                mosaic_case(128, True, 1024, grad=True), quant_case("int4", 1, 4096, 14336, 32)]
     cases = [flash_case(e, g, c, 8192) for e in (64, 128) for c in (True, False) for g in (1, 4, 8)]
     cases += [flash_case(e, 4, True, t, b=2 if t <= 8192 else 1) for e in (64, 128) for t in (1024, 32768, 131072)]
     cases += [flash_case(e, g, c, 1024, grad=True) for e in (64, 128) for c in (True, False) for g in (1, 8)]
@@ -417,6 +432,13 @@ def kernel_cases(quick=False) -> list[KernelCase]:
     cases += [decode_case(128, g, 8192, 8) for g in (1, 8)]
     cases += [paged_case(e, 4, s, 8) for e in (64, 128) for s in (8192, 131072)]
     cases += [rms_case(8192, d, r) for d in (4096, 576) for r in (False, True)]
+    # Quantized products at 8B's shapes: decode (one row, and 16) in int8 per channel and int4
+    # groups of 32; the other formats (GGUF Q8_0, Q4_1, fp8) at the FFN down product; prefill
+    # (a 2048-token chunk).
+    cases += [quant_case(fmt, 1, n, k, g) for fmt, g in (("int8", None), ("int4", 32)) for n, k in QUANT_SHAPES_8B]
+    cases += [quant_case("int8", 1, 4096, 14336, 32), quant_case("int4", 1, 4096, 14336, 32, mins=True),
+              quant_case("fp8", 1, 4096, 14336), quant_case("int4", 16, 4096, 14336, 32)]
+    cases += [quant_case(fmt, 2048, 14336, 4096, g) for fmt, g in (("int8", None), ("int4", 32), ("fp8", None))]
     # Mosaic GPU (Hopper): every BlockSizes entry (head dim 64, 128), causal and not, 2K-8K; the
     # backward at 1K and 8K.
     cases += [mosaic_case(e, c, t) for e in (64, 128) for c in (True, False) for t in (2048, 8192)]
@@ -525,7 +547,7 @@ def _base(name: str) -> str:
 
 
 def programs(config, where, *, batch=1, context=4096, prompt=2048, layout="layers", attention="pallas",
-             block_size=engine.DEFAULT_BLOCK_SIZE):
+             block_size=engine.DEFAULT_BLOCK_SIZE, quantize=None):
     """The engine's jitted prefill and decode (llama_jax.runner, what `Llama.generate`, `stream`,
     `chat` and the server run) of `config` in bf16 with our kernels, from abstract parameters, over
     a paged KV cache. where: a Device (one GPU) or a ('data', 'model') Mesh with no data split (the
@@ -533,6 +555,9 @@ def programs(config, where, *, batch=1, context=4096, prompt=2048, layout="layer
     `llama_jax.api.INFERENCE_LAYOUT`, what `Llama` runs by default) or "scan" (the stored stacked
     layers under lax.scan). attention: the RuntimeConfig's attention_impl, "pallas" (the Triton
     kernels) or "mosaic" (the Mosaic GPU prefill kernel; decode is the Triton paged kernel in both).
+    quantize: None (bf16 weights) or "int8" / "int4" / "fp8": the parameters `load(quantize=...)`
+    makes (llama_jax.quant.quantize_params on the stored tree, then the layout's view), each QArray
+    part placed by its weight's axes.
 
     The pool: blocks of `block_size` tokens (the engine's default), `batch` rows of `context`
     tokens each in blocks of their own, plus the null block 0. Prefill: `batch` rows of a chunk of
@@ -560,11 +585,17 @@ def programs(config, where, *, batch=1, context=4096, prompt=2048, layout="layer
     def sds(shape, dtype, axes=None):  # an abstract array on the target, from logical axes
         return jax.ShapeDtypeStruct(shape, dtype, sharding=place(axes or (None,) * len(shape), shape))
 
-    model = model_lib.abstract(cfg, runtime, INFERENCE_LAYOUT if layout == "layers" else model_lib.STORED)
-    graphdef, state = nnx.split(model)
+    view = INFERENCE_LAYOUT if layout == "layers" else model_lib.STORED
+    graphdef, state = nnx.split(model_lib.abstract(cfg, runtime, view))
     specs = nnx.to_pure_dict(nnx.get_partition_spec(state))
-    params = jax.tree.map(lambda spec, a: sds(a.shape, a.dtype, tuple(spec)), specs, nnx.to_pure_dict(state),
-                          is_leaf=lambda x: isinstance(x, P))
+    weights = nnx.to_pure_dict(state)
+    if quantize:  # as load() does it: quantize the stored parameters, then view them
+        stored = nnx.to_pure_dict(nnx.state(model_lib.abstract(cfg, runtime, model_lib.STORED)))
+        weights = jax.eval_shape(lambda p: model_lib.view(
+            quant.quantize_params(p, quantize, model_lib.LINEAR_WEIGHTS), view, cfg), stored)
+    # A QArray's values, scales and mins each follow its weight's logical axes (as sharding.place).
+    params = jax.tree.map(lambda spec, w: jax.tree.map(lambda a: sds(a.shape, a.dtype, tuple(spec)), w),
+                          specs, weights, is_leaf=lambda x: isinstance(x, P))
     nnx.replace_by_pure_dict(state, params)
 
     # The pool, as ModelRunner makes it (Transformer.init_pages on sharding.placement(mesh)).
@@ -587,12 +618,13 @@ def programs(config, where, *, batch=1, context=4096, prompt=2048, layout="layer
 
     per_device = lambda x: int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize  # noqa: E731
     weights = sum(per_device(x) for x in jax.tree.leaves(params))
-    if not cfg.tie_embeddings:  # the input embedding is a lookup: a step reads b rows of it
-        emb = params["tok_embeddings"]
-        weights += b * cfg.dim * emb.dtype.itemsize - per_device(emb)
+    if not cfg.tie_embeddings:  # the input embedding is a lookup: a step reads b of its rows (and their scales)
+        weights -= sum(per_device(a) - b * a.size // a.shape[0] * a.dtype.itemsize
+                       for a in jax.tree.leaves(params["tok_embeddings"]))
     kv_bytes = sum(per_device(x) // num_blocks * used for x in jax.tree.leaves(pool))  # the used blocks only
     meta = dict(config=cfg, batch=b, context=context, layout=layout, mesh=mesh, params=params,
                 block_size=bs, num_blocks=num_blocks, min_bytes=(weights, kv_bytes),
+                storage=quant.describe(params) if quantize else None,
                 in_place=True)  # the runner donates the pool: each program must update it in place
     # tokens [R, C] at positions start [R].., table [R, W], the chunk index of each row's last token
     # [R], its tokens generated so far [R], sampling.
@@ -642,7 +674,7 @@ def analyse_program(name, fn, args, meta, dump) -> tuple[dict, list[Failure]]:
     if meta.get("in_place"):
         fails += not_in_place(compiled, hlo, name)
     row = dict(name=name, seconds=secs, kind=meta["kind"], layers=meta["config"].n_layers,
-               **{k: meta.get(k) for k in ("batch", "context", "prompt", "block_size")})
+               **{k: meta.get(k) for k in ("batch", "context", "prompt", "block_size", "storage")})
     if meta["kind"] != "decode":
         cost, count = hlo.cost(hlo.entry), launches(thunks, trip)
         row.update(cost=cost, launches=count)
@@ -655,7 +687,7 @@ def analyse_program(name, fn, args, meta, dump) -> tuple[dict, list[Failure]]:
     count = launches(loop_thunk.body, trip) + launches(loop_thunk.cond, trip)
     w_bytes, kv_bytes = meta["min_bytes"]
     minimum = w_bytes + kv_bytes
-    row.update(cost=cost, launches=count, minimum=minimum, ratio=cost["bytes"] / minimum)
+    row.update(cost=cost, launches=count, minimum=minimum, weights=w_bytes, ratio=cost["bytes"] / minimum)
     if row["ratio"] > BYTES_SLACK:
         fails.append(Failure(f"bytes: {name}", f"{_gb(cost['bytes'])} per step, minimum {_gb(minimum)} (weights "
                              f"{_gb(w_bytes)} + KV {_gb(kv_bytes)}): {row['ratio']:.2f}x > {BYTES_SLACK}x"))
@@ -699,26 +731,32 @@ def analyse_program(name, fn, args, meta, dump) -> tuple[dict, list[Failure]]:
 
 
 def _named_leaves(tree):
-    """[(path like 'layers/0/attention/wq', leaf)]."""
-    return [("/".join(str(getattr(k, "key", k)) for k in path), x)
-            for path, x in jax.tree_util.tree_leaves_with_path(tree)]
+    """[(path like 'layers/0/attention/wq', leaf)]; a quantized weight's leaf is its values (its
+    scales are not a matrix of their own)."""
+    is_q = lambda x: isinstance(x, quant.QArray)  # noqa: E731
+    return [("/".join(str(getattr(k, "key", k)) for k in path), x.values if is_q(x) else x)
+            for path, x in jax.tree_util.tree_leaves_with_path(tree, is_leaf=is_q)]
 
 
 def program_specs(quick=False):
-    """(label, config, n_gpus, layout, which, attention) for each program compiled; 'which' picks
-    prefill/decode, 'attention' the attention_impl.
+    """(label, config, n_gpus, layout, which, attention, quantize) for each program compiled; 'which'
+    picks prefill/decode, 'attention' the attention_impl, 'quantize' the weights' format (None: bf16).
     The decode checks apply to the "layers" layout (what `Llama` runs); the opt-in scanned layout
     (`unstack_layers=False`) is compiled and reported, checked only for compile errors and spills."""
     one, eight = llama_jax.LLAMA3_2_1B, llama_jax.LLAMA3_1_8B
-    specs = [("Llama 3.2 1B", one, 1, "layers", ("prefill", "decode"), "pallas")]
+    specs = [("Llama 3.2 1B", one, 1, "layers", ("prefill", "decode"), "pallas", None),
+             ("Llama 3.2 1B int4", one, 1, "layers", ("decode",), "pallas", "int4")]
     if quick:
         return specs
-    return specs + [("Llama 3.2 1B", one, 1, "scan", ("decode",), "pallas"),
-                    ("Llama 3.1 8B", eight, 1, "layers", ("prefill", "decode"), "pallas"),
-                    ("Llama 3.1 8B", eight, 1, "scan", ("decode",), "pallas"),
-                    ("Llama 3.1 8B tp=8", eight, 8, "layers", ("prefill", "decode"), "pallas"),
-                    ("Llama 3.1 8B tp=8", eight, 8, "scan", ("decode",), "pallas"),
-                    ("Llama 3.1 8B mosaic", eight, 1, "layers", ("prefill",), "mosaic")]
+    return specs + [("Llama 3.2 1B int8", one, 1, "layers", ("decode",), "pallas", "int8"),
+                    ("Llama 3.2 1B", one, 1, "scan", ("decode",), "pallas", None),
+                    ("Llama 3.1 8B", eight, 1, "layers", ("prefill", "decode"), "pallas", None),
+                    ("Llama 3.1 8B int8", eight, 1, "layers", ("decode",), "pallas", "int8"),
+                    ("Llama 3.1 8B int4", eight, 1, "layers", ("decode",), "pallas", "int4"),
+                    ("Llama 3.1 8B", eight, 1, "scan", ("decode",), "pallas", None),
+                    ("Llama 3.1 8B tp=8", eight, 8, "layers", ("prefill", "decode"), "pallas", None),
+                    ("Llama 3.1 8B tp=8", eight, 8, "scan", ("decode",), "pallas", None),
+                    ("Llama 3.1 8B mosaic", eight, 1, "layers", ("prefill",), "mosaic", None)]
 
 
 def train_specs(quick=False):
@@ -765,7 +803,8 @@ def report(kernel_rows, program_rows, failures, expected, args, total_s) -> str:
             for f in failures] or ["None."]
     first = lambda key: next((r[key] for r in program_rows if r.get(key)), "?")  # noqa: E731
     out += ["", "## Programs", "",
-            f"bf16, Pallas kernels: the engine's programs (`llama_jax.runner.prefill` and `decode`, what "
+            f"bf16 (rows named int8 / int4: quantized weights, below), Pallas kernels: the engine's programs "
+            f"(`llama_jax.runner.prefill` and `decode`, what "
             f"`Llama.generate`, `chat` and the server run) over a paged KV cache of blocks of {first('block_size')} "
             f"tokens; batch {first('batch')}, {first('context')} tokens of context in the pool, a prefill chunk of "
             f"{first('prompt')} tokens. Decode rows: one step "
@@ -794,6 +833,7 @@ def report(kernel_rows, program_rows, failures, expected, args, total_s) -> str:
             for what in ("collective", "copy", "large write"):
                 top = sorted(((k, n) for k, n in r["found"].items() if k[0] == what), key=lambda e: -e[0][3] * e[1])
                 out += [f"- {what}: {op} {s}, {b / 1e6:.3f} MB, {n} per step" for (_, op, s, b), n in top[:6]]
+    out += quantized_section(program_rows)
     out += ["", "## Kernels", "",
             "Every launch of our Pallas kernels in each compiled case (bwd cases run the forward too). "
             "Registers, spills and stack from `ptxas -v -arch=sm_90a`; grid, warps and dynamic shared "
@@ -809,6 +849,33 @@ def report(kernel_rows, program_rows, failures, expected, args, total_s) -> str:
                    f"{'x'.join(map(str, r['grid']))} | {r['warps']} | {hopper} | {r['seconds']:.2f} |")
     out += ["", "## Method", "", METHOD]
     return "\n".join(out) + "\n"
+
+
+def quantized_section(program_rows) -> list[str]:
+    """The quantized decode steps against their minimum and against the same program in bf16."""
+    rows = [r for r in program_rows if r.get("quantize") and r.get("kind") == "decode" and "error" not in r]
+    if not rows:
+        return []
+    bf16 = {r["program"]: r for r in program_rows if "program" in r and not r["quantize"] and "error" not in r}
+    out = ["", "## Quantized weights", "",
+           "Decode steps with the weights `load(quantize=...)` makes (`llama_jax.quant.quantize_params`; what each "
+           "weight became is listed below the table), one H100, the pool above. Minimum: the weights at their "
+           "stored width with their scales and minimums (of the embedding, the rows looked up) plus the KV cache. "
+           "*vs bf16*: the same program with bf16 weights. *quant_matmul*: launches of the Pallas quantized "
+           "product per step (other quantized products are XLA's convert fused into its dot). The width bounds "
+           "the ratio to bf16: int8 per channel is 8 bits a weight (0.5), int4 with an f16 scale and minimum per "
+           "32 weights 5 bits (0.31), and int4 models keep an int8 output head (`quant.TABLE_FORMAT`).", "",
+           "| program | bytes accessed | minimum bytes | bytes / minimum | weights | bytes vs bf16 | weights vs bf16 | "
+           "quant_matmul |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        base = bf16.get(r["program"])
+        vs = (f"{r['cost']['bytes'] / base['cost']['bytes']:.3f}", f"{r['weights'] / base['weights']:.3f}") if base \
+            else ("", "")
+        kernel = sum(n for k, n in r["launches"].items() if isinstance(k, tuple) and k[1].startswith("quant_matmul"))
+        out.append(f"| {r['name']} | {_gb(r['cost']['bytes'])} | {_gb(r['minimum'])} | {r['ratio']:.3f} | "
+                   f"{_gb(r['weights'])} | {vs[0]} | {vs[1]} | {kernel} |")
+    out += [""] + [f"- {r['name']}: {r['storage']}" for r in rows]
+    return out
 
 
 METHOD = """\
@@ -828,9 +895,9 @@ METHOD = """\
   (and condition) is cut out of the optimized HLO as a module of its own and analysed; each loop
   inside it (the layer scan) is then counted its known trip count: cost = flat cost + (n - 1) x
   body cost. Prefill (one chunk): the whole module, loops counted the same way.
-- **Minimum bytes of a decode step, per device**: every parameter shard (of an untied input
-  embedding only the looked-up rows) plus the KV cache shard the context fills (K and V, every
-  layer): the pool's used blocks, each row's context tokens, without the null block. The paged
+- **Minimum bytes of a decode step, per device**: every parameter shard (a quantized weight's
+  values, scales and mins; of an untied input embedding only the looked-up rows) plus the KV cache
+  shard the context fills (K and V, every layer): the pool's used blocks, each row's context tokens, without the null block. The paged
   decode kernel reads the pool as an operand (the harness counts the whole pool, null block too). Roofline = max(FLOPs / 989 TFLOP/s,
   bytes / 3.35 TB/s).
 - **Kernels per step**: launches in the decode loop's thunks (kernels, memcpys, collectives), loops
@@ -885,11 +952,11 @@ def main(argv=None) -> int:
         failures += fails
         _progress(f"kernel {case.label}: {rows[0]['seconds'] if rows else 0:.2f} s", fails)
 
-    for label, config, n_gpus, layout, which, attention in program_specs(args.quick):
+    for label, config, n_gpus, layout, which, attention, quantize in program_specs(args.quick):
         topo = h100(n_gpus)
         where = topo.devices[0] if n_gpus == 1 else Mesh(np.array(topo.devices).reshape(1, n_gpus), ("data", "model"))
         try:
-            built = programs(config, where, layout=layout, attention=attention)
+            built = programs(config, where, layout=layout, attention=attention, quantize=quantize)
         except Exception as e:  # noqa: BLE001 -- e.g. the generation API changed under programs()
             failures.append(Failure(f"build: {label} ({layout})", _error_line(e)))
             _progress(f"program {label} ({layout}): not built", failures[-1:])
@@ -899,7 +966,7 @@ def main(argv=None) -> int:
                 continue
             name = f"{label} {kind} ({layout})"
             row, fails = analyse_program(name, fn, fargs, meta, dump_root / "programs" / re.sub(r"\W+", "_", name))
-            row["checked"] = layout == "layers"
+            row.update(checked=layout == "layers", quantize=quantize, program=(config, n_gpus, layout, kind))
             if not row["checked"]:
                 fails = [f for f in fails if f.key.startswith(("compile", "spill"))]
             program_rows.append(row)

@@ -15,6 +15,9 @@ from pallas_kernels.flash_attention import flash_attention, flash_attention_refe
 from pallas_kernels.mosaic import MosaicBlockSizes, flash_attention_mosaic
 from pallas_kernels.paged_attention import BlockSizes as PagedBlockSizes
 from pallas_kernels.paged_attention import paged_decode_attention, paged_decode_attention_reference
+from pallas_kernels.quant_matmul import BlockSizes as QuantBlockSizes
+from pallas_kernels.quant_matmul import quant_matmul, quant_matmul_reference
+from pallas_kernels.quant_matmul import supports as quant_matmul_supports
 from pallas_kernels.rms_norm import BlockSizes as RMSNormBlockSizes
 from pallas_kernels.rms_norm import rms_norm, rms_norm_reference
 
@@ -37,6 +40,10 @@ __all__ = [
     "PagedBlockSizes",
     "paged_decode_attention",
     "paged_decode_attention_reference",
+    "QuantBlockSizes",
+    "quant_matmul",
+    "quant_matmul_reference",
+    "quant_matmul_supports",
     "rms_norm",
     "rms_norm_reference",
 ]

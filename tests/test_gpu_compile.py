@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import gpu_compile  # noqa: E402
 import jax  # noqa: E402
 import pallas_kernels as pk  # noqa: E402
-from llama_jax import LlamaConfig  # noqa: E402
+from llama_jax import LlamaConfig, quant  # noqa: E402
 
 # Small and prime-ish where the kernels allow it (head dim 32: Triton tiles are powers of two).
 TINY = LlamaConfig(vocab_size=509, dim=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=352, max_seq_len=256)
@@ -41,6 +41,7 @@ def test_tiles_that_do_not_fit_fail_the_check(monkeypatch, capsys, tmp_path):
     bad = gpu_compile.flash_case(128, 4, True, 1024, block_sizes=TOO_BIG)
     monkeypatch.setattr(gpu_compile, "kernel_cases", lambda quick: [bad])
     monkeypatch.setattr(gpu_compile, "program_specs", lambda quick: [])
+    monkeypatch.setattr(gpu_compile, "train_specs", lambda quick: [])
     out = tmp_path / "report.md"
 
     assert gpu_compile.main(["--quick", "--out", str(out), "--dump-dir", str(tmp_path / "dump")]) == 1
@@ -95,6 +96,32 @@ def test_a_tiny_program_gets_its_decode_figures(h100, tmp_path):
     assert not fails, fails
     assert row["cost"]["flops"] >= 64 * meta["min_bytes"][0] * 0.5  # 64 tokens through (most) weights
     assert _launches(row, "flash_attention_fwd") == TINY.n_layers
+
+
+def test_a_tiny_int4_program_reads_its_stored_bytes(h100, tmp_path):
+    [_, (_, fn, args, meta)] = gpu_compile.programs(TINY, h100, batch=1, context=256, prompt=64, quantize="int4")
+    # By hand: linear weights at 4 bits plus an f16 scale (and min) per 32; bf16 norms; of the int8
+    # embedding one row and its f32 scale; the int8 head with a scale per output; the KV cache as in bf16.
+    d, f, kv, v, L = 128, 352, 2 * 32, 509, 2
+    linear = 2 * d * d + 2 * d * kv + 3 * d * f
+    per_layer = linear // 2 + linear // 32 * 2 * (2 if quant.MODEL_INT4_MINS else 1) + 2 * d * 2
+    assert meta["min_bytes"] == (L * per_layer + 2 * d + (d + 4) + (d * v + 4 * v), 2 * (L * 2 * 256 * kv))
+
+    row, fails = gpu_compile.analyse_program("tiny int4 decode", fn, args, meta, tmp_path / "int4")
+    assert not [f for f in fails if f.key.startswith(("compile", "spill", "donation"))], fails
+    assert 1.0 <= row["ratio"] < 1.5, row["ratio"]  # a tiny model's activations weigh; 1B and 8B are checked to 1.05
+    # Each layer's products (wq wk wv wo w1 w3 w2) read their bytes in the kernel; the untied head, kept
+    # [D, V] as stored, is XLA's convert fused into its dot.
+    assert _launches(row, "quant_matmul") == 7 * TINY.n_layers
+
+
+def test_quant_kernel_compiles_without_spills(h100, tmp_path):
+    case = gpu_compile.quant_case("int4", 1, 4096, 14336, 32, mins=True)  # GGUF Q4_1 at 8B's FFN down product
+    rows, fails = gpu_compile.check_kernel(case, h100, tmp_path)
+    assert fails == []
+    [row] = rows
+    assert row["kernel"] == "quant_matmul" and 0 < row["registers"] <= 255 and row["spill_stores"] == 0, row
+    assert row["grid"][:2] == (1, 4096 // 32) and row["grid"][2] > 1  # output channels, and K split
 
 
 def test_a_program_that_copies_the_pool_fails_the_check(h100, tmp_path):
