@@ -30,8 +30,9 @@ demo: $(STAMP)
 	$(VENV)/bin/llama-jax generate --prompt "The capital of France is" --max-new-tokens 24
 	printf 'What is the capital of France? Answer in one sentence.\n' | $(VENV)/bin/llama-jax chat
 
-# Fine-tune the default model for a few minutes on the Python docs (pydoc_data.topics): held-out loss
-# before and after, then a generation from the result (examples/finetune.py; FINETUNE_ARGS=--steps N).
+# Fine-tune the default model for a few minutes on the Python docs (pydoc_data.topics), every weight and
+# then LoRA (rank 16 on every projection): held-out loss before and after each, the adapter's size on
+# disk, then a generation from the result (examples/finetune.py; FINETUNE_ARGS=--steps N).
 finetune: $(STAMP)
 	$(PY) examples/finetune.py $(FINETUNE_ARGS)
 

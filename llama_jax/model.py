@@ -129,12 +129,52 @@ def apply_rope(x: jax.Array, rope: Rope) -> jax.Array:
 # --- Attention, MLP, block --------------------------------------------------------------------------
 
 
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["base", "a", "b", "keys"],
+                   meta_fields=["scale", "dropout", "widths"])
+@dataclasses.dataclass(frozen=True)
+class Adapted:
+    """A frozen linear weight with low-rank adapters (LoRA; llama_jax.lora builds these): its product
+    is x base + scale * (dropout(x) a) b. The output has one part per weight the layout fused into
+    `base` (q|k|v, gate|up; one part unfused), `widths` wide each; each part has its own a [in, r]
+    and b [r, width], or None (no adapter), and its own dropout key (None: no dropout)."""
+
+    base: jax.Array | QArray
+    a: tuple
+    b: tuple
+    keys: tuple
+    scale: float
+    dropout: float
+    widths: tuple[int, ...]
+
+
+def _low_rank(x, w: Adapted, runtime: RuntimeConfig):
+    """scale * (dropout(x) a) b of each part, side by side: [B, T, out] f32. The base weight is no
+    input here, so differentiating the model never computes its gradient."""
+    dtype, cpu = jnp.dtype(runtime.dtype), runtime.cpu_kernels == "on"
+    parts = []
+    for a, b, key, width in zip(w.a, w.b, w.keys, w.widths):
+        if a is None:
+            parts.append(jnp.zeros((*x.shape[:-1], width), jnp.float32))
+            continue
+        xd = x
+        if key is not None:  # inverted dropout of the adapter's input, as PEFT's lora_dropout
+            keep = jax.random.bernoulli(key, 1.0 - w.dropout, x.shape)
+            xd = jnp.where(keep, x / (1.0 - w.dropout), 0).astype(x.dtype)
+        h = ops.linear(xd, a.astype(dtype), cpu_kernels=cpu).astype(dtype)  # (B, T, r)
+        parts.append(ops.linear(h, b.astype(dtype), cpu_kernels=cpu) * w.scale)
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
+
+
 def _linear(x, w, runtime: RuntimeConfig, layout: Layout):
     """x [B, T, in] @ w in the compute dtype, accumulated in f32; w [in, out] ([out, in] when the
-    layout is transposed), or a QArray in the same layout, read at its stored width."""
+    layout is transposed), or a QArray in the same layout, read at its stored width, or either
+    `Adapted`."""
     dtype = jnp.dtype(runtime.dtype)
-    w = w if isinstance(w, QArray) else w.astype(dtype)
-    y = ops.linear(x, w, transposed=layout.transposed, cpu_kernels=runtime.cpu_kernels == "on")
+    base = w.base if isinstance(w, Adapted) else w
+    base = base if isinstance(base, QArray) else base.astype(dtype)
+    y = ops.linear(x, base, transposed=layout.transposed, cpu_kernels=runtime.cpu_kernels == "on")
+    if isinstance(w, Adapted):
+        y = y + _low_rank(x, w, runtime)
     return y.astype(dtype)
 
 
@@ -286,7 +326,7 @@ class TransformerBlock(nnx.Module):
 # --- Views of the stored parameters ------------------------------------------------------------------
 
 LINEAR_WEIGHTS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "wqkv", "w13")
-_FUSED = {"attention": ("wqkv", ("wq", "wk", "wv")), "feed_forward": ("w13", ("w1", "w3"))}
+FUSED = {"attention": ("wqkv", ("wq", "wk", "wv")), "feed_forward": ("w13", ("w1", "w3"))}
 
 
 def _map_linear(block: dict, fn) -> dict:
@@ -298,7 +338,7 @@ def _block_view(block: dict, layout: Layout) -> dict:
     """One block's weights (or the stacked blocks', [L, ...]) in the stored layout -> in `layout`."""
     block = {part: dict(ws) for part, ws in block.items()}
     if layout.fused:
-        for part, (name, names) in _FUSED.items():
+        for part, (name, names) in FUSED.items():
             ws = block[part]
             parts = [ws.pop(n) for n in names]
             ws[name] = (concatenate_out(parts) if isinstance(parts[0], QArray)  # (..., in, out1 + out2 + ...)
@@ -323,7 +363,7 @@ def _block_stored(block: dict, layout: Layout, config: LlamaConfig) -> dict:
     if layout.fused:
         q, kv, f = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim, config.ffn_dim
         sizes = {"attention": (q, q + kv), "feed_forward": (f,)}
-        for part, (name, names) in _FUSED.items():
+        for part, (name, names) in FUSED.items():
             ws = block[part]
             w = ws.pop(name)
             ws.update(zip(names, split_out(w, sizes[part]) if isinstance(w, QArray)

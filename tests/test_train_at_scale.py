@@ -61,6 +61,29 @@ def test_a_setup_that_does_not_fit_fails_the_run(small_row, monkeypatch, capsys,
     assert "FAIL Llama 3.2 1B" in capsys.readouterr().out
 
 
+def test_a_small_qlora_step_trains_only_the_adapters():
+    """Llama 3.2 1B, int4 base, rank 8 on q and v, one H100: the gradient program returns the
+    adapters' gradients and nothing else, the optimizer state is their two f32 moments, and the
+    frozen int4 model (8-bit embedding) takes under half of its bf16 bytes."""
+    import math
+
+    import jax
+
+    from llama_jax import lora
+
+    tc = tas._tc(1, True, seq_len=1024, lora_rank=8, lora_targets=("q", "v"))
+    r = tas.run(tas.Setup("1B QLoRA", LLAMA3_2_1B, 1, 1, {}, tc, budget=24e9, quantize="int4"))
+    assert "error" not in r, r.get("error")
+    adapters = sum(4 * math.prod(a.shape) for a in jax.tree.leaves(lora.shapes(LLAMA3_2_1B, tc.lora())))
+    assert adapters < r["grad"]["memory"]["outputs"] < adapters + 1024  # and the loss
+    assert r["opt_state"] == pytest.approx(2 * adapters, rel=0.01)
+    c = LLAMA3_2_1B
+    weights = c.n_layers * (c.dim * (c.n_heads + 2 * c.n_kv_heads) * c.head_dim + c.n_heads * c.head_dim * c.dim
+                            + 3 * c.dim * c.ffn_dim) + c.dim * c.vocab_size
+    assert r["grad"]["memory"]["arguments"] < weights  # bf16: 2 bytes a weight
+    assert r["fits"]
+
+
 def test_roofline_and_memory_by_hand():
     r = tas.roofline(989e12, 3.35e12 / 2)  # 1 s of FLOPs, 0.5 s of bytes: compute bound
     assert (r["flop_s"], r["byte_s"], r["bound_s"], r["mfu"]) == pytest.approx((1.0, 0.5, 1.0, 1.0))
@@ -77,6 +100,11 @@ def test_model_flops_by_hand():
     per_layer = 4 * 12 + 4 * 6 + 4 * 6 + 12 * 4 + 3 * 4 * 5  # wq, wk, wv, wo, w1/w2/w3
     matmul = 6 * (2 * per_layer + 4 * 7) * 8  # 8 tokens; the output head, not the embedding lookup
     attention = 3 * 2 * 4 * 2 * 2 * 6 * (4 * 5 / 2)  # 3 x forward: 2 layers, 4 B H E, 10 causal pairs
+    assert tas.model_flops(c, tc, 2) == pytest.approx((matmul + attention) / 2)
+    # LoRA rank 2 on q and down: 4 FLOPs per frozen weight (no weight gradient), 6 per adapter weight.
+    tc = tas._tc(2, True, seq_len=4, lora_rank=2, lora_targets=("q", "down"))
+    adapters = 2 * (2 * (4 + 12) + 2 * (5 + 4))  # 2 layers of A [in, 2] and B [2, out]
+    matmul = (4 * (2 * per_layer + 4 * 7) + 6 * adapters) * 8
     assert tas.model_flops(c, tc, 2) == pytest.approx((matmul + attention) / 2)
 
 

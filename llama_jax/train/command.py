@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 
 from llama_jax.cli import (ATTENTION_IMPLS, CPU_KERNELS, CPU_KERNELS_HELP, CliError, checked, first_line, int_at_least,
@@ -46,7 +47,17 @@ def add_train_command(sub) -> None:
     t.add_argument("--micro-batches", type=int_at_least(1), metavar="M",
                    help="pipeline micro-batches per --batch-size rows (with pp > 1; default: the smallest divisor "
                         "of B that is >= 2 x pp and whose micro-batches dp divides)")
-    t.add_argument("--seed", type=int, default=0, help="data order (default 0)")
+    t.add_argument("--lora-rank", type=int_at_least(1), metavar="R",
+                   help="train low-rank adapters of rank R (LoRA) with the model frozen, instead of every weight")
+    t.add_argument("--lora-alpha", type=float, metavar="A", help="adapter scale A / R (default A = 2 x R)")
+    t.add_argument("--lora-dropout", type=float, default=0.0, metavar="P",
+                   help="dropout on each adapter's input while training (default 0)")
+    t.add_argument("--lora-targets", metavar="LIST",
+                   help="the projections that get adapters, from q,k,v,o,gate,up,down (default: all of them)")
+    t.add_argument("--quantize", choices=("int8", "int4", "fp8"),
+                   help="with --lora-rank: QLoRA, the frozen model quantized at load (weight-only; the embedding and "
+                        "head at 8 bits)")
+    t.add_argument("--seed", type=int, default=0, help="data order, adapter init and dropout (default 0)")
     t.add_argument("--eval-every", type=checked(int, lambda n: n >= 0, ">= 0"), metavar="N",
                    help="held-out loss every N steps (default: a fifth of --steps; 0: only at the end)")
     t.add_argument("--eval-rows", type=int_at_least(1), default=32, metavar="N", help="held-out rows evaluated (default 32)")
@@ -58,10 +69,30 @@ def add_train_command(sub) -> None:
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     t.add_argument("--stop-after", type=int_at_least(1), metavar="N",
                    help="stop after N steps of this invocation, with a checkpoint (continue with --resume)")
-    t.add_argument("--export", choices=("hf", "ours", "both", "none"), default="hf",
-                   help="what to write at the end: hf (OUT/hf, transformers' format, the default), ours "
-                        "(OUT/model, the converted format), both, none")
+    t.add_argument("--export", choices=tuple(EXPORT_DIRS) + ("both", "none"),
+                   help="what to write at the end. Full fine-tuning: hf (OUT/hf, transformers' format, the default), "
+                        "ours (OUT/model, the converted format) or both; LoRA: peft (OUT/adapter, PEFT's adapter "
+                        "format, the default), merged (OUT/merged, the model with the adapter merged in, "
+                        "transformers' format) or both; none")
     t.set_defaults(func=cmd_train)
+
+
+# Export format -> the run directory's subdirectory it goes in.
+EXPORT_DIRS = {"hf": "hf", "ours": "model", "peft": "adapter", "merged": "merged"}
+
+
+def _exports(args) -> list[str]:
+    """The formats --export names for this run (full fine-tuning or LoRA); CliError for one that does
+    not fit the run."""
+    lora = args.lora_rank is not None
+    formats = ["peft", "merged"] if lora else ["hf", "ours"]
+    choice = args.export or formats[0]
+    if choice in ("both", "none"):
+        return formats if choice == "both" else []
+    if choice not in formats:
+        run = "a LoRA run (--lora-rank)" if lora else "full fine-tuning (no --lora-rank)"
+        raise CliError(f"--export {choice}: {run} exports {formats[0]}, {formats[1]}, both or none", 2)
+    return [choice]
 
 
 def _out_dir(args) -> str:
@@ -101,18 +132,29 @@ def cmd_train(args: argparse.Namespace) -> int:
     from llama_jax.train import TrainConfig, Trainer, TrainingDiverged, fit
 
     steps = args.steps
+    lora = {}
+    if args.lora_rank is not None:
+        lora = dict(lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout)
+        if args.lora_targets is not None:
+            lora["lora_targets"] = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
+    elif args.lora_alpha is not None or args.lora_dropout or args.lora_targets is not None or args.quantize:
+        raise CliError("--lora-alpha, --lora-dropout, --lora-targets and --quantize need --lora-rank", 2)
     try:
         config = TrainConfig(
             peak_lr=args.lr, warmup_steps=steps // 10 if args.warmup is None else args.warmup, total_steps=steps,
             min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay,
             grad_clip=args.grad_clip if args.grad_clip > 0 else None, grad_accum=args.grad_accum,
             remat={"none": False, "full": True}.get(args.remat, args.remat), compute_dtype=args.dtype,
-            seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed, micro_batches=args.micro_batches)
+            seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed, micro_batches=args.micro_batches,
+            **lora)
     except ValueError as e:
-        raise CliError(str(e).replace("TrainConfig: ", "").replace("peak_lr", "--lr")
-                       .replace("warmup_steps", "--warmup").replace("total_steps", "--steps"), 2) from None
+        raise CliError(re.sub(r"\blora_(\w+)", lambda m: "--lora-" + m[1], str(e).replace("TrainConfig: ", ""))
+                       .replace("peak_lr", "--lr").replace("warmup_steps", "--warmup").replace("total_steps", "--steps"),
+                       2) from None
+    exports = _exports(args)
     out = _out_dir(args)
-    load_args = argparse.Namespace(**{**vars(args), "dtype": "float32"})  # float32 master weights
+    # Full fine-tuning keeps float32 master weights; LoRA reads the frozen model in the compute dtype.
+    load_args = argparse.Namespace(**{**vars(args), "dtype": args.dtype if lora else "float32"})
     model = load_model(load_args, mesh=parse_mesh(args.mesh))
     model_dir = model_path(args)
     if args.seq_len > model.config.max_seq_len:
@@ -167,11 +209,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         log(f"stopped at step {trainer.step_count}/{steps}; continue with: llama-jax train --out {out} --resume "
             "(and the same settings)")
         return 0
-    exports = {"hf": ["hf"], "ours": ["ours"], "both": ["hf", "ours"], "none": []}[args.export]
+    what = {"hf": "Hugging Face safetensors", "ours": "the converted format", "peft": "the adapter (PEFT's format)",
+            "merged": "the merged model (Hugging Face safetensors)"}
     for fmt in exports:
-        where = trainer.export(os.path.join(out, "hf" if fmt == "hf" else "model"), fmt, tokenizer_from=model_dir,
-                               overwrite=True)
-        log(f"exported {'Hugging Face safetensors' if fmt == 'hf' else 'the converted format'}: {where}")
+        where = trainer.export(os.path.join(out, EXPORT_DIRS[fmt]), fmt, overwrite=True, base_model=model_dir,
+                               tokenizer_from=None if fmt == "peft" else model_dir)
+        log(f"exported {what[fmt]}: {where}")
     summary = {"step": result["step"], "loss": result.get("loss"), "eval_loss": result.get("eval_loss"), "out": out}
     print(json.dumps(summary), flush=True)
     return 0

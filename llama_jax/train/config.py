@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from llama_jax.lora import DEFAULT_TARGETS, LoraConfig
+
 REMAT_POLICIES = ("everything_saveable", "nothing_saveable", "dots_saveable", "checkpoint_dots",
                   "dots_with_no_batch_dims_saveable", "checkpoint_dots_with_no_batch_dims")
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -43,7 +45,11 @@ class TrainConfig:
     optimizer state and checkpoints stay in the stored layout (llama_jax.model). micro_batches: under pipeline
     parallelism (a mesh with pp > 1), the pieces each batch_size rows flow through the stages in
     (at least pp; None: pipeline.default_micro_batches, the smallest divisor of batch_size >= 2 x pp
-    whose micro-batches the data-parallel devices divide); the layers are then always scanned."""
+    whose micro-batches the data-parallel devices divide); the layers are then always scanned.
+    lora_rank: None trains every weight; r trains low-rank adapters of rank r on `lora_targets`
+    (names of llama_jax.lora.TARGETS: q, k, v, o, gate, up, down) with the model frozen (LoRA; with a
+    quantized model, QLoRA), scaled by lora_alpha / r (lora_alpha None: 2 x r) and with dropout
+    lora_dropout on each adapter's input. Only the adapters get gradients and optimizer state."""
 
     peak_lr: float = 3e-4
     warmup_steps: int = 100
@@ -63,6 +69,10 @@ class TrainConfig:
     loss_chunk: int = 1024
     scan_layers: bool | None = None
     micro_batches: int | None = None
+    lora_rank: int | None = None
+    lora_alpha: float | None = None
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = DEFAULT_TARGETS
 
     def __post_init__(self):
         def need(ok, msg):
@@ -89,9 +99,26 @@ class TrainConfig:
              f"remat must be False, True or one of {REMAT_POLICIES}, got {self.remat!r}")
         need(self.compute_dtype in (None, *COMPUTE_DTYPES),
              f"compute_dtype must be None or one of {COMPUTE_DTYPES}, got {self.compute_dtype!r}")
+        if self.lora_rank is None:
+            need(self.lora_alpha is None and self.lora_dropout == 0.0 and tuple(self.lora_targets) == DEFAULT_TARGETS,
+                 "lora_alpha, lora_dropout and lora_targets need lora_rank (LoRA); without it every weight trains")
+        else:
+            try:
+                lora = self.lora()
+            except ValueError as e:
+                raise ValueError(f"TrainConfig: {e}") from None
+            object.__setattr__(self, "lora_targets", lora.targets)
+
+    def lora(self) -> LoraConfig | None:
+        """The adapters' settings, or None for full fine-tuning."""
+        if self.lora_rank is None:
+            return None
+        alpha = 2 * self.lora_rank if self.lora_alpha is None else self.lora_alpha
+        return LoraConfig(self.lora_rank, alpha, self.lora_dropout, self.lora_targets)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The fields as JSON holds them (trainer.json: a resumed run must match them)."""
+        return dict(dataclasses.asdict(self), lora_targets=list(self.lora_targets))
 
 
 # --- Schedule and optimizer -------------------------------------------------------------------------

@@ -64,14 +64,15 @@ def chunked_cross_entropy(tied: bool, cpu: bool, head_grad: bool, w, h, targets,
 
 
 def _cross_entropy_fwd(tied, cpu, head_grad, w, h, targets, weights):
-    wx = w.astype(h.dtype)
-
     def body(dw, xs):
         hc, tc, wc = xs
         loss, p = _chunk_loss(tied, cpu, w, hc, tc, wc)
         onehot = tc[..., None] == jnp.arange(p.shape[-1])
         dlogits = (jnp.where(onehot, p - 1, p) * wc[..., None]).astype(hc.dtype)  # (softmax - one-hot) * weight
-        dh = ops.linear(dlogits, wx, transposed=not tied, cpu_kernels=cpu)  # (B, C, D)
+        if isinstance(w, QArray):  # a frozen quantized head (QLoRA): the product's own transpose
+            dh = jax.vjp(functools.partial(_head, tied, cpu, w), hc)[1](dlogits.astype(jnp.float32))[0]
+        else:
+            dh = ops.linear(dlogits, w.astype(hc.dtype), transposed=not tied, cpu_kernels=cpu)  # (B, C, D)
         if head_grad:
             dw = dw + (ops.contract_rows(dlogits, hc, cpu_kernels=cpu) if tied else
                        ops.contract_rows(hc, dlogits, cpu_kernels=cpu))
@@ -79,14 +80,21 @@ def _cross_entropy_fwd(tied, cpu, head_grad, w, h, targets, weights):
 
     dw, (losses, dh) = jax.lax.scan(body, jnp.zeros(w.shape if head_grad else (), jnp.float32),
                                     (h, targets, weights))
-    dw = dw.astype(w.dtype) if head_grad else jnp.zeros(w.shape, w.dtype)
+    dw = dw.astype(w.dtype) if head_grad else _zeros_like(w)
     return jnp.sum(losses), (dw, dh, targets, weights)
+
+
+def _zeros_like(w):
+    """A zero cotangent of w, a frozen head (float0 for a QArray's integer parts)."""
+    return jax.tree.map(lambda a: jnp.zeros_like(a) if jnp.issubdtype(a.dtype, jnp.inexact)
+                        else np.zeros(a.shape, jax.dtypes.float0), w)
 
 
 def _cross_entropy_bwd(tied, cpu, head_grad, res, g):
     dw, dh, targets, weights = res
-    return ((g * dw).astype(dw.dtype), (g * dh).astype(dh.dtype), np.zeros(targets.shape, jax.dtypes.float0),
-            jnp.zeros_like(weights))
+    if head_grad:
+        dw = (g * dw).astype(dw.dtype)
+    return dw, (g * dh).astype(dh.dtype), np.zeros(targets.shape, jax.dtypes.float0), jnp.zeros_like(weights)
 
 
 chunked_cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)

@@ -9,6 +9,12 @@ when there is no mesh (one MKL call each). The view is a pure function with a cu
 gradient is the inverse rearrangement (`model.stored`), so the gradient comes back stored too.
 `compute_dtype` "bfloat16" casts inside the matmuls (f32 accumulation, f32 loss).
 
+With LoRA (TrainConfig.lora_rank), what trains is the adapter tree (llama_jax.lora): float32, stored
+layout, with its own AdamW state; the model is frozen, held once in the compute dtype (or quantized,
+as loaded) and already viewed in the program's layout, so a step neither rearranges nor
+differentiates it. The adapters reach the model's products through `lora.wrap` (a view with a custom
+VJP, like the full weights'), so the base's weight gradients are never computed.
+
 Parallelism is applied here, from outside the model: the pipeline walks the stacked layers when
 the mesh has stages, context_parallel reorders the sequence when it splits it (llama_jax.train.loss).
 """
@@ -32,8 +38,9 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import cpu_kernels
+from llama_jax import lora as lora_lib
 from llama_jax import model as model_lib
-from llama_jax import pipeline, sharding
+from llama_jax import pipeline, quant, sharding
 from llama_jax.config import LlamaConfig, RuntimeConfig, default_dtype
 from llama_jax.data import positions_from_segments
 from llama_jax.export import copy_tokenizer_files, write_hf, write_json_atomic, write_ours
@@ -64,6 +71,7 @@ class _Program:
     loss_chunk: int
     clip: bool
     micro_batches: int | None  # pipeline micro-batches (None: no pipeline)
+    lora: lora_lib.LoraConfig | None  # None: every weight trains
 
     @classmethod
     def of(cls, config: LlamaConfig, runtime: RuntimeConfig, train_config: TrainConfig, mesh=None) -> "_Program":
@@ -74,7 +82,8 @@ class _Program:
             scan = True
         # Fused weights would mix columns that tensor parallelism splits differently: no mesh only.
         layout = model_lib.STORED if scan else Layout(per_layer=True, fused=mesh is None)
-        return cls(config, runtime, layout, tc.grad_accum, tc.remat, tc.loss_chunk, tc.grad_clip is not None, micro)
+        return cls(config, runtime, layout, tc.grad_accum, tc.remat, tc.loss_chunk, tc.grad_clip is not None, micro,
+                   tc.lora())
 
     def walk(self):
         """How the stacked layers run: the pipeline over the mesh's stages, or a scan."""
@@ -103,43 +112,65 @@ _viewed.defvjp(lambda prog, params: (_viewed(prog, params), None),
                lambda prog, _, g: (model_lib.stored(g, prog.layout, prog.config),))
 
 
-def _batch_sums(prog: _Program, params, batch):
-    """(loss sum, target count) of one batch, params in the stored layout."""
-    params = params if prog.layout == model_lib.STORED else _viewed(prog, params)
-    model = model_lib.build(prog.config, params, prog.runtime, prog.layout)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _adapters_viewed(prog: _Program, adapters):
+    """lora.view(adapters, prog.layout), its gradient the inverse rearrangement (as `_viewed`)."""
+    return lora_lib.view(adapters, prog.layout, prog.config)
+
+
+_adapters_viewed.defvjp(lambda prog, adapters: (_adapters_viewed(prog, adapters), None),
+                        lambda prog, _, g: (lora_lib.stored(g, prog.layout, prog.config),))
+
+
+def _batch_sums(prog: _Program, params, batch, frozen=None, key=None):
+    """(loss sum, target count) of one batch, params in the stored layout. With LoRA, params are the
+    adapters and frozen the model's weights, viewed in prog.layout already; key: dropout's (None: none)."""
+    if prog.lora is None:
+        weights = params if prog.layout == model_lib.STORED else _viewed(prog, params)
+    else:
+        weights = lora_lib.wrap(frozen, _adapters_viewed(prog, params), prog.lora, prog.layout, prog.config, key)
+    model = model_lib.build(prog.config, weights, prog.runtime, prog.layout)
     return loss_sums(model, batch["tokens"], batch["segment_ids"], batch["positions"], remat=prog.remat,
-                     chunk=prog.loss_chunk, walk=prog.walk())
+                     chunk=prog.loss_chunk, walk=prog.walk(), head_grad=prog.lora is None)
 
 
-def _grad_sums(prog: _Program, params, batch):
+def _grad_sums(prog: _Program, params, batch, frozen, key):
     """(loss sum, target count, gradient of the loss sum) over the micro-batches of one step; the
-    micro-batches run one after another (lax.scan), accumulating in f32."""
+    micro-batches run one after another (lax.scan), accumulating in f32, each with its own dropout key."""
     grad_fn = jax.value_and_grad(functools.partial(_batch_sums, prog), has_aux=True)
     k = prog.grad_accum
     if k == 1:
-        (s, n), g = grad_fn(params, batch)
+        (s, n), g = grad_fn(params, batch, frozen, key)
         return s, n, g
     micro = jax.tree.map(lambda a: a.reshape(k, a.shape[0] // k, *a.shape[1:]), batch)  # (k, B/k, T)
 
-    def body(carry, mb):
+    def body(carry, xs):
         s, n, g = carry
-        (s1, n1), g1 = grad_fn(params, mb)
+        mb, i = xs
+        (s1, n1), g1 = grad_fn(params, mb, frozen, None if key is None else jax.random.fold_in(key, i))
         return (s + s1, n + n1, jax.tree.map(jnp.add, g, g1)), None
 
     zero = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
-    (s, n, g), _ = jax.lax.scan(body, zero, micro)
+    (s, n, g), _ = jax.lax.scan(body, zero, (micro, jnp.arange(k)))
     return s, n, g
 
 
-def _mean_loss_and_grads(prog: _Program, params, batch):
+def _trained_shardings(prog: _Program, mesh) -> dict:
+    """Where each trained array (and its gradient, and its moments) goes on `mesh`."""
+    if prog.lora is None:
+        return sharding.param_shardings(model_lib.abstract(prog.config), mesh)
+    return lora_lib.shardings(prog.config, prog.lora, mesh)
+
+
+def _mean_loss_and_grads(prog: _Program, params, batch, frozen=None, key=None):
     """(mean loss, its gradient): the sums over all micro-batches divided by the target count, so
     accumulation gives the update of one large batch."""
-    s, n, g = _grad_sums(prog, params, batch)
+    s, n, g = _grad_sums(prog, params, batch, frozen, key)
     n = jnp.maximum(n, 1.0)
     g = jax.tree.map(lambda x: x / n, g)
     mesh = jax.sharding.get_abstract_mesh()
     if not mesh.empty:  # each gradient split as its parameter: a reduce-scatter under 'fsdp', not an all-reduce
-        g = jax.lax.with_sharding_constraint(g, sharding.param_shardings(model_lib.abstract(prog.config), mesh))
+        g = jax.lax.with_sharding_constraint(g, _trained_shardings(prog, mesh))
     return s / n, g
 
 
@@ -192,22 +223,65 @@ def _opt_shardings(tx, params, shardings, mesh):
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _eval_sums(prog: _Program, params, batch):
-    return _batch_sums(dataclasses.replace(prog, remat=False), params, batch)
+def _eval_sums(prog: _Program, params, batch, frozen=None):
+    return _batch_sums(dataclasses.replace(prog, remat=False), params, batch, frozen)
 
-def gradient_program(config: LlamaConfig, train_config: TrainConfig, mesh, runtime: RuntimeConfig | None = None):
+
+def _frozen_dtype(runtime: RuntimeConfig, w):
+    """A frozen weight as a LoRA step reads it: float weights in the compute dtype (the products cast
+    to it anyway, so a float32 copy of a bfloat16-computed model would only cost memory); quantized
+    weights as they are."""
+    return w if isinstance(w, quant.QArray) else w.astype(runtime.dtype)
+
+
+def _is_quantized(x) -> bool:
+    return isinstance(x, quant.QArray)
+
+
+def _frozen_shardings(prog: _Program, frozen: dict, mesh) -> dict:
+    """Where each frozen weight (viewed in prog.layout) goes on `mesh`: by its logical axes, each part
+    of a quantized weight too (as sharding.place puts a Llama's)."""
+    specs = nnx.to_pure_dict(nnx.get_partition_spec(nnx.state(model_lib.abstract(prog.config, prog.runtime,
+                                                                                 prog.layout))))
+    return jax.tree.map(lambda axes, w: jax.tree.map(
+        lambda a: NamedSharding(mesh, sharding.logical_to_mesh(tuple(axes), a.shape, mesh)), w),
+        specs, frozen, is_leaf=lambda x: isinstance(x, P))
+
+
+def _frozen_shapes(prog: _Program, mesh, quantize: str | None) -> dict:
+    """The frozen model's weights of a LoRA step as ShapeDtypeStructs, in prog.layout, on `mesh`:
+    the compute dtype, or quantized to `quantize` as `llama_jax.load(quantize=...)` does."""
+    config, runtime = prog.config, prog.runtime
+    stored = nnx.to_pure_dict(nnx.state(model_lib.abstract(config, runtime), nnx.Param))
+    stored = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, runtime.dtype), stored)
+    if quantize is not None:
+        stored = jax.eval_shape(lambda p: quant.quantize_params(p, quantize, model_lib.LINEAR_WEIGHTS), stored)
+    viewed = jax.eval_shape(lambda p: model_lib.view(p, prog.layout, config), stored)
+    return jax.tree.map(lambda a, w: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=w), viewed,
+                        _frozen_shardings(prog, viewed, mesh))
+
+def gradient_program(config: LlamaConfig, train_config: TrainConfig, mesh, runtime: RuntimeConfig | None = None, *,
+                     quantize: str | None = None):
     """(jitted function, abstract arguments) of the step's gradient program, as a Trainer of a model
     of `config` on `mesh` runs it, with nothing allocated: for compiling it for another target
-    (benchmarks/gpu_compile.py compiles it for H100s). `fn.trace(*args)` traces it."""
+    (benchmarks/gpu_compile.py compiles it for H100s). `fn.trace(*args)` traces it. quantize: with
+    LoRA, the frozen model quantized as `llama_jax.load(quantize=...)` quantizes it (QLoRA)."""
     runtime = _training_runtime(runtime or RuntimeConfig(), train_config)
     prog = _Program.of(config, runtime, train_config, mesh)
+    rows = (train_config.batch_size * train_config.grad_accum, train_config.seq_len)
+    batch = {k: jax.ShapeDtypeStruct(rows, jnp.int32, sharding=sharding.batch_sharding(mesh, 2))
+             for k in ("tokens", "segment_ids", "positions")}
+    if prog.lora is not None:
+        params = jax.tree.map(lambda a, where: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=where),
+                              lora_lib.shapes(config, prog.lora), lora_lib.shardings(config, prog.lora, mesh))
+        key = None
+        if prog.lora.dropout > 0:
+            key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=NamedSharding(mesh, P()))
+        return _loss_and_grads, (prog, params, batch, _frozen_shapes(prog, mesh, quantize), key)
     model = model_lib.abstract(config, runtime)
     shapes = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     params = jax.tree.map(lambda a, where: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=where),
                           shapes, sharding.param_shardings(model, mesh))
-    rows = (train_config.batch_size * train_config.grad_accum, train_config.seq_len)
-    batch = {k: jax.ShapeDtypeStruct(rows, jnp.int32, sharding=sharding.batch_sharding(mesh, 2))
-             for k in ("tokens", "segment_ids", "positions")}
     return _loss_and_grads, (prog, params, batch)
 
 
@@ -215,7 +289,7 @@ def update_program(config: LlamaConfig, train_config: TrainConfig, mesh, runtime
     """(jitted function, abstract arguments) of the step's optimizer update (gradient norm, torch's
     clipping, AdamW, skipped on a non-finite loss; params and state donated), as a Trainer of a model
     of `config` on `mesh` runs it, with nothing allocated: `gradient_program`'s twin."""
-    _, (_, params, _) = gradient_program(config, train_config, mesh, runtime)
+    params = gradient_program(config, train_config, mesh, runtime)[1][1]
     tx = optimizer(train_config)
     shardings = jax.tree.map(lambda a: a.sharding, params)
     opt = _opt_shardings(tx, params, shardings, mesh)
@@ -263,11 +337,20 @@ class Trainer:
         self.runtime: RuntimeConfig = _training_runtime(model.runtime, config)
         self._prog = _Program.of(mc, self.runtime, config, self.mesh)
         self._tx = optimizer(config)
-        self._shardings = None
-        if self.mesh is not None:
-            self._shardings = sharding.param_shardings(model_lib.abstract(mc, self.runtime), self.mesh)
-        # float32 copies in new buffers (the step donates them; the Llama keeps its own).
-        params = jax.tree.map(lambda x: jnp.array(x, dtype=jnp.float32, copy=True), model.params)
+        self.lora: lora_lib.LoraConfig | None = self._prog.lora
+        self._shardings = None if self.mesh is None else _trained_shardings(self._prog, self.mesh)
+        self._frozen = None  # with LoRA: the model's weights, in the step's layout, never updated
+        if self.lora is None:
+            # float32 copies in new buffers (the step donates them; the Llama keeps its own); a
+            # quantized model trains the float weights it stands for.
+            params = jax.tree.map(lambda x: jnp.array(x, dtype=jnp.float32, copy=True),
+                                  quant.dequantize_params(model.params, jnp.float32))
+        else:
+            frozen = jax.tree.map(functools.partial(_frozen_dtype, self.runtime), model.params, is_leaf=_is_quantized)
+            frozen = model_lib.view(frozen, self._prog.layout, mc)
+            self._frozen = self._place(frozen, None if self.mesh is None else
+                                       _frozen_shardings(self._prog, frozen, self.mesh))
+            params = lora_lib.init(mc, self.lora, jax.random.fold_in(jax.random.key(config.seed), 0))
         self._params: dict = self._place(params, self._shardings)
         with sharding.on_mesh(self.mesh):
             # The optimizer's moments are split as their parameters are (ZeRO under 'fsdp').
@@ -288,14 +371,36 @@ class Trainer:
 
     @property
     def params(self) -> dict:
-        """The weights as a nested dict of float32 arrays in the stored layout (layers stacked on
-        axis 0, linear weights [in, out]; to_hf_state_dict maps it to Hugging Face names)."""
+        """What trains, as a nested dict of float32 arrays in the stored layout (layers stacked on
+        axis 0, linear weights [in, out]): the model's weights (to_hf_state_dict maps them to Hugging
+        Face names), or with LoRA the adapters (llama_jax.lora's tree)."""
         return self._params
 
     @params.setter
     def params(self, value: dict) -> None:
         """Replaces the weights (a dict like `params`'s); the optimizer state stays."""
         self._params = self._place(value, self._shardings)
+
+    def merged_params(self) -> dict:
+        """The model's weights as trained, in the stored layout: `params`, or with LoRA the frozen
+        weights with the adapters merged in (a quantized weight dequantized to float32)."""
+        if self.lora is None:
+            return self._params
+        frozen = self._frozen
+        if self._prog.layout != model_lib.STORED:
+            frozen = model_lib.stored(frozen, self._prog.layout, self.model_config)
+        return lora_lib.merge(frozen, self._params, self.lora)
+
+    def dropout_key(self, step: int | None = None):
+        """The LoRA dropout key of optimizer step `step` (0-based; default: the next one), None without
+        dropout: a function of the seed and the step only, so a resumed run draws the masks a straight
+        run would. Micro-batch i of the step uses fold_in(key, i) (with grad_accum > 1), and
+        llama_jax.lora.dropout_keys splits it per layer and target."""
+        step = self.step_count if step is None else step
+        if self.lora is None or self.lora.dropout == 0:
+            return None
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(self.config.seed), 1), step)
+        return jax.device_put(key, None if self.mesh is None else NamedSharding(self.mesh, P()))
 
     @property
     def opt_state(self):
@@ -373,16 +478,22 @@ class Trainer:
         clipping or updating. `llama_jax.checkpoint.to_hf_state_dict` maps the gradient to HF names."""
         b = self._batch(batch, micro=self.config.grad_accum)
         with sharding.on_mesh(self.mesh):
-            loss, grads = _loss_and_grads(self._prog, self._params, b)
+            loss, grads = _loss_and_grads(self._prog, self._params, b, *self._frozen_args())
         return float(loss), grads
+
+    def _frozen_args(self) -> tuple:
+        """The gradient program's arguments after the batch: none, or with LoRA the frozen weights and
+        this step's dropout key."""
+        return () if self.lora is None else (self._frozen, self.dropout_key())
 
     def lower(self, batch: dict) -> dict:
         """The step's two programs lowered for `batch` (jax.stages.Lowered, by name: "grads" and
         "update"), for reading their compiled HLO, memory and collectives (benchmarks/parallel.py)."""
         b = self._batch(batch, micro=self.config.grad_accum)
         with sharding.on_mesh(self.mesh):
-            grads = jax.eval_shape(functools.partial(_loss_and_grads, self._prog), self._params, b)
-            return {"grads": _loss_and_grads.lower(self._prog, self._params, b),
+            grads = jax.eval_shape(functools.partial(_loss_and_grads, self._prog), self._params, b,
+                                   *self._frozen_args())
+            return {"grads": _loss_and_grads.lower(self._prog, self._params, b, *self._frozen_args()),
                     "update": self._update.lower(self._params, self._opt_state, grads[1], grads[0],
                                                  np.float32(0.0))}
 
@@ -400,7 +511,7 @@ class Trainer:
             else int(np.size(batch["tokens"]))
         lr = self.lr()
         with sharding.on_mesh(self.mesh):
-            loss, grads = _loss_and_grads(self._prog, self._params, b)
+            loss, grads = _loss_and_grads(self._prog, self._params, b, *self._frozen_args())
             # The weights and the count change together (a Ctrl-C while we wait below finds them agreeing).
             self._params, self._opt_state, grad_norm = self._update(self._params, self._opt_state, grads, loss,
                                                                     np.float32(lr))
@@ -421,7 +532,7 @@ class Trainer:
         for batch in batches:
             b = self._batch(batch, micro=1)
             with sharding.on_mesh(self.mesh):
-                s, n = _eval_sums(self._prog, self._params, b)
+                s, n = _eval_sums(self._prog, self._params, b, *self._frozen_args()[:1])
             total, count = total + float(s), count + float(n)
         if count == 0:
             raise ValueError("evaluate: the batches hold no target tokens")
@@ -515,22 +626,28 @@ class Trainer:
 
         src = self._source
         dtype = jnp.dtype(src["runtime"].param_dtype)
-        params = jax.tree.map(lambda p: jnp.array(p, dtype=dtype, copy=True), self.params)
+        params = jax.tree.map(lambda p: jnp.array(p, dtype=dtype, copy=True), self.merged_params())
         return from_params(self.model_config, params, src["runtime"], tokenizer=src["tokenizer"],
                            chat_format=src["chat_format"], mesh=self.mesh, layout=src["layout"])
 
-    def export(self, directory: str | os.PathLike, format: str = "hf", *, tokenizer_from: str | None = None,
-               dtype: str = "float32", overwrite: bool = False) -> str:
-        """Writes the current weights as a model directory: format "hf" (config.json and
-        model.safetensors, which transformers loads) or "ours" (llama_config.json and Orbax params, as
-        `llama-jax convert` writes). tokenizer_from: a model directory whose tokenizer files
-        (tokenizer.json or tokenizer.model, tokenizer_config.json, chat template, generation_config.json)
-        are copied along. Written into a temporary directory and renamed when complete; an existing
-        `directory` is refused unless overwrite. Returns the directory."""
-        if format not in ("hf", "ours"):
-            raise ValueError(f"export format must be 'hf' or 'ours', got {format!r}")
-        if dtype not in COMPUTE_DTYPES or (format == "hf" and dtype != "float32"):
-            raise ValueError(f"export dtype {dtype!r}: 'hf' writes float32; 'ours' float32 or bfloat16")
+    def export(self, directory: str | os.PathLike, format: str | None = None, *, tokenizer_from: str | None = None,
+               dtype: str = "float32", overwrite: bool = False, base_model: str | None = None) -> str:
+        """Writes the current weights as a model directory. Full fine-tuning: format "hf" (the
+        default: config.json and model.safetensors, which transformers loads) or "ours"
+        (llama_config.json and Orbax params, as `llama-jax convert` writes). LoRA: "peft" (the
+        default: adapter_config.json and adapter_model.safetensors, which peft.PeftModel and
+        `llama_jax.load(base, lora=...)` load; base_model names the base in it) or "merged" (the
+        model with the adapters merged in, as "hf"). tokenizer_from: a model directory whose
+        tokenizer files (tokenizer.json or tokenizer.model, tokenizer_config.json, chat template,
+        generation_config.json) are copied along. Written into a temporary directory and renamed
+        when complete; an existing `directory` is refused unless overwrite. Returns the directory."""
+        formats = ("hf", "ours") if self.lora is None else ("peft", "merged")
+        format = formats[0] if format is None else format
+        if format not in formats:
+            run = "full fine-tuning" if self.lora is None else "LoRA"
+            raise ValueError(f"export format {format!r}: a {run} run exports {formats[0]!r} or {formats[1]!r}")
+        if dtype not in COMPUTE_DTYPES or (format != "ours" and dtype != "float32"):
+            raise ValueError(f"export dtype {dtype!r}: 'ours' writes float32 or bfloat16, {format!r} float32")
         directory = os.path.abspath(os.fspath(directory))
         if os.path.lexists(directory) and not overwrite:
             raise FileExistsError(f"{directory}: already exists (nothing was written)")
@@ -538,11 +655,13 @@ class Trainer:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
         try:
-            host = jax.tree.map(np.asarray, self.params)
-            if format == "hf":
-                write_hf(tmp, host, self.model_config)
+            if format == "peft":
+                lora_lib.write_peft(tmp, jax.tree.map(np.asarray, self.params), self.lora, self.model_config,
+                                    base_model=base_model)
+            elif format == "ours":
+                write_ours(tmp, jax.tree.map(np.asarray, self.params), self.model_config, dtype)
             else:
-                write_ours(tmp, host, self.model_config, dtype)
+                write_hf(tmp, jax.tree.map(np.asarray, self.merged_params()), self.model_config)
             if tokenizer_from is not None:
                 copy_tokenizer_files(tokenizer_from, tmp)
             if os.path.lexists(directory):
