@@ -29,6 +29,10 @@ asked length. CASE (default poisson; `all` runs every one):
 - concurrent: 4 such requests one at a time, then together, to the same server; aggregate output
   tokens/s. Target:
   together at least 3x one at a time.
+- json_schema: 64-token greedy requests plain (ignore_eos) and under a JSON schema (an array longer
+  than the answer, so both run to max_tokens), interleaved: decode tokens/s per request at 1 row, 4
+  rows, and of 3 plain rows beside 1 constrained; and a new schema's grammar compile time. Target:
+  constrained decoding costs at most 10% (ratio >= 0.90).
 - startup: `llama-jax serve` (--model, or the default model) started twice with one fresh JAX
   compilation cache: seconds from start to /health 200 empty (cold) and filled (warm). Target: cold
   within 30 s on 2 CPU cores, warm faster.
@@ -500,8 +504,68 @@ def case_startup(args):
            ["warm", f"{files} files", f"{warm[0]:.1f} s", f"{warm[0] / cold[0]:.2f}", warm[1], "< 1.00"]])
 
 
+# json_schema's schema: an array of small integers longer than any answer, so a constrained request
+# runs to max_tokens as an ignore_eos one does, and the two decode the same number of tokens.
+NUMBERS = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 999}, "minItems": 10_000}
+CITY = {"type": "object", "properties": {"city": {"type": "string"}, "country": {"type": "string"},
+                                         "population": {"type": "integer"}},
+        "required": ["city", "country", "population"]}
+
+
+def case_json_schema(args):
+    print(f"\n## json_schema: {NEW_TOKENS}-token greedy requests ({PROMPT_TOKENS}-token prompts), plain (ignore_eos) "
+          f"and under a JSON schema, interleaved, {args.repeats} rounds: decode tok/s per request (after the first "
+          "token; median over requests and rounds)")
+    rng = random.Random(0)
+    prompts = [random_ids(rng, PROMPT_TOKENS) for _ in range(CONCURRENT)]
+    fmt = {"type": "json_schema", "json_schema": {"name": "numbers", "schema": NUMBERS}}
+    plain, constrained = {"ignore_eos": True}, {"response_format": fmt}
+    # name: (rows, only the first row under the schema)
+    loads = {"1 row": (1, False), f"{CONCURRENT} rows": (CONCURRENT, False),
+             f"{CONCURRENT} rows, one under the schema": (CONCURRENT, True)}
+
+    async def round_(c, extras):
+        rs = await asyncio.gather(*(stream(c, p, NEW_TOKENS, **e) for p, e in zip(prompts, extras)))
+        for r in rs:
+            assert len(r["ids"]) == NEW_TOKENS, len(r["ids"])
+        return [(len(r["ids"]) - 1) / (r["seconds"] - r["ttft"]) for r in rs]
+
+    async def run(url):
+        out = {}
+        async with http_client(url, CONCURRENT) as c:
+            for name, (n, one) in loads.items():
+                kinds = {"plain": [plain] * n,
+                         "json_schema": [constrained] + [plain if one else constrained] * (n - 1)}
+                for extras in kinds.values():
+                    await round_(c, extras)  # compiles
+                rates = {k: [] for k in kinds}
+                for _ in range(args.repeats):
+                    for k, extras in kinds.items():
+                        got = await round_(c, extras)
+                        # With one constrained row, the plain rows are what the others pay for it.
+                        rates[k] += got[1:] if one and k == "json_schema" else got
+                out[name] = {k: statistics.median(v) for k, v in rates.items()}
+        return out
+
+    with serving(args) as target:
+        got = asyncio.run(run(target.url))
+        grammars = target.engine.engine.grammars if target.engine is not None else None
+        compile_s = None
+        if grammars is not None:
+            t = time.perf_counter()
+            grammars.compile(json.dumps(CITY))
+            compile_s = time.perf_counter() - t
+    rows = [[name, f"{r['plain']:.1f}", f"{r['json_schema']:.1f}", f"{r['json_schema'] / r['plain']:.2f}"]
+            for name, r in got.items()]
+    table(["batch", "plain decode tok/s", "json_schema decode tok/s", "ratio (target >= 0.90)"], rows)
+    print("\n(the last row's json_schema column: the plain rows' rate beside the constrained one)")
+    if compile_s is not None:
+        print(f"grammar compile of a new 3-property object schema: {compile_s * 1e3:.0f} ms (once per schema)")
+
+
 CASES = {"poisson": case_poisson, "mixed": case_mixed, "shared-prefix": case_shared_prefix, "chat": case_chat,
-         "single": case_single, "concurrent": case_concurrent, "startup": case_startup}
+         "single": case_single, "concurrent": case_concurrent, "startup": case_startup,
+         "json_schema": case_json_schema}
 
 
 def main(argv=None):
@@ -521,6 +585,7 @@ def main(argv=None):
     p.add_argument("--users", type=int, default=16)
     p.add_argument("--turns", type=int, default=8)
     p.add_argument("--startup-timeout", type=float, default=300)
+    p.add_argument("--repeats", type=int, default=3, help="json_schema: measured rounds of each kind")
     args = p.parse_args(argv)
     for name in CASES if "all" in args.case else args.case:
         CASES[name](args)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llama_jax import context_parallel, engine, ops, orbax_io, quant, requests, sharding
+from llama_jax import context_parallel, engine, ops, orbax_io, quant, requests, sharding, structured
 from llama_jax import generate as gen
 from llama_jax import model as model_lib
 from llama_jax.checkpoint import read_hf_params
@@ -96,14 +96,19 @@ class Llama:
         return self.tokenizer.decode([i for i in ids if i not in stops])
 
     def generate(self, prompts, *, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
-                 top_p: float | None = None, seed: int = 0, stop_token_ids=None) -> list[gen.Completion]:
+                 top_p: float | None = None, seed: int = 0, stop_token_ids=None, json_schema=None
+                 ) -> list[gen.Completion]:
         """Generates a completion for each prompt (a string, or a list of token ids), batched.
 
         temperature 0 is greedy; top_k and top_p restrict sampling; the same seed gives the same
-        output. stop_token_ids=None stops on the checkpoint's eos ids, [] on none. Returns one
-        Completion per prompt (token_ids: the generated ids only)."""
+        output. stop_token_ids=None stops on the checkpoint's eos ids, [] on none. json_schema (a
+        dict, or its JSON text; `{"type": "object"}` for any object): each completion's text is
+        JSON following it, decoding held to it by a grammar (llama_jax.structured, needs xgrammar),
+        and stops where the JSON ends (unless max_new_tokens cuts it: finish_reason "length").
+        Returns one Completion per prompt (token_ids: the generated ids only)."""
         ids, params = self._request(prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                    seed=seed, stop_token_ids=stop_token_ids)
+                                    seed=seed, stop_token_ids=stop_token_ids, json_schema=json_schema)
+        self._check_structured(params)
         report = {}
         rows, timings = gen.collect(self._generate_ids(ids, params, report), len(ids))
         timings.update(report)
@@ -112,11 +117,21 @@ class Llama:
                                finish_reason="stop" if row and row[-1] in stops else "length",
                                prompt_token_ids=p, timings=dict(timings)) for p, row in zip(ids, rows)]
 
+    def _check_structured(self, params: requests.SamplingParams) -> None:
+        """A schema's grammar compiles (a bad one fails here, in one line), on an engine that runs it."""
+        if params.json_schema is None:
+            return
+        if not engine.runs_on(self.mesh):
+            raise ValueError("json_schema: needs the engine, which runs on a mesh without data or context axes")
+        structured.grammars_for(self.tokenizer, self.config.vocab_size, self.eos_ids).compile(params.json_schema)
+
     def stream(self, prompt, *, max_new_tokens: int, **sampling):
-        """Yields text pieces of one prompt's completion as the device produces them."""
+        """Yields text pieces of one prompt's completion as the device produces them (sampling: as
+        `generate`'s, json_schema included)."""
         if self.tokenizer is None:
             raise ValueError("stream needs a tokenizer")
         [ids], params = self._request([prompt], max_new_tokens, **sampling)
+        self._check_structured(params)
         new, shown = [], ""
         for [chunk] in self._generate_ids([ids], params):
             new += chunk
@@ -138,7 +153,8 @@ class Llama:
         return self.chat_format.encode_dialog(messages, add_generation_prompt=True)
 
     def chat(self, messages, **sampling) -> gen.Completion:
-        """Answers a dialog (a list of {"role", "content"} dicts) in the checkpoint's chat format."""
+        """Answers a dialog (a list of {"role", "content"} dicts) in the checkpoint's chat format
+        (sampling: as `generate`'s; json_schema=... for a JSON answer)."""
         sampling.setdefault("max_new_tokens", 256)
         return self.generate([self.chat_prompt(messages)], **sampling)[0]
 
@@ -157,7 +173,8 @@ class Llama:
 
 def load(path: str | os.PathLike, *, dtype=None, mesh=None, attention_impl: str = "auto",
          norm_impl: str = "auto", prefill_chunk: int | None = None, cpu_kernels: str = "auto",
-         unstack_layers: bool = True, speculative=None, quantize: str | None = None) -> Llama:
+         unstack_layers: bool = True, speculative=None, quantize: str | None = None,
+         lora: str | os.PathLike | None = None) -> Llama:
     """Loads a model directory: a Hugging Face one (config.json with model.safetensors, or shards
     with model.safetensors.index.json) or one made by `llama-jax convert` (Orbax).
 
@@ -173,13 +190,19 @@ def load(path: str | os.PathLike, *, dtype=None, mesh=None, attention_impl: str 
     (llama_jax.speculative; the same tokens as without it, fewer forwards where guesses hold).
     quantize: "int8", "int4" or "fp8" weight-only (llama_jax.quant, round to nearest at load: every
     linear weight, and the embedding and head at 8 bits); weights a checkpoint stores quantized
-    (a GGUF's Q4/Q8 blocks, `convert --quantize`) load as they are either way."""
+    (a GGUF's Q4/Q8 blocks, `convert --quantize`) load as they are either way.
+    lora: a LoRA adapter directory in PEFT's format (`llama-jax train --lora-rank` writes one, and so
+    does PEFT's save_pretrained), merged into the weights it adapts at load (W + scale A B, before
+    `quantize`; an adapted weight the checkpoint stores quantized loads dequantized), so generation
+    runs at the base model's speed; llama_jax.lora.AdapterError (a ValueError) for one it cannot read."""
     path = os.fspath(path)
     speculative = SpeculativeConfig.of(speculative)  # a bad setting fails before anything loads
     if quantize not in (None, *quant.FORMATS):
         raise ValueError(f"quantize must be one of {', '.join(quant.FORMATS)}, got {quantize!r}")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: no such model directory")
+    if lora is not None and not os.path.isdir(lora):  # before the weights are read
+        raise FileNotFoundError(f"lora: {os.fspath(lora)}: no such adapter directory")
     dtype = jnp.dtype(dtype or default_dtype()).name
     runtime = RuntimeConfig(param_dtype=dtype, dtype=dtype, attention_impl=attention_impl, norm_impl=norm_impl,
                             prefill_chunk=prefill_chunk, cpu_kernels=cpu_kernels)
@@ -197,6 +220,10 @@ def load(path: str | os.PathLike, *, dtype=None, mesh=None, attention_impl: str 
     else:
         raise FileNotFoundError(f"{path}: no config.json (not a Hugging Face model directory) and no "
                                 f"{orbax_io.CONFIG_FILE} (not a converted one)")
+    if lora is not None:
+        from llama_jax import lora as lora_lib
+
+        params = lora_lib.merged_params(params, config, lora, dtype=dtype)
     config, params = sharding.replicate_kv_heads(config, params, r)
     if quantize:
         params = quant.quantize_params(params, quantize, model_lib.LINEAR_WEIGHTS, release=True)

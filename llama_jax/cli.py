@@ -81,6 +81,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "8 bits); weights a checkpoint stores quantized load as they are; default: as stored")
 
 
+def _add_lora_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lora", metavar="DIR", dest="lora_dir",
+                   help="a LoRA adapter in PEFT's format (llama-jax train --lora-rank writes one), merged into the "
+                        "model at load")
+
+
 def _add_speculative_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speculative", choices=("ngram",),
                    help="speculative decoding: ngram proposes the tokens that followed the latest earlier "
@@ -169,7 +175,7 @@ def load_model(args, mesh=None):
             speculative = {"method": args.speculative, "num_speculative_tokens": args.num_speculative_tokens}
         return llama_jax.load(path, dtype=args.dtype, attention_impl=args.attention_impl,
                               cpu_kernels=args.cpu_kernels, mesh=mesh, speculative=speculative,
-                              quantize=args.quantize)
+                              quantize=args.quantize, lora=getattr(args, "lora_dir", None))
     except FileNotFoundError as e:  # a directory that holds no model
         raise CliError(first_line(e), 2) from None
     except (CheckpointError, GGUFError, SafetensorsError, OSError) as e:
@@ -494,6 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="continue prompts, streaming the text")
     _add_model_args(g)
+    _add_lora_arg(g)
     g.add_argument("--prompt", action="append", required=True, metavar="TEXT", help="repeat for several prompts")
     _add_sampling_args(g, max_new_tokens=64)
     _add_speculative_args(g)
@@ -503,6 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ch = sub.add_parser("chat", help="chat in the terminal (or through a pipe, one line per turn)")
     _add_model_args(ch)
+    _add_lora_arg(ch)
     ch.add_argument("--system", metavar="TEXT", help="a system message that starts the conversation")
     _add_sampling_args(ch, max_new_tokens=256)
     _add_speculative_args(ch)

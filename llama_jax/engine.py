@@ -10,6 +10,10 @@ detokenizer, stop strings, finish reasons, stats).
 one on a thread for the server. One random scheme (llama_jax.sampling): a request's token number n
 is sampled with fold_in(key(seed), n) from its own logits, so a request gives the same tokens for
 the same seed alone or in any batch, through Python or HTTP, before or after a preemption.
+
+A request may ask for a JSON schema (its matcher, llama_jax.structured, masks each of its tokens on
+the device) and for log-probabilities; a call none of whose rows asks for either runs the very
+programs it ran before these options existed, so their tokens are unchanged.
 """
 
 from __future__ import annotations
@@ -23,18 +27,19 @@ import logging
 import os
 import threading
 import time
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llama_jax import requests, sharding
+from llama_jax import requests, sharding, structured
 from llama_jax.block_pool import BlockPool
 from llama_jax.detokenizer import Detokenizer
 from llama_jax.metrics import Stats
 from llama_jax.requests import SamplingParams
-from llama_jax.runner import MAX_STOP_IDS, ModelRunner, Rows, Sampling, decode, prefill, verify
+from llama_jax.runner import MAX_STOP_IDS, GrammarCall, ModelRunner, Rows, Sampling, decode, prefill, verify
+from llama_jax.sampling import Logprobs
 from llama_jax.scheduler import Scheduler, Sequence as Seq, bucket
 from llama_jax.speculative import SpeculativeConfig, propose_ngram
 
@@ -69,11 +74,21 @@ class Request:
     stop: tuple[str, ...] = ()
 
 
+class TokenLogprob(NamedTuple):
+    """A generated token's log-probability in the distribution it was drawn from, and the best
+    tokens there, as many as its request asked: (id, logprob), best first (tokens a grammar left
+    out are never among them)."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+
+
 @dataclasses.dataclass
 class Output:
     """One event of a request: its new token ids and the text that became final (text can lag the
-    ids: see `Detokenizer`). The last event has a finish_reason: "stop" (a stop id or string),
-    "length" (max_new_tokens), "cancelled", or "error" (with `error`)."""
+    ids: see `Detokenizer`), with each id's TokenLogprob when the request asked for them. The last
+    event has a finish_reason: "stop" (a stop id or string, or the end of its grammar), "length"
+    (max_new_tokens), "cancelled", or "error" (with `error`)."""
 
     token_ids: list[int]
     text: str
@@ -83,6 +98,7 @@ class Output:
     error: str | None = None
     time_to_first_token_s: float | None = None
     cached_tokens: int = 0  # prompt tokens found in the prefix cache
+    logprobs: list[TokenLogprob] | None = None
 
 
 class Handle:
@@ -100,6 +116,10 @@ class Handle:
         self.seq = Seq(request.prompt, request.params)
         self._engine, self._on_output = engine, on_output
         self._text = Detokenizer(engine.llama.tokenizer, request.stop, request.params.stop_token_ids)
+        p = request.params
+        # Its place in its grammar: it has accepted every token the request generated so far.
+        self.matcher = (None if p.json_schema is None
+                        else engine.grammars.matcher(p.json_schema, p.stop_token_ids, p.json_or_text))
         self.completion_tokens = 0  # handed out
         self.submitted = time.perf_counter()
         self.first_token_at: float | None = None
@@ -160,6 +180,12 @@ class Engine:
         self._wake = lambda: None  # EngineThread's, to notice a cancel
 
     @property
+    def grammars(self) -> structured.Grammars:
+        """The model's grammars (compiled once per schema, shared by its engines), made at the first
+        request with one."""
+        return structured.grammars_for(self.llama.tokenizer, self.llama.config.vocab_size, self.llama.eos_ids)
+
+    @property
     def kv_cache_tokens(self) -> int:
         return self.pool.usable * self.block_size
 
@@ -167,13 +193,16 @@ class Engine:
 
     def make_request(self, prompt, *, max_new_tokens: int | None = None, temperature: float = 0.0,
                      top_p: float | None = None, top_k: int | None = None, seed: int = 0,
-                     stop_token_ids: Sequence[int] = (), stop: Sequence[str] = (), ignore_eos: bool = False
-                     ) -> Request:
+                     stop_token_ids: Sequence[int] = (), stop: Sequence[str] = (), ignore_eos: bool = False,
+                     json_schema=None, json_or_text: bool = False, logprobs: int | None = None) -> Request:
         """A checked Request: prompt (text, or token ids), max_new_tokens (None: the rest of the
         context), sampling as in `Llama.generate`; generation stops at the model's eos ids (unless
-        ignore_eos), at `stop_token_ids` and just before any of the `stop` strings. Raises
-        ValueError (one line, naming the argument), also for a request the whole KV pool cannot
-        hold."""
+        ignore_eos), at `stop_token_ids` and just before any of the `stop` strings. json_schema (a
+        dict or its text): the answer follows it (compiled here, or found in the cache), ending
+        with a stop id where the JSON ends; json_or_text: or is text not beginning with "{" (a tool
+        call or a plain answer); logprobs: report each token's log-probability and this many
+        alternatives (0 to 20). Raises ValueError (one line, naming the argument), also for a
+        request the whole KV pool cannot hold or a schema that does not compile."""
         config, tokenizer = self.llama.config, self.llama.tokenizer
         context = min(self.max_seq_len, self.kv_cache_tokens)
         [ids] = requests.check_prompts([prompt], tokenizer=tokenizer, vocab_size=config.vocab_size,
@@ -189,7 +218,10 @@ class Engine:
             raise ValueError(f"stop_token_ids: at most {MAX_STOP_IDS - len(eos)} ids, got {len(stop_token_ids)}")
         params = requests.sampling_params(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                           top_p=top_p, seed=seed, stop_token_ids=stops,
-                                          vocab_size=config.vocab_size)
+                                          vocab_size=config.vocab_size, json_schema=json_schema,
+                                          json_or_text=json_or_text, logprobs=logprobs)
+        if params.json_schema is not None:  # a bad schema fails here, before it is queued
+            self.grammars.compile(params.json_schema, params.json_or_text)
         requests.check_prompts([ids], tokenizer=None, vocab_size=config.vocab_size, max_len=self.max_seq_len,
                                max_new_tokens=params.max_new_tokens)
         if len(ids) + params.max_new_tokens > self.kv_cache_tokens:
@@ -256,8 +288,11 @@ class Engine:
     def decode_step(self) -> None:
         """One decode call of the decoding sequences (preempting the newest while blocks are short),
         or, when speculating and some sequence has proposals, one verify call."""
-        if self.speculative is not None:
-            proposals = {seq: self._propose(seq) for seq in self.scheduler.running if seq.prefilled}
+        decoding = [seq for seq in self.scheduler.running if seq.prefilled]
+        # A verify takes no grammar masks and reports no log-probabilities: with such a row in the
+        # batch, this step decodes.
+        if self.speculative is not None and not any(self._options(self.handles[seq]) for seq in decoding):
+            proposals = {seq: self._propose(seq) for seq in decoding}
             if any(proposals.values()):
                 seqs = self.scheduler.schedule_decode(self.speculative.num_speculative_tokens + 1)
                 if seqs:
@@ -266,6 +301,10 @@ class Engine:
         seqs = self.scheduler.schedule_decode(self.steps_per_decode)
         if seqs:
             self._decode(seqs)
+
+    @staticmethod
+    def _options(h: Handle) -> bool:
+        return h.matcher is not None or h.request.params.logprobs is not None
 
     @property
     def steps_per_decode(self) -> int:
@@ -340,13 +379,24 @@ class Engine:
         for i, (seq, n) in enumerate(rows):
             tokens[i, :n] = seq.tokens[seq.computed:seq.computed + n]
             start[i], last[i], count[i] = seq.computed, n - 1, len(seq.generated)
-        out = self.runner.prefill(tokens, start, self._table(seqs, r, width), last, count,
-                                  self._sampling(seqs, r))
+        # Rows whose chunk ends their known tokens keep the token sampled here: with their options.
+        ending = [self.handles[seq] if seq.computed + n == len(seq.tokens) else None for seq, n in rows]
+        matchers = [h.matcher if h else None for h in ending] + [None] * (r - len(rows))
+        allowed = None
+        if any(matchers):
+            allowed = structured.next_masks(matchers, structured.mask_width(self.llama.config.vocab_size))
+        logprobs = any(h is not None and h.request.params.logprobs is not None for h in ending)
+        out, lp = self.runner.prefill(tokens, start, self._table(seqs, r, width), last, count,
+                                      self._sampling(seqs, r), allowed, logprobs=logprobs)
+        lp = None if lp is None else Logprobs(*(a[:, None] for a in lp))  # one step per row
         for i, (seq, n) in enumerate(rows):
             self.scheduler.computed(seq, n)
             if seq.computed == len(seq.tokens):  # the last known token: its sample is the next token
                 seq.prefilled = True
-                self._emit(self.handles[seq], [int(out[i])])
+                h = self.handles[seq]
+                if h.matcher is not None:
+                    h.matcher.accept(int(out[i]))
+                self._emit(h, [int(out[i])], lps=_token_logprobs(lp, h, i, slice(None)))
 
     def _decode(self, seqs: list[Seq]) -> None:
         b = bucket(len(seqs), minimum=1)
@@ -359,18 +409,29 @@ class Engine:
             rows.token[i], rows.pos[i], rows.count[i] = seq.tokens[-1], len(seq.tokens) - 1, len(seq.generated)
             rows.max_new[i], rows.live[i] = p.max_new_tokens, True
             stop_ids[i, :len(p.stop_token_ids)] = p.stop_token_ids
-        out = self.runner.decode(self.steps_per_decode, rows, self._table(seqs, b, self.max_width))
-        for i, seq in enumerate(seqs):
-            new = [int(t) for t in out[i] if t >= 0]
-            self._emit(self.handles[seq], new, fed=len(new))
+        handles = [self.handles[seq] for seq in seqs]
+        matchers = [h.matcher for h in handles] + [None] * (b - len(seqs))
+        logprobs = any(h.request.params.logprobs is not None for h in handles)
+        table = self._table(seqs, b, self.max_width)
+        if any(matchers):
+            width = structured.mask_width(self.llama.config.vocab_size)
+            with structured.registered(matchers, width) as call:
+                grammar = GrammarCall(structured.next_masks(matchers, width), np.int32(call))
+                out, lp = self.runner.decode(self.steps_per_decode, rows, table, grammar, logprobs=logprobs)
+        else:
+            out, lp = self.runner.decode(self.steps_per_decode, rows, table, logprobs=logprobs)
+        for i, (seq, h) in enumerate(zip(seqs, handles)):
+            made = out[i] >= 0
+            new = [int(t) for t in out[i][made]]
+            self._emit(h, new, fed=len(new), lps=_token_logprobs(lp, h, i, made))
 
     # --- Outputs ---
 
-    def _emit(self, h: Handle, new: list[int], fed: int = 0) -> None:
+    def _emit(self, h: Handle, new: list[int], fed: int = 0, lps: list[TokenLogprob] | None = None) -> None:
         """Appends a request's new tokens (`fed`: how many tokens the device wrote to the cache to
-        make them), hands out their text, and finishes it at a stop id, a stop string or
-        max_new_tokens (the device stops at the same ids and length; the rest of a call's tokens
-        after a stop string are dropped)."""
+        make them; `lps`: their TokenLogprobs, when the request asked), hands out their text, and
+        finishes it at a stop id, a stop string or max_new_tokens (the device stops at the same ids
+        and length; the rest of a call's tokens after a stop string are dropped)."""
         seq, p = h.seq, h.request.params
         seq.tokens += new
         if fed:
@@ -387,14 +448,17 @@ class Engine:
             if reason is not None:
                 new = new[:i + 1]
                 break
+        if lps is not None:
+            lps = lps[:len(new)]
         h.completion_tokens += len(new)
         if reason is not None:
-            self._finish(h, reason, new=new, text=text)
+            self._finish(h, reason, new=new, text=text, lps=lps)
         else:
             self._deliver(h, Output(new, text, len(h.request.prompt), h.completion_tokens,
-                                    cached_tokens=seq.cached_tokens))
+                                    cached_tokens=seq.cached_tokens, logprobs=lps))
 
-    def _finish(self, h: Handle, reason: str, *, new=(), text: str = "", error: str | None = None) -> None:
+    def _finish(self, h: Handle, reason: str, *, new=(), text: str = "", error: str | None = None,
+                lps: list[TokenLogprob] | None = None) -> None:
         if h.finished:
             return
         h.finished = True
@@ -414,8 +478,10 @@ class Engine:
                 st.time_to_first_token_s.observe(ttft)
                 if sent > 1 and end > h.first_token_at:
                     st.decode_tokens_per_s.observe((sent - 1) / (end - h.first_token_at))
+        if lps is None and h.request.params.logprobs is not None:
+            lps = []
         self._deliver(h, Output(list(new), text, len(h.request.prompt), sent, reason, error, ttft,
-                                h.seq.cached_tokens))
+                                h.seq.cached_tokens, lps))
 
     def _deliver(self, h: Handle, out: Output) -> None:
         try:
@@ -470,6 +536,16 @@ def runs_on(mesh) -> bool:
     """Whether the engine runs on `mesh`: one pool is shared by every row, so it can be split by KV
     heads only, not by rows or the sequence (data or context parallel)."""
     return mesh is None or (sharding.axis_size("batch", mesh) == 1 and sharding.axis_size("seq", mesh) == 1)
+
+
+def _token_logprobs(lp: Logprobs | None, h: Handle, row: int, made) -> list[TokenLogprob] | None:
+    """Request h's TokenLogprobs from a call's Logprobs (numpy, [rows, steps, ...]): row `row`'s, at
+    the steps `made` selects; None when it asked for none."""
+    n = h.request.params.logprobs
+    if n is None or lp is None:
+        return None
+    return [TokenLogprob(float(t), tuple((int(i), float(v)) for i, v in zip(ids[:n], vs[:n]) if v > -np.inf))
+            for t, ids, vs in zip(*(a[row][made] for a in lp))]
 
 
 def _sampling_zeros(rows: int) -> Sampling:

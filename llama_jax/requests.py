@@ -10,15 +10,27 @@ import dataclasses
 
 import numpy as np
 
+from llama_jax.sampling import TOP_LOGPROBS
+from llama_jax.structured import schema_text
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
+    """How a request's tokens are drawn. json_schema: the text of a JSON schema its answer must
+    follow (llama_jax.structured; decoding is constrained, and ends where the JSON does), or, with
+    json_or_text, that JSON or any text that does not begin with "{" (a tool call or a plain
+    answer); logprobs: None, or the number of best alternatives (0 to TOP_LOGPROBS) to report
+    beside each token's own log-probability."""
+
     max_new_tokens: int
     temperature: float = 0.0
     top_k: int | None = None
     top_p: float | None = None
     seed: int = 0
     stop_token_ids: tuple[int, ...] = ()
+    json_schema: str | None = None
+    json_or_text: bool = False
+    logprobs: int | None = None
 
     def check(self, vocab_size: int) -> None:
         if not isinstance(self.max_new_tokens, (int, np.integer)) or self.max_new_tokens < 1:
@@ -32,14 +44,25 @@ class SamplingParams:
         bad = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
         if bad:
             raise ValueError(f"stop token id {bad[0]} outside the vocabulary [0, {vocab_size})")
+        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not 0 <= self.logprobs <= TOP_LOGPROBS):
+            raise ValueError(f"logprobs must be an integer in [0, {TOP_LOGPROBS}], got {self.logprobs!r}")
+        if self.json_or_text and self.json_schema is None:
+            raise ValueError("json_or_text: needs a json_schema")
+        if self.json_schema is not None and not self.stop_token_ids:
+            raise ValueError("json_schema: a constrained answer ends with a stop token id, and this request has "
+                             "none (ignore_eos, or stop_token_ids=[])")
 
 
 def sampling_params(*, max_new_tokens, temperature=0.0, top_k=None, top_p=None, seed=0, stop_token_ids=None,
-                    vocab_size: int, eos_ids=()) -> SamplingParams:
-    """Checked SamplingParams; stop_token_ids=None stops on eos_ids, [] on none."""
+                    vocab_size: int, eos_ids=(), json_schema=None, json_or_text=False, logprobs=None
+                    ) -> SamplingParams:
+    """Checked SamplingParams; stop_token_ids=None stops on eos_ids, [] on none; json_schema a dict
+    (or its JSON text)."""
     stops = tuple(eos_ids) if stop_token_ids is None else tuple(int(i) for i in stop_token_ids)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=top_k,
-                            top_p=top_p, seed=int(seed), stop_token_ids=stops)
+                            top_p=top_p, seed=int(seed), stop_token_ids=stops,
+                            json_schema=None if json_schema is None else schema_text(json_schema),
+                            json_or_text=bool(json_or_text), logprobs=logprobs)
     params.check(vocab_size)
     return params
 

@@ -12,6 +12,11 @@ with its block table:
 Shapes are bucketed (rows, chunk and table width to powers of two) and every per-row value is an
 array, so a program is compiled once per bucket and never per request. Sampling is
 llama_jax.sampling's one scheme: row r's token number n comes from fold_in(key(seed[r]), n).
+
+Two options make other programs, compiled when first asked for, and leave these as they are:
+`logprobs` (each token's log-probabilities come back too) and grammar masks (llama_jax.structured):
+a prefill takes its rows' masks as an argument; a decode takes the first step's, and inside its loop
+asks the host for each next step's (an io_callback that advances the rows' matchers).
 """
 
 from __future__ import annotations
@@ -25,7 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llama_jax import sampling, sharding
+from jax.experimental import io_callback
+
+from llama_jax import sampling, sharding, structured
 
 MAX_STOP_IDS = 16  # stop token ids per request (eos included): a fixed [B, 16] array on the device
 
@@ -51,6 +58,14 @@ class Sampling(NamedTuple):
     top_k: np.ndarray  # int32, 0: off
 
 
+class GrammarCall(NamedTuple):
+    """A decode call's grammar masks: the first step's [B, W] int32 (every bit set for a row without
+    a grammar), and the id its matchers are registered under (llama_jax.structured.registered)."""
+
+    first: np.ndarray
+    call: np.ndarray  # int32 scalar
+
+
 class Rows(NamedTuple):
     """What a decode call needs of each row, [B] arrays (host numpy, built by the engine)."""
 
@@ -70,17 +85,21 @@ def _chunk(model, pool, tokens, start, table):
     return model.hidden(tokens, positions, cache=pool, block_table=table)
 
 
-@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("logprobs",), donate_argnums=(2,))
 @_counted
-def prefill(graphdef, state, pool, tokens, start, table, last, count, s: Sampling):
+def prefill(graphdef, state, pool, tokens, start, table, last, count, s: Sampling, allowed=None, *,
+            logprobs: bool = False):
     """tokens [R, C] of each row at positions start[r]... into the cache through table [R, W], and
     a token sampled (as the row's token number count[r]) from the hidden state at chunk index
-    last[r]. Returns (pool, tokens [R])."""
+    last[r], within the grammar masks `allowed` [R, ceil(V / 32)] when given. Returns (pool,
+    tokens [R], sampling.Logprobs [R, ...] or None)."""
     model = nnx.merge(graphdef, state)
     x, pool = _chunk(model, pool, tokens, start, table)
     x_last = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]  # (R, D)
-    token = sampling.sample(model.head(x_last), s.seed, count, s.temperature, s.top_p, s.top_k)
-    return pool, sharding.replicated(token)
+    out = sampling.sample(model.head(x_last), s.seed, count, s.temperature, s.top_p, s.top_k, allowed=allowed,
+                          logprobs=logprobs)
+    token, lp = out if logprobs else (out, None)
+    return pool, sharding.replicated(token), sharding.replicated(lp)
 
 
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
@@ -100,34 +119,50 @@ def verify(graphdef, state, pool, tokens, start, table, count, s: Sampling):
     return pool, sharding.replicated(out.reshape(r, c))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3), donate_argnums=(2,))
+@functools.partial(jax.jit, static_argnums=(0, 3), static_argnames=("logprobs",), donate_argnums=(2,))
 @_counted
-def decode(graphdef, state, pool, steps: int, r: Rows, table):
+def decode(graphdef, state, pool, steps: int, r: Rows, table, grammar: GrammarCall | None = None, *,
+           logprobs: bool = False):
     """Up to `steps` decode steps of every row (table [B, W] fixed over them: the engine gives each
-    row the blocks for `steps` more tokens), stopping early once no live row is going. Returns
-    (pool, tokens [B, steps] with -1 where a row produced nothing)."""
+    row the blocks for `steps` more tokens), stopping early once no live row is going; with
+    `grammar`, each step's tokens within its rows' masks. Returns (pool, tokens [B, steps] with -1
+    where a row produced nothing, sampling.Logprobs [B, steps, ...] or None)."""
     model = nnx.merge(graphdef, state)
     s = r.sampling
+    b = r.token.shape[0]
 
     def cond(carry):
-        i, _, _, _, _, done, _ = carry
+        i, done = carry[0], carry[5]
         return (i < steps) & ~jnp.all(done)
 
     def body(carry):
-        i, pool, token, pos, count, done, out = carry
+        i, pool, token, pos, count, done, out, allowed, lps = carry
         logits, pool = model(token[:, None], pos[:, None], pool, block_table=table)
-        new = sampling.sample(logits[:, 0], s.seed, count, s.temperature, s.top_p, s.top_k)
+        new = sampling.sample(logits[:, 0], s.seed, count, s.temperature, s.top_p, s.top_k, allowed=allowed,
+                              logprobs=logprobs)
+        if logprobs:
+            new, lp = new
+            lps = jax.tree.map(lambda all_, one: all_.at[:, i].set(one), lps, lp)
         going = ~done
         token = jnp.where(going, new, token)
         count = count + going
         stop = jnp.any(token[:, None] == r.stop_ids, axis=-1) | (count >= r.max_new)
         out = out.at[:, i].set(jnp.where(going, token, -1))
-        return i + 1, pool, token, pos + going, count, done | (going & stop), out
+        if grammar is not None:  # the host's matchers take this step's tokens and say what may follow
+            allowed = io_callback(structured.advance, jax.ShapeDtypeStruct(allowed.shape, jnp.int32),
+                                  grammar.call, token, going, ordered=False)
+        return i + 1, pool, token, pos + going, count, done | (going & stop), out, allowed, lps
 
-    out = jnp.full((r.token.shape[0], steps), -1, jnp.int32)
-    carry = (0, pool, r.token, r.pos, r.count, ~r.live, out)
-    _, pool, *_, out = jax.lax.while_loop(cond, body, carry)
-    return pool, sharding.replicated(out)
+    out = jnp.full((b, steps), -1, jnp.int32)
+    lps = None
+    if logprobs:
+        k = sampling.TOP_LOGPROBS
+        lps = sampling.Logprobs(jnp.zeros((b, steps), jnp.float32), jnp.zeros((b, steps, k), jnp.int32),
+                                jnp.zeros((b, steps, k), jnp.float32))
+    allowed = None if grammar is None else grammar.first
+    carry = (0, pool, r.token, r.pos, r.count, ~r.live, out, allowed, lps)
+    _, pool, *_, out, _, lps = jax.lax.while_loop(cond, body, carry)
+    return pool, sharding.replicated(out), sharding.replicated(lps)
 
 
 class ModelRunner:
@@ -151,22 +186,37 @@ class ModelRunner:
         """A fresh pool (after a failed call: a donated pool may be gone)."""
         self.pool = self._zeros()
 
-    def prefill(self, tokens, start, table, last, count, s: Sampling) -> np.ndarray:
+    def prefill(self, tokens, start, table, last, count, s: Sampling, allowed=None, *, logprobs: bool = False):
+        """(tokens [R], Logprobs of numpy arrays or None)."""
         with sharding.on_mesh(self.mesh):
-            self.pool, token = prefill(self.graphdef, self.state, self.pool, tokens, start, table, last, count, s)
-        return np.asarray(token)
+            args, kwargs = _options(allowed, logprobs)
+            self.pool, token, lp = prefill(self.graphdef, self.state, self.pool, tokens, start, table, last, count,
+                                           s, *args, **kwargs)
+        return np.asarray(token), _host(lp)
 
     def verify(self, tokens, start, table, count, s: Sampling) -> np.ndarray:
         with sharding.on_mesh(self.mesh):
             self.pool, out = verify(self.graphdef, self.state, self.pool, tokens, start, table, count, s)
         return np.asarray(out)
 
-    def decode(self, steps: int, rows: Rows, table) -> np.ndarray:
+    def decode(self, steps: int, rows: Rows, table, grammar: GrammarCall | None = None, *, logprobs: bool = False):
+        """(tokens [B, steps], Logprobs of numpy arrays or None)."""
         with sharding.on_mesh(self.mesh):
-            self.pool, out = decode(self.graphdef, self.state, self.pool, steps, rows, table)
-        return np.asarray(out)
+            args, kwargs = _options(grammar, logprobs)
+            self.pool, out, lp = decode(self.graphdef, self.state, self.pool, steps, rows, table, *args, **kwargs)
+        return np.asarray(out), _host(lp)
 
     @staticmethod
     def compiled_programs() -> dict[str, int]:
         """Programs traced so far by each jitted piece (every runner of this process together)."""
         return {name: TRACES[name] for name in ("prefill", "decode", "verify")}
+
+
+def _options(masks, logprobs: bool) -> tuple[tuple, dict]:
+    """The optional arguments of a prefill or decode call, left out where unused: a call without
+    them has the signature of Engine.warmup's, and so finds its program traced."""
+    return (() if masks is None else (masks,)), ({"logprobs": True} if logprobs else {})
+
+
+def _host(lp: sampling.Logprobs | None) -> sampling.Logprobs | None:
+    return None if lp is None else sampling.Logprobs(*(np.asarray(a) for a in lp))

@@ -4,7 +4,19 @@ Endpoints: POST /v1/chat/completions and /v1/completions (streaming as server-se
 with `data: [DONE]`), GET /v1/models, /health and /metrics (Prometheus text). This file holds only
 the protocol: the pydantic request models, the response and chunk formats, errors as OpenAI's
 `{"error": {"message", "type", "param", "code"}}` bodies. Generation, batching and the request
-checks are the engine's (llama_jax/engine.py, the one `Llama.generate` runs too).
+checks are the engine's (llama_jax/engine.py, the one `Llama.generate` runs too); structured
+output its grammars' (llama_jax/structured.py); tools the chat format's (llama_jax/chat.py: how
+they are offered, the schema of a call, reading calls back).
+
+- `response_format` {"type": "json_object"} or {"type": "json_schema", "json_schema": {"name",
+  "schema", "strict"}}: decoding held to the schema (any object for json_object), on both endpoints.
+- `tools` and `tool_choice`: "none" (tools not offered), "auto" (offered; an answer that begins a
+  call is held to a call's schema, any other is text), "required" or {"type": "function",
+  "function": {"name"}} (held to a call of any, or of that, function). Calls come back as
+  `tool_calls` with finish_reason "tool_calls"; streamed, the text that may be a call is held back
+  until it is known, and a call goes out as two tool_calls deltas (its name, then its arguments).
+- `logprobs`: chat's `logprobs: true` and `top_logprobs` (0 to 20), completions' `logprobs: n`,
+  in OpenAI's shapes, from the distribution each token was drawn from.
 
 Run it with `llama-jax serve`, or `uvicorn.run(create_app(llama_jax.load(path)))`.
 """
@@ -13,21 +25,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import json
 import logging
 import secrets
 import time
 import uuid
-from typing import Any, AsyncIterator, Literal
+from typing import Any, AsyncIterator, Callable, Literal
 
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
+from llama_jax import chat as chat_lib
 from llama_jax.engine import Engine, EngineThread, NotRunning, Output, QueueFull, Request
+from llama_jax.sampling import TOP_LOGPROBS
+from llama_jax.structured import JSON_OBJECT_SCHEMA
 
 log = logging.getLogger("llama_jax.server")
 
@@ -48,13 +64,72 @@ class TextPart(_Model):
     text: str
 
 
+class FunctionCall(_Model):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(_Model):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Model):
     role: str
-    content: str | list[TextPart]
+    content: str | list[TextPart] | None = None  # None: an assistant's message of tool calls
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None  # a tool message's: the call it answers
 
     def as_dict(self) -> dict:
-        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-        return {"role": self.role, "content": content}
+        content = self.content if not isinstance(self.content, list) else "".join(p.text for p in self.content)
+        out = {"role": self.role, "content": content}
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
+
+class FunctionDefinition(_Model):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Model):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(_Model):
+    name: str
+
+
+class NamedToolChoice(_Model):
+    type: Literal["function"]
+    function: FunctionName
+
+
+class JSONSchema(_Model):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None  # the schema is followed either way
+
+
+class ResponseFormat(_Model):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchema | None = None
+
+    def answer_schema(self) -> str | dict | None:
+        """The JSON schema an answer follows (None: free text)."""
+        if self.type == "json_schema":
+            if self.json_schema is None:
+                raise _BadRequest('response_format: type "json_schema" needs a json_schema', "response_format")
+            return self.json_schema.schema_
+        return JSON_OBJECT_SCHEMA if self.type == "json_object" else None
 
 
 class StreamOptions(_Model):
@@ -78,27 +153,47 @@ class _Generation(_Model):
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    logprobs: bool | int | None = None
     return_token_ids: bool = False
+    response_format: ResponseFormat | None = None
 
     def check_supported(self) -> None:
         if self.n != 1:
             raise _BadRequest("n: only n=1 is supported", "n")
-        if self.logprobs:
-            raise _BadRequest("logprobs: not supported", "logprobs")
+
+
+def _check_top_logprobs(n: int | None, field: str) -> None:
+    if n is not None and not 0 <= n <= TOP_LOGPROBS:
+        raise _BadRequest(f"{field}: must be in [0, {TOP_LOGPROBS}], got {n}", field)
 
 
 class ChatCompletionRequest(_Generation):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None
-    tools: list[Any] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # a call's answer holds what the model writes: one or several
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.tools:
-            raise _BadRequest("tools: not supported", "tools")
         if not self.messages:
             raise _BadRequest("messages: must be a non-empty list", "messages")
+        if self.tool_choice is not None and not self.tools:
+            raise _BadRequest("tool_choice: only allowed when tools are given", "tool_choice")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise _BadRequest("top_logprobs: needs logprobs: true", "top_logprobs")
+        _check_top_logprobs(self.top_logprobs, "top_logprobs")
+
+    def top_logprobs_asked(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def tool_mode(self) -> str:
+        """"none", "auto", "required", or the function's name that tool_choice names."""
+        if not self.tools:
+            return "none"
+        choice = self.tool_choice or "auto"
+        return choice if isinstance(choice, str) else choice.function.name
 
 
 class CompletionRequest(_Generation):
@@ -106,12 +201,17 @@ class CompletionRequest(_Generation):
     echo: bool = False
     best_of: int | None = None
     suffix: str | None = None
+    logprobs: int | None = None
 
     def check_supported(self) -> None:
         super().check_supported()
         for name, bad in (("echo", self.echo), ("best_of", self.best_of not in (None, 1)), ("suffix", self.suffix)):
             if bad:
                 raise _BadRequest(f"{name}: not supported", name)
+        _check_top_logprobs(self.logprobs, "logprobs")
+
+    def top_logprobs_asked(self) -> int | None:
+        return self.logprobs
 
     def single_prompt(self) -> str | list[int]:
         p = self.prompt
@@ -144,7 +244,7 @@ def _error(status: int, message: str, param: str | None = None, headers: dict | 
 
 # The engine's checks speak Llama.generate's names; a client knows OpenAI's.
 _PARAMS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "stop": "stop",
-           "stop_token_ids": "stop", "message": "messages"}
+           "stop_token_ids": "stop", "message": "messages", "tools": "tools", "logprobs": "logprobs"}
 
 
 def _from_check(e: ValueError, prompt_field: str, max_tokens_field: str) -> _BadRequest:
@@ -199,6 +299,8 @@ def create_app(llama, *, engine: EngineThread | None = None, model_name: str = "
     app.state.engine = sched
     http_errors: dict[int, int] = {}  # responses with an error status, for /metrics
     created = int(time.time())
+    # Each token's bytes, for logprobs' texts: read from the tokenizer at the first request that asks.
+    vocab = functools.cache(lambda: None if llama.tokenizer is None else llama.tokenizer.token_bytes())
 
     def failed(http: HTTPRequest, status: int, message: str, param: str | None = None, *,
                retry: bool = False, code: str | None = None) -> JSONResponse:
@@ -252,6 +354,26 @@ def create_app(llama, *, engine: EngineThread | None = None, model_name: str = "
     def metrics():
         return PlainTextResponse(_prometheus(sched, http_errors), media_type="text/plain; version=0.0.4")
 
+    def structure(body: _Generation, chat: bool) -> tuple[str | dict | None, bool, str | None, list[dict] | None]:
+        """What constrains the answer: (JSON schema, or text too, the field it comes from, the tools
+        offered)."""
+        schema = None if body.response_format is None else body.response_format.answer_schema()
+        mode = body.tool_mode() if chat else "none"
+        if mode == "none":
+            return schema, False, "response_format", None
+        if schema is not None:
+            raise _BadRequest('response_format: not supported with tools unless tool_choice is "none"',
+                              "response_format")
+        if llama.chat_format is None:
+            raise _BadRequest("messages: this model has no chat format (no tokenizer or chat template)", "messages")
+        try:
+            tools = chat_lib.check_tools([t.model_dump(exclude_none=True) for t in body.tools])
+            name = None if mode in ("auto", "required") else mode
+            schema = llama.chat_format.tool_call_schema(tools, name)
+        except ValueError as e:
+            raise _BadRequest(str(e), str(e).split(":")[0].split("[")[0]) from None
+        return schema, mode == "auto", "tools", tools
+
     async def generate(http: HTTPRequest, body: _Generation, prompt, *, chat: bool):
         """The shared path: check, submit, then stream chunks or gather one response."""
         prompt_field = "messages" if chat else "prompt"
@@ -259,18 +381,30 @@ def create_app(llama, *, engine: EngineThread | None = None, model_name: str = "
         max_tokens = body.max_completion_tokens if chat and body.max_completion_tokens is not None else body.max_tokens
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         stop_ids = [s for s in stop if isinstance(s, int)] + list(body.stop_token_ids or [])
+        tools = None
         try:
             body.check_supported()
+            schema, or_text, schema_field, tools = structure(body, chat)
+            if schema is not None and body.ignore_eos:
+                raise _BadRequest(f"ignore_eos: not supported with {schema_field}: a constrained answer ends with "
+                                  "the model's eos", "ignore_eos")
             if chat:
-                prompt = llama.chat_prompt(prompt)
-            request = sched.make_request(
-                prompt, max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                top_k=None if body.top_k in (0, -1) else body.top_k,  # vLLM's "off"
-                seed=secrets.randbits(32) if body.seed is None else body.seed,
-                stop_token_ids=stop_ids, stop=[s for s in stop if isinstance(s, str)], ignore_eos=body.ignore_eos)
+                if llama.chat_format is None:
+                    raise ValueError("this model has no chat format (no tokenizer or chat template)")
+                prompt = llama.chat_format.encode_dialog(prompt, add_generation_prompt=True, tools=tools)
+            kwargs = dict(max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                          top_k=None if body.top_k in (0, -1) else body.top_k,  # vLLM's "off"
+                          seed=secrets.randbits(32) if body.seed is None else body.seed,
+                          stop_token_ids=stop_ids, stop=[s for s in stop if isinstance(s, str)],
+                          ignore_eos=body.ignore_eos, json_schema=schema, json_or_text=or_text,
+                          logprobs=body.top_logprobs_asked())
+            # A new schema compiles its grammar here: off the event loop.
+            request = await asyncio.to_thread(sched.make_request, prompt, **kwargs)
         except _BadRequest as e:
             return failed(http, 400, str(e), e.param)
         except ValueError as e:
+            if str(e).startswith("json_schema:"):
+                return failed(http, 400, f"{schema_field}: {str(e).removeprefix('json_schema: ')}", schema_field)
             e = _from_check(e, prompt_field, max_tokens_field)
             return failed(http, 400, str(e), e.param)
         try:
@@ -279,7 +413,7 @@ def create_app(llama, *, engine: EngineThread | None = None, model_name: str = "
             return failed(http, 429, f"server busy: {e}; retry later", retry=True)
         except NotRunning as e:
             return failed(http, 503, str(e), retry=True)
-        fmt = _Format(chat, model_name, request, body)
+        fmt = _Format(chat, model_name, request, body, tools, vocab)
         path = http.url.path
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
@@ -348,12 +482,17 @@ class _Job:
 
 
 class _Format:
-    """OpenAI's response and chunk bodies, for chat ("chat.completion") or text ("text_completion")."""
+    """OpenAI's response and chunk bodies, for chat ("chat.completion") or text ("text_completion");
+    `tools`: the tools offered (a chat answer may be calls); `vocab`: each token's bytes (None
+    without a tokenizer), for logprobs."""
 
-    def __init__(self, chat: bool, model: str, request: Request, body: _Generation):
+    def __init__(self, chat: bool, model: str, request: Request, body: _Generation, tools: list[dict] | None,
+                 vocab: Callable[[], list[bytes] | None]):
         self.chat, self.model, self.request, self.token_ids = chat, model, request, body.return_token_ids
+        self.tools, self.vocab = tools, vocab
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
+        self.text_offset = 0  # completions' logprobs: characters of the answer before the next token
 
     def _base(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
@@ -363,12 +502,55 @@ class _Format:
                 "total_tokens": last.prompt_tokens + last.completion_tokens,
                 "prompt_tokens_details": {"cached_tokens": last.cached_tokens}}
 
+    def tool_calls(self, text: str, finish_reason: str | None, *, stream: bool = False) -> list[dict] | None:
+        """The calls an answer makes (stream: as the two deltas of each), or None."""
+        if not self.tools or finish_reason != "stop":
+            return None
+        calls = chat_lib.parse_tool_calls(text, self.tools)
+        if calls is None:
+            return None
+        out = []
+        for i, c in enumerate(calls):
+            head = {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function"}
+            if stream:  # the name first, the arguments after, as OpenAI streams them
+                out += [{"index": i, **head, "function": {"name": c.name, "arguments": ""}},
+                        {"index": i, "function": {"arguments": c.arguments}}]
+            else:
+                out.append({**head, "function": {"name": c.name, "arguments": c.arguments}})
+        return out
+
+    def logprobs(self, outs: list[Output]) -> dict | None:
+        """The logprobs of the tokens of `outs` (their text's: stop ids left out) in OpenAI's shape."""
+        if self.request.params.logprobs is None:
+            return None
+        stops = self.request.params.stop_token_ids
+        pairs = [(t, lp) for o in outs for t, lp in zip(o.token_ids, o.logprobs or ()) if t not in stops]
+        vocab = self.vocab()
+        text = lambda i: vocab[i].decode("utf-8", errors="replace") if vocab else str(i)  # noqa: E731
+        if self.chat:
+            def entry(i: int, logprob: float) -> dict:
+                return {"token": text(i), "logprob": logprob, "bytes": list(vocab[i]) if vocab else None}
+
+            return {"content": [{**entry(t, lp.logprob), "top_logprobs": [entry(i, v) for i, v in lp.top]}
+                                for t, lp in pairs], "refusal": None}
+        offsets = []
+        for t, _ in pairs:
+            offsets.append(self.text_offset)
+            self.text_offset += len(text(t))
+        return {"tokens": [text(t) for t, _ in pairs], "token_logprobs": [lp.logprob for _, lp in pairs],
+                "top_logprobs": [{text(i): v for i, v in lp.top} for _, lp in pairs], "text_offset": offsets}
+
     def response(self, outs: list[Output]) -> dict:
         text = "".join(o.text for o in outs)
         last = outs[-1]
-        choice = {"index": 0, "finish_reason": last.finish_reason, "logprobs": None}
+        choice = {"index": 0, "finish_reason": last.finish_reason, "logprobs": self.logprobs(outs)}
         if self.chat:
-            choice["message"] = {"role": "assistant", "content": text}
+            calls = self.tool_calls(text, last.finish_reason)
+            if calls:
+                choice["message"] = {"role": "assistant", "content": None, "tool_calls": calls}
+                choice["finish_reason"] = "tool_calls"
+            else:
+                choice["message"] = {"role": "assistant", "content": text}
         else:
             choice["text"] = text
         body = self._base("chat.completion" if self.chat else "text_completion")
@@ -377,17 +559,21 @@ class _Format:
             body["prompt_token_ids"] = list(self.request.prompt)
         return {**body, "choices": [choice], "usage": self.usage(last)}
 
-    def chunk(self, text: str | None, token_ids=(), finish_reason=None, *, role=False, usage=None,
-              choices=True) -> str:
+    def chunk(self, text: str | None, outs: list[Output] = (), finish_reason=None, *, role=False, usage=None,
+              choices=True, tool_calls: list[dict] | None = None) -> str:
+        """A chunk of `text` (None: no content) and the token ids and logprobs of `outs`."""
         body = self._base("chat.completion.chunk" if self.chat else "text_completion")
         if choices:
-            choice = {"index": 0, "finish_reason": finish_reason, "logprobs": None}
+            choice = {"index": 0, "finish_reason": finish_reason,
+                      "logprobs": self.logprobs(outs) if outs else None}
             if self.chat:
                 choice["delta"] = ({"role": "assistant"} if role else {}) | ({} if text is None else {"content": text})
+                if tool_calls:
+                    choice["delta"]["tool_calls"] = tool_calls
             else:
                 choice["text"] = text or ""
             if self.token_ids:
-                choice["token_ids"] = list(token_ids)
+                choice["token_ids"] = [t for o in outs for t in o.token_ids]
             body["choices"] = [choice]
         else:
             body["choices"] = []
@@ -400,8 +586,12 @@ class _Format:
 
 async def _sse(http: HTTPRequest, job: _Job, fmt: _Format, include_usage: bool, path: str) -> AsyncIterator[str]:
     """The chunks of a streamed response. With stream_options.include_usage the usage comes in a
-    last chunk with no choices (OpenAI's format); otherwise in the chunk with the finish_reason."""
+    last chunk with no choices (OpenAI's format); otherwise in the chunk with the finish_reason.
+    When tools were offered, text that may be a call waits (with its tokens) until it is known:
+    a call goes out as tool_calls deltas, anything else as content."""
     last = None
+    held: list[Output] = []  # what may be a call
+    holding = fmt.chat and fmt.tools is not None
     try:
         if fmt.chat:
             yield fmt.chunk("", role=True)
@@ -409,8 +599,16 @@ async def _sse(http: HTTPRequest, job: _Job, fmt: _Format, include_usage: bool, 
             if out.finish_reason is not None:
                 last = out
                 break
-            if out.text or (fmt.token_ids and out.token_ids):
-                yield fmt.chunk(out.text, out.token_ids)
+            if holding:
+                held.append(out)
+                text = "".join(o.text for o in held)
+                if not text or chat_lib.may_be_tool_call(text):
+                    continue
+                holding = False
+                yield fmt.chunk(text, held)
+                held = []
+            elif out.text or ((fmt.token_ids or out.logprobs) and out.token_ids):
+                yield fmt.chunk(out.text, [out])
         if last is None:  # the client left
             return
         if last.finish_reason in ("error", "cancelled"):
@@ -418,10 +616,19 @@ async def _sse(http: HTTPRequest, job: _Job, fmt: _Format, include_usage: bool, 
                    "type": "server_error", "param": None, "code": None}
             yield f"data: {json.dumps({'error': err})}\n\n"
         else:
-            if last.text or (fmt.token_ids and last.token_ids):
-                yield fmt.chunk(last.text, last.token_ids)
+            outs = held + [last]
+            text = "".join(o.text for o in outs)
+            calls = fmt.tool_calls(text, last.finish_reason, stream=True) if holding else None
+            finish_reason = last.finish_reason
+            if calls:
+                yield fmt.chunk(None, outs, tool_calls=calls[:1])
+                for call in calls[1:]:
+                    yield fmt.chunk(None, tool_calls=[call])
+                finish_reason = "tool_calls"
+            elif text or ((fmt.token_ids or last.logprobs) and any(o.token_ids for o in outs)):
+                yield fmt.chunk(text, outs)
             usage = fmt.usage(last)
-            yield fmt.chunk(None if fmt.chat else "", finish_reason=last.finish_reason,
+            yield fmt.chunk(None if fmt.chat else "", finish_reason=finish_reason,
                             usage=None if include_usage else usage)
             if include_usage:
                 yield fmt.chunk(None, usage=usage, choices=False)

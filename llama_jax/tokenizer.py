@@ -51,6 +51,12 @@ class Tokenizer(abc.ABC):
     def special_tokens(self) -> dict[str, int]:
         """All special tokens, text -> id."""
 
+    @abc.abstractmethod
+    def token_bytes(self) -> list[bytes]:
+        """The bytes each id stands for, id by id (vocab_size entries; a special token's are its
+        text). What a grammar over bytes (llama_jax.structured) and logprobs' `bytes` need: a
+        token can hold part of a UTF-8 character, which `decode` would replace."""
+
     def special_token_id(self, name: str) -> int:
         """The id of a special token, e.g. `special_token_id("<|eot_id|>")`."""
         try:
@@ -194,6 +200,9 @@ class Llama3Tokenizer(Tokenizer):
         # errors="replace": a prefix of a generation can end inside a multi-byte character.
         return self._enc.decode(list(ids))
 
+    def token_bytes(self) -> list[bytes]:
+        return [self._enc.decode_single_token_bytes(i) for i in range(self.vocab_size)]
+
 
 # ---------------------------------------------------------------------------------------------
 # Hugging Face tokenizer.json
@@ -246,6 +255,26 @@ class HFTokenizer(Tokenizer):
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)
+
+    def token_bytes(self) -> list[bytes]:
+        decoder = json.loads(self._tok.to_str()).get("decoder") or {}
+        kinds = {d.get("type") for d in decoder.get("decoders", [decoder])}
+        if "ByteLevel" not in kinds:
+            raise ValueError(f"token bytes: only byte-level BPE tokenizers are supported, this one's decoder is "
+                             f"{sorted(k for k in kinds if k)}")
+        # GPT-2's byte-level alphabet: each byte is one printable character (bytes_to_unicode).
+        kept = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+        shifted = [b for b in range(256) if b not in kept]
+        byte_of = {chr(b): b for b in kept} | {chr(256 + i): b for i, b in enumerate(shifted)}
+        added = {i: t.content for i, t in self._tok.get_added_tokens_decoder().items()}
+        out = []
+        for i in range(self.vocab_size):
+            if i in added:  # added tokens are stored as their text, not in the byte alphabet
+                out.append(added[i].encode())
+                continue
+            piece = self._tok.id_to_token(i)
+            out.append(b"" if piece is None else bytes(byte_of[c] for c in piece))
+        return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import shutil
 import jinja2
 import pytest
 
-from llama_jax.chat import Llama3ChatFormat, TemplateChatFormat, chat_format_for
+from llama_jax.chat import Llama3ChatFormat, TemplateChatFormat, chat_format_for, may_be_tool_call, parse_tool_calls
 from llama_jax.tokenizer import Llama3Tokenizer, load_tokenizer
 
 # ---------------------------------------------------------------------------------------------
@@ -180,3 +180,166 @@ def test_chat_format_for(llama3_model_path, smollm2_dir, smollm2_hf_tokenizer, t
     (hf_dir / "tokenizer_config.json").write_text("{}")
     with pytest.raises(ValueError, match="no chat template"):
         chat_format_for(hf_dir, load_tokenizer(hf_dir))
+
+
+# ---------------------------------------------------------------------------------------------
+# Tools
+
+# Meta's Llama 3.1 chat template as Hugging Face ships it (tokenizer_config.json of
+# Llama-3.1-8B-Instruct), the date fixed: the reference for Llama 3.1's JSON tool calling.
+LLAMA31_TEMPLATE = """{{- bos_token }}
+{%- if custom_tools is defined %}
+    {%- set tools = custom_tools %}
+{%- endif %}
+{%- if not tools_in_user_message is defined %}
+    {%- set tools_in_user_message = true %}
+{%- endif %}
+{%- if not date_string is defined %}
+    {%- set date_string = "26 Jul 2024" %}
+{%- endif %}
+{%- if not tools is defined %}
+    {%- set tools = none %}
+{%- endif %}
+{%- if messages[0]['role'] == 'system' %}
+    {%- set system_message = messages[0]['content']|trim %}
+    {%- set messages = messages[1:] %}
+{%- else %}
+    {%- set system_message = "" %}
+{%- endif %}
+{{- "<|start_header_id|>system<|end_header_id|>\\n\\n" }}
+{%- if builtin_tools is defined or tools is not none %}
+    {{- "Environment: ipython\\n" }}
+{%- endif %}
+{%- if builtin_tools is defined %}
+    {{- "Tools: " + builtin_tools | reject('equalto', 'code_interpreter') | join(", ") + "\\n\\n"}}
+{%- endif %}
+{{- "Cutting Knowledge Date: December 2023\\n" }}
+{{- "Today Date: " + date_string + "\\n\\n" }}
+{%- if tools is not none and not tools_in_user_message %}
+    {{- "You have access to the following functions. To call a function, please respond with JSON for a function call." }}
+    {{- 'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.' }}
+    {{- "Do not use variables.\\n\\n" }}
+    {%- for t in tools %}
+        {{- t | tojson(indent=4) }}
+        {{- "\\n\\n" }}
+    {%- endfor %}
+{%- endif %}
+{{- system_message }}
+{{- "<|eot_id|>" }}
+{%- if tools_in_user_message and not tools is none %}
+    {%- if messages | length != 0 %}
+        {%- set first_user_message = messages[0]['content']|trim %}
+        {%- set messages = messages[1:] %}
+    {%- else %}
+        {{- raise_exception("Cannot put tools in the first user message when there's no first user message!") }}
+{%- endif %}
+    {{- '<|start_header_id|>user<|end_header_id|>\\n\\n' -}}
+    {{- "Given the following functions, please respond with a JSON for a function call " }}
+    {{- "with its proper arguments that best answers the given prompt.\\n\\n" }}
+    {{- 'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.' }}
+    {{- "Do not use variables.\\n\\n" }}
+    {%- for t in tools %}
+        {{- t | tojson(indent=4) }}
+        {{- "\\n\\n" }}
+    {%- endfor %}
+    {{- first_user_message + "<|eot_id|>"}}
+{%- endif %}
+{%- for message in messages %}
+    {%- if not (message.role == 'ipython' or message.role == 'tool' or 'tool_calls' in message) %}
+        {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + '<|eot_id|>' }}
+    {%- elif 'tool_calls' in message %}
+        {%- if not message.tool_calls|length == 1 %}
+            {{- raise_exception("This model only supports single tool-calls at once!") }}
+        {%- endif %}
+        {%- set tool_call = message.tool_calls[0].function %}
+        {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}
+        {{- '{"name": "' + tool_call.name + '", ' }}
+        {{- '"parameters": ' }}
+        {{- tool_call.arguments | tojson }}
+        {{- "}" }}
+        {{- "<|eot_id|>" }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}
+{%- endif %}
+"""
+
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Get the current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "unit": {"enum": ["C", "F"]}},
+                   "required": ["city"]}}}]
+CALL = {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "C"}'}}
+
+
+def test_llama31_tools_as_its_template_writes_them(llama3_chat):
+    """The offer in the first user message and an assistant's call, as Meta's Llama 3.1 template
+    renders them (everything after the template's own system turn, which we do not add); the same
+    template run by TemplateChatFormat gets the tools and calls as transformers passes them."""
+    dialog = [msg("user", " What is the weather in Paris? "), {"role": "assistant", "content": None, "tool_calls": [CALL]},
+              msg("user", "Thanks.")]
+    template = TemplateChatFormat(LLAMA31_TEMPLATE, llama3_chat.tokenizer, bos_token="<|begin_of_text|>",
+                                  roles=("system", "user", "assistant", "tool", "ipython"))
+    assert template.takes_tools
+    want = template.render(dialog, tools=TOOLS)
+    ours = llama3_chat.tokenizer.decode(llama3_chat.encode_dialog(dialog, tools=TOOLS))
+    head, rest = want.split("<|eot_id|>", 1)
+    assert "Environment: ipython" in head
+    assert ours == "<|begin_of_text|>" + rest
+    assert template.tokenizer.decode(template.encode_dialog(dialog, tools=TOOLS)) == want
+    # A tool's result is an ipython turn.
+    ids = llama3_chat.encode_dialog([*dialog[:2], {"role": "tool", "tool_call_id": "1", "content": "Sunny"}])
+    assert llama3_chat.tokenizer.decode(ids).endswith(
+        "<|start_header_id|>ipython<|end_header_id|>\n\nSunny<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+
+
+def test_tool_call_schema_and_parsing(llama3_chat, smollm2_chat):
+    jsonschema = pytest.importorskip("jsonschema")
+    two = TOOLS + [{"type": "function", "function": {"name": "now", "parameters": {
+        "type": "object", "properties": {"zone": {"$ref": "#/$defs/zone"}}, "$defs": {"zone": {"enum": ["UTC"]}}}}}]
+    for fmt, key in ((llama3_chat, "parameters"), (smollm2_chat, "arguments")):
+        schema = fmt.tool_call_schema(two)
+        jsonschema.validate({"name": "get_weather", key: {"city": "Oslo"}}, schema)
+        jsonschema.validate({"name": "now", key: {"zone": "UTC"}}, schema)  # its $ref, moved with it
+        for bad in ({"name": "get_weather", key: {"unit": "C"}}, {"name": "other", key: {}},
+                    {"name": "now", key: {"zone": "CET"}}):
+            with pytest.raises(jsonschema.ValidationError):
+                jsonschema.validate(bad, schema)
+        only = fmt.tool_call_schema(two, "now")
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate({"name": "get_weather", key: {"city": "Oslo"}}, only)
+    with pytest.raises(ValueError, match="tool_choice"):
+        llama3_chat.tool_call_schema(TOOLS, "missing")
+
+    def calls(text):
+        got = parse_tool_calls(text, TOOLS)
+        return None if got is None else [(c.name, json.loads(c.arguments)) for c in got]
+
+    paris = ("get_weather", {"city": "Paris"})
+    assert calls('{"name": "get_weather", "parameters": {"city": "Paris"}}') == [paris]
+    assert calls(' <|python_tag|>{"name": "get_weather", "arguments": "{\\"city\\": \\"Paris\\"}"}') == [paris]
+    assert calls('[{"name": "get_weather", "arguments": {"city": "Paris"}}, '
+                 '{"name": "get_weather", "arguments": {"city": "Rome"}}]') == [paris, ("get_weather", {"city": "Rome"})]
+    assert calls('<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>') == [paris]
+    for text in ("It is sunny.", '{"name": "other", "arguments": {}}', '{"name": "get_weather"}',
+                 '{"name": "get_weather", "arguments": [1]}', 'Sure: {"name": "get_weather", "arguments": {}}', ""):
+        assert calls(text) is None, text
+    assert may_be_tool_call(' {"na') and may_be_tool_call("<tool_") and may_be_tool_call("")
+    assert not may_be_tool_call("The weather")
+
+
+def test_bad_tools_and_tool_messages(llama3_chat):
+    q = [msg("user", "hi")]
+    for tools, match in (([{"type": "function"}], r"tools\[0\]"),
+                         ([{"type": "function", "function": {"name": "a b"}}], "name"),
+                         (TOOLS + TOOLS, "twice"),
+                         ([{"type": "function", "function": {"name": "f", "parameters": [1]}}], "parameters")):
+        with pytest.raises(ValueError, match=match):
+            llama3_chat.encode_dialog(q, tools=tools)
+    with pytest.raises(ValueError, match="first user message"):
+        llama3_chat.encode_dialog([msg("system", "s")], tools=TOOLS)
+    bad_call = {"type": "function", "function": {"name": "get_weather", "arguments": "[1]"}}
+    with pytest.raises(ValueError, match="message 1 tool_calls"):
+        llama3_chat.encode_dialog([*q, {"role": "assistant", "content": None, "tool_calls": [bad_call]}])
+    with pytest.raises(ValueError, match="unsupported fields"):
+        llama3_chat.encode_dialog([{**q[0], "tool_call_id": "x"}])  # only a tool message answers a call

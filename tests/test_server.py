@@ -14,6 +14,7 @@ import threading
 import time
 
 import httpx
+import jsonschema
 import numpy as np
 import openai
 import pytest
@@ -180,6 +181,8 @@ BAD_COMPLETIONS = [  # (body, param): each a 400 with OpenAI's error body
     ({"prompt": [5, 6], "temperature": "hot"}, "temperature"),
     ({"prompt": [5, 6], "stream": "yes"}, "stream"),
     ({"prompt": [5, 6], "n": 2}, "n"),
+    ({"prompt": [5, 6], "logprobs": 21}, "logprobs"),
+    ({"prompt": [5, 6], "response_format": {"type": "json_object"}}, "response_format"),  # no tokenizer
     ({"max_tokens": 3}, "prompt"),  # missing
 ]
 
@@ -303,7 +306,7 @@ def smol(smollm2_dir):
 
 @pytest.fixture(scope="module")
 def smol_served(smol):
-    app = create_app(smol, model_name="smollm2", max_batch=2, max_seq_len=256, decode_steps=2)
+    app = create_app(smol, model_name="smollm2", max_batch=2, max_seq_len=512, decode_steps=2)
     served = Served(app)
     yield served, app.state.engine
     served.close()  # the app made its engine: its shutdown stops it
@@ -368,10 +371,22 @@ def test_chat_errors_and_special_tokens_stay_text(smol, smol_served):
     cases = [({}, "messages"), ({"messages": []}, "messages"), ({"messages": "hi"}, "messages"),
              ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages"),
              ({"messages": [{"role": "user"}]}, "messages"),
-             ({"messages": user("word " * 300)}, "messages"),  # longer than the context (256)
+             ({"messages": user("word " * 600)}, "messages"),  # longer than the context (512)
              ({"messages": user("hi"), "max_tokens": 1000}, "max_tokens"),
              ({"messages": user("hi"), "max_completion_tokens": -1}, "max_completion_tokens"),
-             ({"messages": user("hi"), "logprobs": True}, "logprobs")]
+             ({"messages": user("hi"), "top_logprobs": 3}, "top_logprobs"),  # without logprobs: true
+             ({"messages": user("hi"), "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+             ({"messages": user("hi"), "response_format": {"type": "json_schema"}}, "response_format"),
+             ({"messages": user("hi"), "response_format": {"type": "json_schema", "json_schema": {
+                 "name": "x", "schema": {"type": "nonsense"}}}}, "response_format"),
+             ({"messages": user("hi"), "response_format": {"type": "json_object"}, "ignore_eos": True}, "ignore_eos"),
+             ({"messages": user("hi"), "tool_choice": "auto"}, "tool_choice"),  # no tools
+             ({"messages": user("hi"), "tools": TOOLS, "tool_choice": {"type": "function", "function": {
+                 "name": "nowhere"}}}, "tool_choice"),
+             ({"messages": user("hi"), "tools": [{"type": "function", "function": {"name": "a b"}}]}, "tools"),
+             ({"messages": user("hi"), "tools": [{"type": "function", "function": {
+                 "name": "f", "parameters": {"type": "object", "properties": {"x": {"type": "nonsense"}}}}}]}, "tools"),
+             ({"messages": user("hi"), "tools": TOOLS, "response_format": {"type": "json_object"}}, "response_format")]
     with httpx.Client(base_url=served.url, timeout=120) as c:
         for body, param in cases:
             _check_error(c.post("/v1/chat/completions", json={"model": "smollm2", **body}), 400, param)
@@ -382,6 +397,150 @@ def test_chat_errors_and_special_tokens_stay_text(smol, smol_served):
         assert r.json()["prompt_token_ids"] == smol.chat_prompt(msgs)
         im_end = smol.tokenizer.special_token_id("<|im_end|>")
         assert smol.chat_prompt(msgs).count(im_end) == smol.chat_prompt(user("ok")).count(im_end)
+
+
+# Tools and schemas bounded so that every answer ends well within its max_tokens.
+TOOLS = [{"type": "function", "function": {
+             "name": "get_weather", "description": "Get the current weather in a city",
+             "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30}},
+                            "required": ["city"]}}},
+         {"type": "function", "function": {
+             "name": "get_time", "description": "Get the current time in a time zone",
+             "parameters": {"type": "object", "properties": {
+                 "zone": {"type": "string", "maxLength": 30}, "format": {"enum": ["12h", "24h"]}},
+                 "required": ["zone", "format"]}}}]
+WEATHER = [{"role": "user", "content": "What is the weather like in Paris today?"}]
+CITY = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                         "country": {"type": "string", "maxLength": 20},
+                                         "population": {"type": "integer", "minimum": 0, "maximum": 10**8}},
+        "required": ["city", "country", "population"], "additionalProperties": False}
+CITY_FORMAT = {"type": "json_schema", "json_schema": {"name": "city", "schema": CITY, "strict": True}}
+FACTS = [{"role": "user", "content": "Give the facts about Paris as JSON."}]
+CAPITAL = [{"role": "user", "content": 'What is the capital of France? Answer as JSON with the key "capital".'}]
+
+
+def _gather(*calls):
+    async def run():
+        return await asyncio.gather(*calls)
+
+    return asyncio.run(run())
+
+
+async def _create(client, stream, **kw):
+    """A chat completion as (content, tool_calls as [(name, arguments)], finish_reason, logprobs content),
+    streamed chunks joined."""
+    if not stream:
+        r = await client.chat.completions.create(model="smollm2", **kw)
+        c = r.choices[0]
+        calls = [(t.function.name, t.function.arguments) for t in c.message.tool_calls or ()]
+        return c.message.content, calls, c.finish_reason, c.logprobs and c.logprobs.content
+    text, calls, lps, finish = "", {}, [], None
+    async for chunk in await client.chat.completions.create(model="smollm2", stream=True, **kw):
+        c = chunk.choices[0]
+        text += c.delta.content or ""
+        for t in c.delta.tool_calls or ():
+            name, args = calls.get(t.index, ("", ""))
+            calls[t.index] = (name + (t.function.name or ""), args + (t.function.arguments or ""))
+        lps += c.logprobs.content if c.logprobs else []
+        finish = c.finish_reason or finish
+    return text or None, list(calls.values()), finish, lps or None
+
+
+@pytest.mark.slow
+def test_json_schema_answers_parse_and_validate(smol, smol_served):
+    """Greedy and sampled, streamed and not, chat and completions: every answer is JSON that
+    validates, ending where the JSON ends."""
+    served, sched = smol_served
+    client = openai.AsyncOpenAI(base_url=served.url + "/v1", api_key="none", max_retries=0, timeout=300)
+    runs = [(False, 0, 0), (True, 0, 0), (False, 1.0, 1), (True, 1.0, 2)]
+    before = sched.engine.grammars.compiled
+    got = _gather(*(_create(client, stream, messages=FACTS, response_format=CITY_FORMAT, max_tokens=64,
+                            temperature=temperature, seed=seed) for stream, temperature, seed in runs),
+                  *(_create(client, stream, messages=CAPITAL, response_format={"type": "json_object"}, max_tokens=32,
+                            temperature=temperature, seed=3) for stream, temperature in ((True, 0), (False, 1.0))),
+                  client.completions.create(model="smollm2", prompt="Paris facts in JSON: ", max_tokens=64,
+                                            temperature=0.7, seed=4, extra_body={"response_format": CITY_FORMAT}))
+    *chats, obj, obj_sampled, completion = got
+    for (text, calls, finish, _), run in zip(chats, runs):
+        assert finish == "stop" and not calls, (run, text)
+        jsonschema.validate(json.loads(text), CITY)
+    assert chats[0][0] == chats[1][0]  # greedy: streamed as whole
+    for text, _, finish, _ in (obj, obj_sampled):
+        assert finish == "stop" and isinstance(json.loads(text), dict), text
+    assert completion.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(completion.choices[0].text), CITY)
+    assert sched.engine.grammars.compiled - before <= 2  # CITY and json_object's, each compiled once
+
+
+@pytest.mark.slow
+def test_tool_calls_required_named_and_auto(smol, smol_served):
+    """tool_choice "required" and a named function always give a call whose arguments validate;
+    with "auto", a question that needs the tool gets a call; streamed as OpenAI's deltas."""
+    served, _ = smol_served
+    client = openai.AsyncOpenAI(base_url=served.url + "/v1", api_key="none", max_retries=0, timeout=300)
+    named = {"type": "function", "function": {"name": "get_time"}}
+    runs = [("required", False, 0, 0), ("required", True, 1.0, 1), ("required", False, 1.0, 2),
+            (named, True, 0, 0), (named, False, 1.0, 3), ("auto", False, 0, 0), ("auto", True, 0, 0)]
+    got = _gather(*(_create(client, stream, messages=WEATHER, tools=TOOLS, tool_choice=choice, max_tokens=60,
+                            temperature=temperature, seed=seed) for choice, stream, temperature, seed in runs))
+    params = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    for (text, calls, finish, _), run in zip(got, runs):
+        assert finish == "tool_calls" and text is None and len(calls) == 1, (run, text, calls)
+        [(name, arguments)] = calls
+        jsonschema.validate(json.loads(arguments), params[name])
+        if isinstance(run[0], dict):
+            assert name == "get_time"
+    assert got[-2][1][0][0] == "get_weather" and got[-2][1] == got[-1][1]  # auto, needing the weather
+
+
+@pytest.mark.slow
+def test_tool_results_go_back_into_the_conversation(smol, smol_served):
+    """An assistant's tool_calls and the tool's answer ("tool" role) are accepted back and rendered
+    as the chat format renders them; the answer after them is text."""
+    served, _ = smol_served
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    messages = WEATHER + [{"role": "assistant", "content": None, "tool_calls": [call]},
+                          {"role": "tool", "tool_call_id": "call_1", "content": "Sunny, 24 degrees"}]
+    with httpx.Client(base_url=served.url, timeout=120) as c:
+        r = c.post("/v1/chat/completions", json={"messages": messages, "tools": TOOLS, "tool_choice": "none",
+                                                 "max_tokens": 2, "temperature": 0, "return_token_ids": True})
+        assert r.status_code == 200, r.text
+        prompt = r.json()["prompt_token_ids"]
+        assert prompt == smol.chat_format.encode_dialog(messages)  # "none": the tools are not offered
+        assert "Sunny, 24 degrees" in smol.tokenizer.decode(prompt) and '"city": "Paris"' in smol.tokenizer.decode(prompt)
+        r = c.post("/v1/chat/completions", json={"messages": messages, "tools": TOOLS, "max_tokens": 2,
+                                                 "return_token_ids": True})
+        assert r.json()["prompt_token_ids"] == smol.chat_format.encode_dialog(messages, tools=TOOLS)
+        _check_error(c.post("/v1/chat/completions", json={"messages": WEATHER + [
+            {"role": "assistant", "tool_calls": [{**call, "function": {"name": "f", "arguments": "[1]"}}]}]}),
+            400, "messages")
+
+
+def test_logprobs_over_http(smol, smol_served):
+    """Chat's logprobs/top_logprobs and completions' logprobs in OpenAI's shapes: the tokens spell
+    the text, greedy tokens are their distribution's best, streamed the same. (Their values against
+    the model's logits: test_structured.py.)"""
+    served, _ = smol_served
+    client = openai.OpenAI(base_url=served.url + "/v1", api_key="none", max_retries=0, timeout=120)
+    r = client.chat.completions.create(model="smollm2", messages=QUESTION, max_tokens=6, temperature=0,
+                                       logprobs=True, top_logprobs=3, extra_body={"return_token_ids": True})
+    content, ids = r.choices[0].logprobs.content, r.choices[0].model_extra["token_ids"]
+    assert "".join(t.token for t in content) == r.choices[0].message.content
+    vocab = smol.tokenizer.token_bytes()
+    for k, t in enumerate(content):
+        top = [x.logprob for x in t.top_logprobs]
+        assert len(top) == 3 and t.top_logprobs[0].token == t.token and top[0] == t.logprob <= 0
+        assert top == sorted(top, reverse=True) and np.exp(top).sum() <= 1 + 1e-6
+        assert bytes(t.bytes) == vocab[ids[k]]
+    chunks = list(client.chat.completions.create(model="smollm2", messages=QUESTION, max_tokens=6, temperature=0,
+                                                 logprobs=True, top_logprobs=3, stream=True))
+    streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in content]
+    c = client.completions.create(model="smollm2", prompt=PARIS, max_tokens=4, temperature=0, logprobs=2).choices[0]
+    lp = c.logprobs
+    assert "".join(lp.tokens) == c.text and len(lp.top_logprobs) == 4 and all(len(d) == 2 for d in lp.top_logprobs)
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:k]) for k in range(4)]
+    assert all(lp.top_logprobs[k][lp.tokens[k]] == lp.token_logprobs[k] for k in range(4))  # greedy: the best
 
 
 def test_short_request_overtakes_long_and_disconnect_frees_slot(smol_served):
