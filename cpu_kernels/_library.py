@@ -1,4 +1,4 @@
-"""Building and loading the C++ library (csrc/cpu_kernels.cc) as XLA FFI targets, once per process.
+"""Building and loading the C++ library (csrc/*.cc) as XLA FFI targets, once per process.
 
 It is compiled with the host's g++ against jaxlib's FFI headers and the `mkl` wheel's libmkl_rt
 (the `cpu` extra: `pip install llama-jax[cpu]`), into `$LLAMA_JAX_CACHE/cpu-kernels/<hash>/` (default
@@ -21,7 +21,10 @@ import jax
 GEMM, MATVEC = "llama_jax_gemm", "llama_jax_matvec"
 ATTENTION, ATTENTION_BWD = "llama_jax_attention", "llama_jax_attention_bwd"
 DECODE_ATTENTION = "llama_jax_decode_attention"
-_SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "cpu_kernels.cc")
+QLINEAR = "llama_jax_qlinear"
+_CSRC = os.path.join(os.path.dirname(__file__), "csrc")
+_SOURCES = [os.path.join(_CSRC, name) for name in ("cpu_kernels.cc", "quant.cc")]
+_HEADERS = [os.path.join(_CSRC, "common.h")]
 # The same cache as llama_jax's (llama_jax.paths); read here because this package imports nothing
 # of llama_jax.
 _CACHE_ENV = "LLAMA_JAX_CACHE"
@@ -55,14 +58,14 @@ def _mkl_lib_dir() -> str:
 
 def _build() -> str:
     """The compiled library's path, building it first if this source, jaxlib and MKL have none."""
-    with open("/proc/cpuinfo") as f:  # the kernel's loops are AVX2 + FMA (x86-64-v3)
+    with open("/proc/cpuinfo") as f:  # the kernels' loops are AVX2 + FMA + F16C (x86-64-v3)
         flags = f.read().split()
-    if "avx2" not in flags or "fma" not in flags:
-        raise RuntimeError("this CPU has no AVX2 and FMA")
+    if not {"avx2", "fma", "f16c"} <= set(flags):
+        raise RuntimeError("this CPU has no AVX2, FMA and F16C")
     mkl = _mkl_lib_dir()
     rt = sorted(n for n in os.listdir(mkl) if n.startswith("libmkl_rt.so."))[0]
     key = hashlib.sha256(jax.__version__.encode() + mkl.encode())
-    for path in (_SOURCE, __file__):  # the source and its build command
+    for path in (*_SOURCES, *_HEADERS, __file__):  # the sources and their build command
         with open(path, "rb") as f:
             key.update(f.read())
     key = key.hexdigest()[:16]
@@ -73,12 +76,12 @@ def _build() -> str:
     os.makedirs(out_dir, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
     os.close(fd)
-    cmd = ["g++", "-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{jax.ffi.include_dir()}", _SOURCE,
-           "-o", tmp, f"-L{mkl}", f"-l:{rt}", f"-Wl,-rpath,{mkl}"]
+    cmd = ["g++", "-O3", "-mavx2", "-mfma", "-mf16c", "-std=c++17", "-shared", "-fPIC", "-w",
+           f"-I{jax.ffi.include_dir()}", *_SOURCES, "-o", tmp, f"-L{mkl}", f"-l:{rt}", f"-Wl,-rpath,{mkl}"]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode:
-            raise RuntimeError(f"g++ failed on {_SOURCE}: {done.stderr.strip().splitlines()[-1:]}")
+            raise RuntimeError(f"g++ failed on {_CSRC}: {done.stderr.strip().splitlines()[-1:]}")
         os.replace(tmp, lib)
     finally:
         if os.path.exists(tmp):
@@ -98,7 +101,7 @@ def load() -> str | None:
         lib.llama_jax_gemm_init()
         for name, symbol in ((GEMM, lib.LlamaJaxGemm), (MATVEC, lib.LlamaJaxMatvec), (ATTENTION, lib.LlamaJaxAttention),
                              (ATTENTION_BWD, lib.LlamaJaxAttentionBwd),
-                             (DECODE_ATTENTION, lib.LlamaJaxDecodeAttention)):
+                             (DECODE_ATTENTION, lib.LlamaJaxDecodeAttention), (QLINEAR, lib.LlamaJaxQLinear)):
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
     except (OSError, RuntimeError) as e:
         return str(e)

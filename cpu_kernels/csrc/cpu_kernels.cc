@@ -21,37 +21,19 @@
 //   forward returns the log-sum-exp; the backward recomputes the probabilities from it, in a pass
 //   over key blocks (dk, dv) and one over query blocks (dq), so no two work items write the same
 //   gradient.
-#include <immintrin.h>
-#include <pthread.h>
-#include <sched.h>
-
 #include <algorithm>
 #include <atomic>
-#include <chrono>
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
-#include <memory>
 #include <mutex>
-#include <thread>
 #include <vector>
 
-#include "xla/ffi/api/ffi.h"
-
-namespace ffi = xla::ffi;
-
-extern "C" {
-// MKL's CBLAS, LP64 (no header needed).
-void cblas_sgemm(int layout, int trans_a, int trans_b, int m, int n, int k, float alpha,
-                 const float* a, int lda, const float* b, int ldb, float beta, float* c, int ldc);
-void vmsExp(int n, const float* a, float* y, long long mode);
-int MKL_Set_Num_Threads_Local(int n);
-int MKL_Set_Threading_Layer(int code);
-}
+#include "common.h"
 
 namespace {
 
-constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
+using namespace llama_jax_cpu;
+
 // MKL VML's mode for exp: low accuracy (VML_LA, 4 ulp at most), errors ignored
 // (VML_ERRMODE_IGNORE): an underflow to 0 is what the softmax wants, and reporting it went through
 // VML's error handler once per tile (a third of a short decode attention's time).
@@ -60,35 +42,6 @@ constexpr long long kVmlLA = 0x1 | 0x100;
 // One product at a time: when XLA runs two independent products at once (the q, k and v
 // projections), each with MKL's threads, the cores are oversubscribed and both crawl.
 std::mutex mkl_mutex;
-
-// Runs f(0..n-1), pieces taken in turn by the calling thread and by the pool's other threads;
-// returns when all are done. A helper that starts after every piece is taken does nothing.
-template <typename F>
-void ParallelFor(ffi::ThreadPool& pool, int64_t n, const F& f) {
-  const int64_t helpers = std::min<int64_t>(n, pool.num_threads()) - 1;
-  if (n <= 1) {
-    if (n == 1) f(0);
-    return;
-  }
-  struct State {
-    std::atomic<int64_t> next{0};
-    int64_t done = 0;
-    std::mutex mu;
-    std::condition_variable cv;
-  };
-  auto state = std::make_shared<State>();
-  auto drain = [state, n, &f] {
-    for (int64_t i; (i = state->next.fetch_add(1)) < n;) {
-      f(i);
-      std::lock_guard<std::mutex> lock(state->mu);
-      if (++state->done == n) state->cv.notify_all();
-    }
-  };
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([state, n, drain] { drain(); });
-  drain();
-  std::unique_lock<std::mutex> lock(state->mu);
-  state->cv.wait(lock, [&] { return state->done == n; });
-}
 
 struct Matrices {
   int64_t batch, rows, cols;
@@ -130,105 +83,6 @@ ffi::Error GemmImpl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
 
 
 // --- Matvec: the products of a decode step --------------------------------------------------------
-
-// Threads for the matrix-vector products of decode: a step is ~200 products of a few MB, one after
-// another, each too short (20-200 us) for a pool whose threads sleep between jobs (XLA's intra-op
-// pool took ~100 us to wake; MKL's OpenMP team fought XLA's threads for the cores). The helpers
-// spin for kSpinNs after each job, so those of the next product start at once, then sleep.
-class SpinPool {
- public:
-  static SpinPool& Get() {
-    static const bool registered = [] {
-      // A forked child has none of its parent's threads: it starts a pool of its own.
-      return pthread_atfork(nullptr, nullptr, [] { instance_ = nullptr; }) == 0;
-    }();
-    (void)registered;
-    std::lock_guard<std::mutex> lock(instance_mu_);
-    if (!instance_) instance_ = new SpinPool(Helpers());  // never destroyed: its threads outlive main
-    return *instance_;
-  }
-  int parts() const { return helpers_ + 1; }
-
-  // Runs f(0 .. parts()-1), part 0 on the calling thread; false (having run nothing) when another
-  // thread holds the pool, as when XLA runs two independent products at once.
-  template <typename F>
-  bool TryRun(const F& f) {
-    std::unique_lock<std::mutex> lock(run_mu_, std::try_to_lock);
-    if (!lock.owns_lock()) return false;
-    job_ = [](const void* ctx, int part) { (*static_cast<const F*>(ctx))(part); };
-    ctx_ = &f;
-    remaining_.store(helpers_);
-    generation_.fetch_add(1);
-    if (sleepers_.load() > 0) {
-      std::lock_guard<std::mutex> guard(sleep_mu_);
-      sleep_cv_.notify_all();
-    }
-    f(0);
-    while (remaining_.load(std::memory_order_acquire) > 0) _mm_pause();
-    return true;
-  }
-
- private:
-  static constexpr int64_t kSpinNs = 2'000'000;
-
-  static int Helpers() {
-    cpu_set_t set;
-    int cores = sched_getaffinity(0, sizeof(set), &set) == 0 ? CPU_COUNT(&set) : 1;
-    return std::clamp(cores - 1, 0, 7);  // a few cores already saturate memory bandwidth
-  }
-
-  explicit SpinPool(int helpers) : helpers_(helpers) {
-    for (int i = 1; i <= helpers; ++i) std::thread([this, i] { Loop(i); }).detach();
-  }
-
-  void Loop(int part) {
-    uint64_t seen = 0;
-    for (;;) {
-      auto start = std::chrono::steady_clock::now();
-      for (int spins = 1; generation_.load() == seen; ++spins) {
-        _mm_pause();
-        if (spins % 256) continue;
-        std::this_thread::yield();  // to any other thread waiting for this core (XLA's)
-        if (std::chrono::steady_clock::now() - start < std::chrono::nanoseconds(kSpinNs)) continue;
-        std::unique_lock<std::mutex> lock(sleep_mu_);
-        sleepers_.fetch_add(1);
-        sleep_cv_.wait(lock, [&] { return generation_.load() != seen; });
-        sleepers_.fetch_sub(1);
-      }
-      seen = generation_.load();
-      job_(ctx_, part);
-      remaining_.fetch_sub(1, std::memory_order_release);
-    }
-  }
-
-  static inline SpinPool* instance_ = nullptr;
-  static inline std::mutex instance_mu_;
-  const int helpers_;
-  std::mutex run_mu_;  // one job at a time
-  void (*job_)(const void*, int) = nullptr;
-  const void* ctx_ = nullptr;
-  std::atomic<uint64_t> generation_{0};  // bumped once per job
-  std::atomic<int> remaining_{0};        // helpers yet to finish the job
-  std::mutex sleep_mu_;
-  std::condition_variable sleep_cv_;
-  std::atomic<int> sleepers_{0};
-};
-
-float HorizontalSum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-
-// a[0..n) . b[0..n) (AVX2).
-float Dot(const float* a, const float* b, int64_t n) {
-  __m256 acc = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-  float s = HorizontalSum(acc);
-  for (; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
 
 // y[m, n] = x[m, :] . w[n, :] for n in [n0, n1): w [N, K], eight rows of w streamed at a time,
 // each prefetched 512 bytes ahead (measured here: more rows, longer or non-temporal prefetches
@@ -297,14 +151,13 @@ ffi::Error MatvecImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Res
   const float *px = x.typed_data(), *pw = w.typed_data();
   float* py = y->typed_data();
   SpinPool& pool = SpinPool::Get();
-  auto part = [&](int p, int parts) {  // columns in multiples of 8 (MatvecRows' blocks), evenly
-    const int64_t step = (N + 8 * parts - 1) / (8 * parts) * 8;
+  // Small products are not worth a second thread.
+  const int pieces = N * K < (1 << 16) ? 1 : kPiecesPerThread * pool.threads();
+  const int64_t step = (N + 8 * pieces - 1) / (8 * pieces) * 8;  // columns in multiples of 8 (MatvecRows' blocks)
+  pool.Run(pieces, [&](int p) {
     const int64_t n0 = std::min(N, p * step), n1 = std::min(N, n0 + step);
     (trans ? MatvecRows : MatvecCols)(px, pw, py, M, N, K, n0, n1);
-  };
-  const int parts = pool.parts();
-  // Small products are not worth a second thread; when the pool is busy, this thread does all.
-  if (N * K < (1 << 16) || !pool.TryRun([&](int p) { part(p, parts); })) part(0, 1);
+  });
   return ffi::Error::Success();
 }
 
@@ -697,7 +550,7 @@ ffi::Error DecodeAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
     }
     MKL_Set_Num_Threads_Local(0);
   };
-  if (n == 1 || !SpinPool::Get().TryRun(work)) work(0);
+  SpinPool::Get().Run(n == 1 ? 1 : SpinPool::Get().threads(), work);
   float* o = out->typed_data();
   for (int64_t b = 0; b < a.B; ++b)
     for (int64_t h = 0; h < a.H; ++h) {  // merge the chunks: rescale each to the overall max
