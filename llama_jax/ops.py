@@ -104,7 +104,7 @@ def linear(x, w, *, transposed=False, cpu_kernels=False):
     if isinstance(w, quant.QArray):
         if (w.axis == -1) != transposed:
             raise ValueError(f"linear: a QArray with input axis {w.axis} in a {'transposed' if transposed else 'stored'} layout")
-        return quant.qlinear(x, w)
+        return _qlinear(x, w, cpu_kernels)
     spec = "...K,NK->...N" if transposed else "...K,KN->...N"
     xla = functools.partial(jnp.einsum, spec, preferred_element_type=jnp.float32)
     rows = x.size // x.shape[-1]
@@ -116,6 +116,24 @@ def linear(x, w, *, transposed=False, cpu_kernels=False):
         y = ck.gemm(x2, w, False, transposed) if rows >= ck.MIN_ROWS else ck.matvec(x2, w, transposed)
         return y.reshape(*x.shape[:-1], y.shape[-1])
     return _cpu_or(kernel, xla, x, w)
+
+
+def _qlinear(x, w: quant.QArray, cpu_kernels: bool):
+    """A quantized product (one layer's weight, inference layout, no mesh) where a kernel reads the
+    stored bytes: the C++ backend on a CPU (when enabled, f32 activations, a shape it takes), the
+    Pallas kernel on a GPU; decided when lowered, as `_cpu_or`. Elsewhere XLA dequantizes into the
+    product (quant.qlinear), which XLA's GPU compiler fuses and XLA CPU does not."""
+    xla = lambda x, *parts: quant.qlinear(x, w)  # noqa: E731
+    if w.axis != -1 or w.ndim != 2 or not jax.sharding.get_abstract_mesh().empty:
+        return xla(x)
+    parts = (w.values, w.scales) + ((w.mins,) if w.mins is not None else ())
+    fmt, group = w.format, w.group_size
+    branches = {}  # every branch is traced wherever the program is lowered: only those that take w
+    if pk.quant_matmul_supports(fmt, group, w.shape[-1]):
+        branches["cuda"] = lambda x, *p: pk.quant_matmul(x, *p, fmt=fmt, group_size=group)
+    if _cpu_serves(cpu_kernels, x) and ck.quant.supports(fmt, group, w.shape[-1]):
+        branches["cpu"] = lambda x, *p: ck.qlinear(x, *p, format=fmt, group_size=group)
+    return jax.lax.platform_dependent(x, *parts, default=xla, **branches)
 
 
 def contract_rows(a, b, *, cpu_kernels=False):

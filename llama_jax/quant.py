@@ -272,8 +272,9 @@ def qlinear(x, q: QArray, *, out_tile: int | None = None):
     writes the whole dequantized f32 weight first, more bytes than the float model reads. With
     out_tile=T the output channels go T at a time through a lax.map, so only a [in, T] tile is
     dequantized at a time (it stays in cache); out must be a multiple of T. Neither beats float32 on
-    XLA CPU (benchmarks/quant_matvec.py): a CPU speed-up needs a kernel that reads the bytes itself
-    (the C++ CPU backend), which is where ops.linear should send quantized products on a CPU."""
+    XLA CPU (benchmarks/quant_matvec.py): a CPU speed-up needs a kernel that reads the bytes itself,
+    which is why ops.linear sends quantized products to the C++ CPU backend where it serves, and to
+    the Pallas kernel on a GPU; this is the reference both are tested against."""
     if q.ndim != 2:
         raise ValueError(f"qlinear: one layer's weight (2-D), got shape {q.shape}")
     k = q.shape[q.axis]
