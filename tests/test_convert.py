@@ -269,24 +269,6 @@ def test_gguf_blocks_are_kept_byte_for_byte(gguf_converted):
     assert size < 0.21 * 4 * 134.5e6, size
 
 
-@pytest.mark.slow
-def test_gguf_kept_blocks_compute_their_float32_dequantization(gguf_converted):
-    """The default model as it runs (kept Q4_1/Q8_0 blocks, the default backend: the C++ kernels
-    where they are installed) against the same weights dequantized to float32: logits within 1e-4,
-    and the same greedy tokens (decode's products take the quantized kernels' other path)."""
-    from llama_jax import quant
-
-    kept = llama_jax.load(gguf_converted)
-    config, params = orbax_io.read_converted(gguf_converted, dtype="float32")
-    float32 = from_params(config, quant.dequantize_params(params, np.float32), kept.runtime,
-                          tokenizer=kept.tokenizer)
-    assert quant.is_quantized(kept.params) and not quant.is_quantized(float32.params)
-    ids = kept.tokenizer.encode("The capital of France is a city of many bridges and")
-    err = np.abs(kept.logits([ids]) - float32.logits([ids]))
-    assert err.max() <= 1e-4, f"max err {err.max():.3g}"
-    assert kept.generate([ids], max_new_tokens=12)[0].token_ids == float32.generate([ids], max_new_tokens=12)[0].token_ids
-
-
 @pytest.mark.parametrize("fmt", ["int8", "int4", "fp8"])
 def test_convert_quantize_stores_what_load_quantizes(tiny_hf, ids, tmp_path, fmt):
     """convert --quantize (a layer at a time, as it streams) stores the weights load(quantize=)

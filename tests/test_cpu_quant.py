@@ -5,7 +5,7 @@ fp8), decode rows (fewer than cpu_kernels.MIN_ROWS: the bytes expanded in regist
 blocks, and whole models with the backend on and off."""
 
 import dataclasses
-
+import os
 
 import jax
 import jax.numpy as jnp
@@ -203,12 +203,10 @@ def test_the_default_model_kept_as_q4_1_gives_its_float32_logits():
     and a prompt of 40 (the dequantized panels: the same sgemm on the same floats, so equal). Against
     XLA's float32 model (no backend) the kept model is as close as the backend's own float32 model
     is: the floor there is f32 rounding, about 1e-4 on logits of up to 35."""
-    from llama_jax import default_model
+    from conftest import default_model_env
+    from llama_jax.default_model import MODEL_DIR
 
-    try:
-        path = default_model.default_model_path(progress=False)
-    except default_model.DefaultModelMissing as e:
-        pytest.skip(str(e))
+    path = os.path.join(default_model_env()["LLAMA_JAX_CACHE"], MODEL_DIR)  # the tests' cache, not the user's
     kept = api.load(path, cpu_kernels="on")
     assert quant.is_quantized(kept.params)
     dense = quant.dequantize_params(kept.params, jnp.float32)
