@@ -38,7 +38,8 @@ class Llama:
     A thin handle: the model is split once into `graphdef` and `state` (its arrays), which the
     jitted functions of llama_jax.generate take, so nothing re-traces per call."""
 
-    def __init__(self, model: Transformer, *, tokenizer=None, chat_format=None, mesh=None, speculative=None):
+    def __init__(self, model: Transformer, *, tokenizer=None, chat_format=None, mesh=None, speculative=None,
+                 adapters: tuple[tuple[str, ...], dict] | None = None):
         ops.check_runtime(model.runtime)  # fails now, not at the first call
         sharding.place(model, mesh)
         self.config: LlamaConfig = model.config
@@ -49,6 +50,11 @@ class Llama:
         self.chat_format = chat_format
         self.speculative: SpeculativeConfig | None = SpeculativeConfig.of(speculative)
         self.graphdef, self.state = nnx.split(model)
+        # LoRA adapters served beside the base (`load(adapters=...)`): their names, adapter n + 1 being
+        # adapter_names[n], and their banks (llama_jax.lora.bank, stored layout, host arrays). Only the
+        # engine applies them, per request; generate, chat and logits run the base.
+        self.adapter_names: tuple[str, ...] = () if adapters is None else adapters[0]
+        self.adapter_bank: dict | None = None if adapters is None else adapters[1]
 
     @property
     def model(self) -> Transformer:
@@ -174,7 +180,7 @@ class Llama:
 def load(path: str | os.PathLike, *, dtype=None, mesh=None, attention_impl: str = "auto",
          norm_impl: str = "auto", prefill_chunk: int | None = None, cpu_kernels: str = "auto",
          unstack_layers: bool = True, speculative=None, quantize: str | None = None,
-         lora: str | os.PathLike | None = None) -> Llama:
+         lora: str | os.PathLike | None = None, adapters: dict | None = None) -> Llama:
     """Loads a model directory: a Hugging Face one (config.json with model.safetensors, or shards
     with model.safetensors.index.json) or one made by `llama-jax convert` (Orbax).
 
@@ -194,7 +200,10 @@ def load(path: str | os.PathLike, *, dtype=None, mesh=None, attention_impl: str 
     lora: a LoRA adapter directory in PEFT's format (`llama-jax train --lora-rank` writes one, and so
     does PEFT's save_pretrained), merged into the weights it adapts at load (W + scale A B, before
     `quantize`; an adapted weight the checkpoint stores quantized loads dequantized), so generation
-    runs at the base model's speed; llama_jax.lora.AdapterError (a ValueError) for one it cannot read."""
+    runs at the base model's speed; llama_jax.lora.AdapterError (a ValueError) for one it cannot read.
+    adapters: {name: adapter directory} of LoRA adapters (PEFT's format) kept apart from the weights,
+    for the engine (the server) to apply per request: requests for different adapters and for the
+    base decode in one batch (`Engine.make_request(adapter=name)`)."""
     path = os.fspath(path)
     speculative = SpeculativeConfig.of(speculative)  # a bad setting fails before anything loads
     if quantize not in (None, *quant.FORMATS):
@@ -203,6 +212,11 @@ def load(path: str | os.PathLike, *, dtype=None, mesh=None, attention_impl: str 
         raise FileNotFoundError(f"{path}: no such model directory")
     if lora is not None and not os.path.isdir(lora):  # before the weights are read
         raise FileNotFoundError(f"lora: {os.fspath(lora)}: no such adapter directory")
+    for name, d in (adapters or {}).items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"adapters: a name must be a non-empty string, got {name!r}")
+        if not os.path.isdir(d):
+            raise FileNotFoundError(f"adapters: {name}: {os.fspath(d)}: no such adapter directory")
     dtype = jnp.dtype(dtype or default_dtype()).name
     runtime = RuntimeConfig(param_dtype=dtype, dtype=dtype, attention_impl=attention_impl, norm_impl=norm_impl,
                             prefill_chunk=prefill_chunk, cpu_kernels=cpu_kernels)
@@ -224,13 +238,21 @@ def load(path: str | os.PathLike, *, dtype=None, mesh=None, attention_impl: str 
         from llama_jax import lora as lora_lib
 
         params = lora_lib.merged_params(params, config, lora, dtype=dtype)
+    served = None
+    if adapters:
+        from llama_jax import lora as lora_lib
+
+        if r > 1:
+            raise ValueError("adapters: not served where the mesh repeats KV heads (tp > n_kv_heads)")
+        loaded = [lora_lib.read(d, config) for d in adapters.values()]
+        served = (tuple(adapters), lora_lib.bank(loaded, config, np.dtype(jnp.dtype(dtype))))
     config, params = sharding.replicate_kv_heads(config, params, r)
     if quantize:
         params = quant.quantize_params(params, quantize, model_lib.LINEAR_WEIGHTS, release=True)
     tokenizer, chat_format = _load_tokenizer(path)
     layout = INFERENCE_LAYOUT if unstack_layers else model_lib.STORED
     return Llama(model_lib.build(config, _view_freeing(params, layout, config), runtime, layout),
-                 tokenizer=tokenizer, chat_format=chat_format, mesh=mesh, speculative=speculative)
+                 tokenizer=tokenizer, chat_format=chat_format, mesh=mesh, speculative=speculative, adapters=served)
 
 
 def _view_freeing(params: dict, layout: Layout, config: LlamaConfig) -> dict:

@@ -103,14 +103,14 @@ class BlockPool:
                     self._key[b] = None
                 self._free.append(b)
 
-    def match(self, keys: Sequence[int], tokens: Sequence[int]) -> tuple[list[int], bool]:
-        """The cached blocks of the longest prefix of `keys` (full blocks of `tokens`), each now
-        referenced once more, and whether the prefix stopped at a block that is still pending
-        (being computed by another sequence: worth waiting for)."""
+    def match(self, keys: Sequence[int], tokens: Sequence[int], parent: int | None = None) -> tuple[list[int], bool]:
+        """The cached blocks of the longest prefix of `keys` (full blocks of `tokens`, the first
+        keyed under `parent`), each now referenced once more, and whether the prefix stopped at a
+        block that is still pending (being computed by another sequence: worth waiting for)."""
         out: list[int] = []
         if not self.prefix_caching:
             return out, False
-        parent, bs = None, self.block_size
+        bs = self.block_size
         for i, key in enumerate(keys):
             c = self._cached.get(key)
             if c is None or c.parent != parent or c.tokens != tuple(tokens[i * bs:(i + 1) * bs]):

@@ -175,7 +175,8 @@ def load_model(args, mesh=None):
             speculative = {"method": args.speculative, "num_speculative_tokens": args.num_speculative_tokens}
         return llama_jax.load(path, dtype=args.dtype, attention_impl=args.attention_impl,
                               cpu_kernels=args.cpu_kernels, mesh=mesh, speculative=speculative,
-                              quantize=args.quantize, lora=getattr(args, "lora_dir", None))
+                              quantize=args.quantize, lora=getattr(args, "lora_dir", None),
+                              adapters=dict(getattr(args, "lora_modules", None) or ()) or None)
     except FileNotFoundError as e:  # a directory that holds no model
         raise CliError(first_line(e), 2) from None
     except (CheckpointError, GGUFError, SafetensorsError, OSError) as e:
@@ -416,7 +417,17 @@ def _add_serve_command(sub) -> None:
                          "which keeps the key out of process listings; none: anyone who reaches the port)")
     sv.add_argument("--max-queue", type=int_at_least(0), default=64, metavar="N",
                     help="requests waiting to start before the server answers 429 (default 64)")
+    sv.add_argument("--lora", metavar="NAME=DIR", dest="lora_modules", action="append", type=_lora_module,
+                    help="serve a LoRA adapter in PEFT's format as model NAME beside the base (repeat for more): "
+                         "a request whose model is NAME runs with it, in the same batches as the others")
     sv.set_defaults(func=cmd_serve)
+
+
+def _lora_module(text: str) -> tuple[str, str]:
+    name, eq, directory = text.partition("=")
+    if not eq or not name or not directory:
+        raise argparse.ArgumentTypeError(f"expected NAME=DIR, got {text!r}")
+    return name, directory
 
 
 API_KEY_ENV = "LLAMA_JAX_API_KEY"
@@ -448,8 +459,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
     if api_key is not None and not api_key.strip():
         raise CliError("--api-key: must not be empty", 2)
-    model = load_model(args)
     name = os.path.basename(os.path.abspath(args.model)) if args.model else "SmolLM2-135M-Instruct"
+    names = [n for n, _ in args.lora_modules or ()]
+    if len(set(names)) < len(names) or name in names:
+        raise CliError(f"--lora: adapter names must differ from each other and from the model's ({name})", 2)
+    model = load_model(args)
     try:
         engine = Engine(model, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
                         kv_cache_tokens=args.kv_cache_tokens, decode_steps=args.decode_steps,

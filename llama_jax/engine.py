@@ -72,6 +72,7 @@ class Request:
     prompt: tuple[int, ...]
     params: SamplingParams
     stop: tuple[str, ...] = ()
+    adapter: int = 0  # the LoRA adapter it runs with: 1 + its index in llama.adapter_names; 0: none
 
 
 class TokenLogprob(NamedTuple):
@@ -113,7 +114,7 @@ class Handle:
         self.request = request
         self.cancelled = False
         self.finished = False
-        self.seq = Seq(request.prompt, request.params)
+        self.seq = Seq(request.prompt, request.params, adapter=request.adapter)
         self._engine, self._on_output = engine, on_output
         self._text = Detokenizer(engine.llama.tokenizer, request.stop, request.params.stop_token_ids)
         p = request.params
@@ -194,16 +195,22 @@ class Engine:
     def make_request(self, prompt, *, max_new_tokens: int | None = None, temperature: float = 0.0,
                      top_p: float | None = None, top_k: int | None = None, seed: int = 0,
                      stop_token_ids: Sequence[int] = (), stop: Sequence[str] = (), ignore_eos: bool = False,
-                     json_schema=None, json_or_text: bool = False, logprobs: int | None = None) -> Request:
+                     json_schema=None, json_or_text: bool = False, logprobs: int | None = None,
+                     adapter: str | None = None) -> Request:
         """A checked Request: prompt (text, or token ids), max_new_tokens (None: the rest of the
         context), sampling as in `Llama.generate`; generation stops at the model's eos ids (unless
         ignore_eos), at `stop_token_ids` and just before any of the `stop` strings. json_schema (a
         dict or its text): the answer follows it (compiled here, or found in the cache), ending
         with a stop id where the JSON ends; json_or_text: or is text not beginning with "{" (a tool
         call or a plain answer); logprobs: report each token's log-probability and this many
-        alternatives (0 to 20). Raises ValueError (one line, naming the argument), also for a
-        request the whole KV pool cannot hold or a schema that does not compile."""
+        alternatives (0 to 20); adapter: the name of a LoRA adapter the model serves
+        (`load(adapters=...)`), None for the base. Raises ValueError (one line, naming the
+        argument), also for a request the whole KV pool cannot hold or a schema that does not compile."""
         config, tokenizer = self.llama.config, self.llama.tokenizer
+        names = self.llama.adapter_names
+        if adapter is not None and adapter not in names:
+            raise ValueError(f"adapter: {adapter!r} is not served (adapters: {', '.join(names) or 'none'})")
+        adapter_id = 0 if adapter is None else names.index(adapter) + 1
         context = min(self.max_seq_len, self.kv_cache_tokens)
         [ids] = requests.check_prompts([prompt], tokenizer=tokenizer, vocab_size=config.vocab_size,
                                        max_len=context, max_new_tokens=0)
@@ -232,7 +239,7 @@ class Engine:
             raise ValueError("stop: stop strings must be non-empty strings")
         if stop and tokenizer is None:
             raise ValueError("stop: stop strings need a model with a tokenizer")
-        return Request(tuple(ids), params, stop)
+        return Request(tuple(ids), params, stop, adapter_id)
 
     def add(self, request: Request, on_output: Callable[[Output], None]) -> Handle:
         """Queues a checked request; its Outputs go to `on_output` as the engine steps."""
@@ -333,7 +340,8 @@ class Engine:
             tokens[i, 0], tokens[i, 1:1 + len(drafts)] = seq.tokens[-1], drafts
             start[i], count[i] = len(seq.tokens) - 1, len(seq.generated)
         width = self._width(int(start.max()) + c)
-        out = self.runner.verify(tokens, start, self._table(seqs, r, width), count, self._sampling(seqs, r))
+        out = self.runner.verify(tokens, start, self._table(seqs, r, width), count, self._sampling(seqs, r),
+                                 self._adapter_rows(seqs, r))
         for i, (seq, drafts) in enumerate(zip(seqs, proposals)):
             kept = 0
             while kept < len(drafts) and out[i, kept] == drafts[kept]:
@@ -358,6 +366,13 @@ class Engine:
             blocks = seq.blocks[:width]
             table[i, :len(blocks)] = blocks
         return table
+
+    @staticmethod
+    def _adapter_rows(seqs: list[Seq], rows: int) -> np.ndarray:
+        """Each row's adapter id [rows] (padding rows: 0, the base)."""
+        ids = np.zeros(rows, np.int32)
+        ids[:len(seqs)] = [seq.adapter for seq in seqs]
+        return ids
 
     def _sampling(self, seqs: list[Seq], rows: int) -> Sampling:
         s = _sampling_zeros(rows)
@@ -387,7 +402,8 @@ class Engine:
             allowed = structured.next_masks(matchers, structured.mask_width(self.llama.config.vocab_size))
         logprobs = any(h is not None and h.request.params.logprobs is not None for h in ending)
         out, lp = self.runner.prefill(tokens, start, self._table(seqs, r, width), last, count,
-                                      self._sampling(seqs, r), allowed, logprobs=logprobs)
+                                      self._sampling(seqs, r), allowed, logprobs=logprobs,
+                                      rows=self._adapter_rows(seqs, r))
         lp = None if lp is None else Logprobs(*(a[:, None] for a in lp))  # one step per row
         for i, (seq, n) in enumerate(rows):
             self.scheduler.computed(seq, n)
@@ -417,9 +433,11 @@ class Engine:
             width = structured.mask_width(self.llama.config.vocab_size)
             with structured.registered(matchers, width) as call:
                 grammar = GrammarCall(structured.next_masks(matchers, width), np.int32(call))
-                out, lp = self.runner.decode(self.steps_per_decode, rows, table, grammar, logprobs=logprobs)
+                out, lp = self.runner.decode(self.steps_per_decode, rows, table, grammar, logprobs=logprobs,
+                                             adapter_rows=self._adapter_rows(seqs, b))
         else:
-            out, lp = self.runner.decode(self.steps_per_decode, rows, table, logprobs=logprobs)
+            out, lp = self.runner.decode(self.steps_per_decode, rows, table, logprobs=logprobs,
+                                         adapter_rows=self._adapter_rows(seqs, b))
         for i, (seq, h) in enumerate(zip(seqs, handles)):
             made = out[i] >= 0
             new = [int(t) for t in out[i][made]]
@@ -505,7 +523,7 @@ class Engine:
         while c <= min(self.chunk, 256):
             programs.append((prefill, (np.zeros((1, c), np.int32), np.zeros(1, np.int32),
                                        np.zeros((1, self._width(c)), np.int32), np.zeros(1, np.int32),
-                                       np.zeros(1, np.int32), _sampling_zeros(1))))
+                                       np.zeros(1, np.int32), _sampling_zeros(1)), r.adapters(np.zeros(1, np.int32))))
             c *= 2
         b = 1
         while True:
@@ -513,19 +531,21 @@ class Engine:
             z = lambda dtype: np.zeros(b, dtype)  # noqa: E731
             rows = Rows(z(np.int32), z(np.int32), z(np.int32), np.ones(b, np.int32),
                         np.full((b, MAX_STOP_IDS), -1, np.int32), z(bool), _sampling_zeros(b))
-            programs.append((decode, (self.steps_per_decode, rows, np.zeros((b, self.max_width), np.int32))))
+            programs.append((decode, (self.steps_per_decode, rows, np.zeros((b, self.max_width), np.int32)),
+                             r.adapters(z(np.int32))))
             if self.speculative is not None:  # a verify of contexts up to MIN_TABLE_WIDTH blocks
                 c = self.speculative.num_speculative_tokens + 1
                 programs.append((verify, (np.zeros((b, c), np.int32), z(np.int32),
-                                          np.zeros((b, MIN_TABLE_WIDTH), np.int32), z(np.int32), _sampling_zeros(b))))
+                                          np.zeros((b, MIN_TABLE_WIDTH), np.int32), z(np.int32), _sampling_zeros(b)),
+                                 r.adapters(z(np.int32))))
             if b >= self.max_batch:
                 break
             b *= 2
 
         def compile_one(program):
-            fn, args = program
+            fn, args, kwargs = program
             with sharding.on_mesh(r.mesh):
-                fn.lower(r.graphdef, r.state, r.pool, *args).compile()
+                fn.lower(r.graphdef, r.state, r.pool, *args, **kwargs).compile()
         with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
             list(pool.map(compile_one, programs))
         after = ModelRunner.compiled_programs()

@@ -204,29 +204,66 @@ def wrap(params: dict, adapters: dict, lora: LoraConfig, layout: Layout, config:
     holding it and its adapters (`view`ed in `layout`): the tree `model.build` takes for a model
     whose products add scale * (dropout(x) A) B. key: dropout's key (None: no dropout, as in
     evaluation); each layer and target draws its own mask from it, the same in every layout."""
-    n = config.n_layers
-    layer_keys = dropout_keys(key, n) if key is not None and lora.dropout > 0 else {}
+    layer_keys = dropout_keys(key, config.n_layers) if key is not None and lora.dropout > 0 else {}
 
+    def keys(part, members, parts, layer):
+        return tuple(None if ab is None or not layer_keys else layer_keys[_TARGET_OF[(part, p)]][layer]
+                     for p, ab in zip(members, parts))
+    return _wrap(params, adapters, layout, config, keys, lora.scale, float(lora.dropout), None)
+
+
+def _wrap(params, adapters, layout, config, keys, scale, dropout, rows) -> dict:
+    """`wrap` and `wrap_rows`: keys(part, members, parts, layer) gives each Adapted's dropout keys."""
     def adapt(block: dict, ads: dict, layer) -> dict:
         block = {part: dict(ws) for part, ws in block.items()}
         for part, names in ads.items():
             groups = _parts(part, layout)
             for name, parts in names.items():
                 members = groups[name]
-                keys = tuple(None if ab is None or not layer_keys else layer_keys[_TARGET_OF[(part, p)]][layer]
-                             for p, ab in zip(members, parts))
                 block[part][name] = Adapted(
                     block[part][name], tuple(None if ab is None else ab["a"] for ab in parts),
-                    tuple(None if ab is None else ab["b"] for ab in parts), keys, lora.scale, float(lora.dropout),
-                    tuple(_weight_shape(config, part, p)[2] for p in members))
+                    tuple(None if ab is None else ab["b"] for ab in parts), keys(part, members, parts, layer),
+                    scale, dropout, tuple(_weight_shape(config, part, p)[2] for p in members), rows)
         return block
 
     layers = params["layers"]
     if layout.per_layer:
-        layers = {i: adapt(layers[i], adapters["layers"][i], i) for i in range(n)}
+        layers = {i: adapt(layers[i], adapters["layers"][i], i) for i in range(config.n_layers)}
     else:
         layers = adapt(layers, adapters["layers"], slice(None))
     return dict(params, layers=layers)
+
+
+# --- Serving many adapters at once ----------------------------------------------------------------
+
+
+def bank(loaded: list[tuple[LoraConfig, dict]], config: LlamaConfig, dtype=np.float32) -> dict:
+    """The adapters `loaded` (each `read`'s (LoraConfig, adapters)) as one tree of banks, stored
+    layout: per target any of them adapts, A [L, N + 1, in, r] and B [L, N + 1, r, out], where r is
+    the largest rank (smaller ones zero-padded), entry 0 is zeros (the base model: no adapter) and
+    entry n adapter n (1-based) with its scale folded into B. Numpy, in `dtype`."""
+    r = max(lora.rank for lora, _ in loaded)
+    n = len(loaded) + 1
+    out: dict = {}
+    for i, (lora, adapters) in enumerate(loaded, start=1):
+        for part, names in adapters["layers"].items():
+            for name, ab in names.items():
+                layers, k, m = _weight_shape(config, part, name)
+                if name not in out.get(part, {}):
+                    out.setdefault(part, {})[name] = {"a": np.zeros((layers, n, k, r), dtype),
+                                                      "b": np.zeros((layers, n, r, m), dtype)}
+                dst = out[part][name]
+                dst["a"][:, i, :, :lora.rank] = ab["a"]
+                dst["b"][:, i, :lora.rank, :] = np.asarray(ab["b"], np.float32) * np.float32(lora.scale)
+    return {"layers": out}
+
+
+def wrap_rows(params: dict, banks: dict, rows, layout: Layout, config: LlamaConfig) -> dict:
+    """The parameters (viewed in `layout`) with each banked weight a `model.Adapted` whose row b
+    applies adapter rows[b] (rows [B] int32, 0: none) from `banks` (`bank`'s tree, `view`ed in
+    `layout`): one program serves any mix of adapters."""
+    return _wrap(params, banks, layout, config, lambda part, members, parts, layer: (None,) * len(parts),
+                 1.0, 0.0, rows)
 
 
 # --- Merging --------------------------------------------------------------------------------------
@@ -385,5 +422,6 @@ def merged_params(params: dict, config: LlamaConfig, directory: str | os.PathLik
     return merge(params, adapters, lora, dtype=dtype)
 
 
-__all__ = ["AdapterError", "DEFAULT_TARGETS", "LoraConfig", "TARGETS", "dropout_keys", "init", "merge", "merged_params",
-           "nbytes", "read", "shapes", "shardings", "stored", "to_peft_state_dict", "view", "wrap", "write_peft"]
+__all__ = ["AdapterError", "DEFAULT_TARGETS", "LoraConfig", "TARGETS", "bank", "dropout_keys", "init", "merge",
+           "merged_params", "nbytes", "read", "shapes", "shardings", "stored", "to_peft_state_dict", "view", "wrap",
+           "wrap_rows", "write_peft"]

@@ -129,14 +129,16 @@ def apply_rope(x: jax.Array, rope: Rope) -> jax.Array:
 # --- Attention, MLP, block --------------------------------------------------------------------------
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["base", "a", "b", "keys"],
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["base", "a", "b", "keys", "rows"],
                    meta_fields=["scale", "dropout", "widths"])
 @dataclasses.dataclass(frozen=True)
 class Adapted:
     """A frozen linear weight with low-rank adapters (LoRA; llama_jax.lora builds these): its product
     is x base + scale * (dropout(x) a) b. The output has one part per weight the layout fused into
     `base` (q|k|v, gate|up; one part unfused), `widths` wide each; each part has its own a [in, r]
-    and b [r, width], or None (no adapter), and its own dropout key (None: no dropout)."""
+    and b [r, width], or None (no adapter), and its own dropout key (None: no dropout).
+    With `rows` [B] int32 (serving many adapters), each part's a [N, in, r] and b [N, r, width] are
+    banks of N adapters and row b of x takes adapter rows[b]'s (S-LoRA's gathered products)."""
 
     base: jax.Array | QArray
     a: tuple
@@ -145,6 +147,7 @@ class Adapted:
     scale: float
     dropout: float
     widths: tuple[int, ...]
+    rows: jax.Array | None = None
 
 
 def _low_rank(x, w: Adapted, runtime: RuntimeConfig):
@@ -155,6 +158,12 @@ def _low_rank(x, w: Adapted, runtime: RuntimeConfig):
     for a, b, key, width in zip(w.a, w.b, w.keys, w.widths):
         if a is None:
             parts.append(jnp.zeros((*x.shape[:-1], width), jnp.float32))
+            continue
+        if w.rows is not None:  # per row: gather each row's A and B, then one batched product each
+            h = jnp.einsum("BTI,BIR->BTR", x, a[w.rows].astype(dtype),
+                           preferred_element_type=jnp.float32).astype(dtype)  # (B, T, r)
+            parts.append(jnp.einsum("BTR,BRO->BTO", h, b[w.rows].astype(dtype),
+                                    preferred_element_type=jnp.float32) * w.scale)
             continue
         xd = x
         if key is not None:  # inverted dropout of the adapter's input, as PEFT's lora_dropout

@@ -13,6 +13,11 @@ Shapes are bucketed (rows, chunk and table width to powers of two) and every per
 array, so a program is compiled once per bucket and never per request. Sampling is
 llama_jax.sampling's one scheme: row r's token number n comes from fold_in(key(seed[r]), n).
 
+LoRA adapters served at once (`Llama.adapter_bank`) are one more argument of each program, the
+banks and each row's adapter id [R] (0: the base): a row's products add its adapter's gathered
+A and B (llama_jax.lora.wrap_rows), so any mix of adapters runs in one program. Without adapters
+the argument is absent and the programs are the base model's.
+
 Two options make other programs, compiled when first asked for, and leave these as they are:
 `logprobs` (each token's log-probabilities come back too) and grammar masks (llama_jax.structured):
 a prefill takes its rows' masks as an argument; a decode takes the first step's, and inside its loop
@@ -32,7 +37,7 @@ from flax import nnx
 
 from jax.experimental import io_callback
 
-from llama_jax import sampling, sharding, structured
+from llama_jax import lora, sampling, sharding, structured
 
 MAX_STOP_IDS = 16  # stop token ids per request (eos included): a fixed [B, 16] array on the device
 
@@ -78,6 +83,19 @@ class Rows(NamedTuple):
     sampling: Sampling
 
 
+def _model(graphdef, state, adapters):
+    """The model; with adapters (banks viewed as the model's layout, row ids [R]), each adapted
+    weight applying row r's adapter to row r."""
+    model = nnx.merge(graphdef, state)
+    if adapters is None:
+        return model
+    banks, rows = adapters
+    params = lora.wrap_rows(nnx.to_pure_dict(state), banks, rows, model.layout, model.config)
+    state = jax.tree.map(lambda x: x, state)  # a fresh State to fill
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)
+
+
 def _chunk(model, pool, tokens, start, table):
     """The hidden states [R, C, D] of tokens [R, C] at positions start[r]..., written into the pool
     through table [R, W] as they go, and the pool."""
@@ -88,12 +106,12 @@ def _chunk(model, pool, tokens, start, table):
 @functools.partial(jax.jit, static_argnums=(0,), static_argnames=("logprobs",), donate_argnums=(2,))
 @_counted
 def prefill(graphdef, state, pool, tokens, start, table, last, count, s: Sampling, allowed=None, *,
-            logprobs: bool = False):
+            logprobs: bool = False, adapters=None):
     """tokens [R, C] of each row at positions start[r]... into the cache through table [R, W], and
     a token sampled (as the row's token number count[r]) from the hidden state at chunk index
     last[r], within the grammar masks `allowed` [R, ceil(V / 32)] when given. Returns (pool,
-    tokens [R], sampling.Logprobs [R, ...] or None)."""
-    model = nnx.merge(graphdef, state)
+    tokens [R], sampling.Logprobs [R, ...] or None). adapters: (banks, row ids [R]) or None."""
+    model = _model(graphdef, state, adapters)
     x, pool = _chunk(model, pool, tokens, start, table)
     x_last = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]  # (R, D)
     out = sampling.sample(model.head(x_last), s.seed, count, s.temperature, s.top_p, s.top_k, allowed=allowed,
@@ -104,12 +122,12 @@ def prefill(graphdef, state, pool, tokens, start, table, last, count, s: Samplin
 
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
 @_counted
-def verify(graphdef, state, pool, tokens, start, table, count, s: Sampling):
+def verify(graphdef, state, pool, tokens, start, table, count, s: Sampling, *, adapters=None):
     """Speculative decoding's check: each row's last token and its proposed next ones, tokens
     [R, C], at positions start[r]... into the cache through table [R, W], and the token the model
     samples after each position, as the row's token number count[r] + i: the same draw a decode
     step would make there. Returns (pool, tokens [R, C])."""
-    model = nnx.merge(graphdef, state)
+    model = _model(graphdef, state, adapters)
     r, c = tokens.shape
     x, pool = _chunk(model, pool, tokens, start, table)
     logits = model.head(x).reshape(r * c, -1)
@@ -122,12 +140,12 @@ def verify(graphdef, state, pool, tokens, start, table, count, s: Sampling):
 @functools.partial(jax.jit, static_argnums=(0, 3), static_argnames=("logprobs",), donate_argnums=(2,))
 @_counted
 def decode(graphdef, state, pool, steps: int, r: Rows, table, grammar: GrammarCall | None = None, *,
-           logprobs: bool = False):
+           logprobs: bool = False, adapters=None):
     """Up to `steps` decode steps of every row (table [B, W] fixed over them: the engine gives each
     row the blocks for `steps` more tokens), stopping early once no live row is going; with
     `grammar`, each step's tokens within its rows' masks. Returns (pool, tokens [B, steps] with -1
     where a row produced nothing, sampling.Logprobs [B, steps, ...] or None)."""
-    model = nnx.merge(graphdef, state)
+    model = _model(graphdef, state, adapters)
     s = r.sampling
     b = r.token.shape[0]
 
@@ -173,6 +191,16 @@ class ModelRunner:
         self.graphdef, self.state, self.mesh = llama.graphdef, llama.state, llama.mesh
         self.num_blocks, self.block_size = num_blocks, block_size
         self.pool = self._zeros()
+        self.banks = None  # the LoRA banks as the model's layout reads them, on its device(s)
+        if llama.adapter_bank is not None:
+            banks = lora.view(llama.adapter_bank, llama.layout, llama.config)
+            where = (jax.devices()[0] if self.mesh is None
+                     else jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
+            self.banks = jax.device_put(banks, where)
+
+    def adapters(self, rows) -> dict:
+        """A program's adapter argument for row ids [R] (numpy int32), as keywords: none without banks."""
+        return {} if self.banks is None else {"adapters": (self.banks, rows)}
 
     def _zeros(self):
         with sharding.on_mesh(self.mesh):
@@ -186,23 +214,28 @@ class ModelRunner:
         """A fresh pool (after a failed call: a donated pool may be gone)."""
         self.pool = self._zeros()
 
-    def prefill(self, tokens, start, table, last, count, s: Sampling, allowed=None, *, logprobs: bool = False):
-        """(tokens [R], Logprobs of numpy arrays or None)."""
+    def prefill(self, tokens, start, table, last, count, s: Sampling, allowed=None, *, logprobs: bool = False,
+                rows=None):
+        """(tokens [R], Logprobs of numpy arrays or None). rows: each row's adapter id [R] (with banks)."""
         with sharding.on_mesh(self.mesh):
             args, kwargs = _options(allowed, logprobs)
+            kwargs.update(self.adapters(rows))
             self.pool, token, lp = prefill(self.graphdef, self.state, self.pool, tokens, start, table, last, count,
                                            s, *args, **kwargs)
         return np.asarray(token), _host(lp)
 
-    def verify(self, tokens, start, table, count, s: Sampling) -> np.ndarray:
+    def verify(self, tokens, start, table, count, s: Sampling, rows=None) -> np.ndarray:
         with sharding.on_mesh(self.mesh):
-            self.pool, out = verify(self.graphdef, self.state, self.pool, tokens, start, table, count, s)
+            self.pool, out = verify(self.graphdef, self.state, self.pool, tokens, start, table, count, s,
+                                    **self.adapters(rows))
         return np.asarray(out)
 
-    def decode(self, steps: int, rows: Rows, table, grammar: GrammarCall | None = None, *, logprobs: bool = False):
-        """(tokens [B, steps], Logprobs of numpy arrays or None)."""
+    def decode(self, steps: int, rows: Rows, table, grammar: GrammarCall | None = None, *, logprobs: bool = False,
+               adapter_rows=None):
+        """(tokens [B, steps], Logprobs of numpy arrays or None). adapter_rows: each row's adapter id [B]."""
         with sharding.on_mesh(self.mesh):
             args, kwargs = _options(grammar, logprobs)
+            kwargs.update(self.adapters(adapter_rows))
             self.pool, out, lp = decode(self.graphdef, self.state, self.pool, steps, rows, table, *args, **kwargs)
         return np.asarray(out), _host(lp)
 

@@ -43,6 +43,7 @@ class Sequence:
     cached_tokens: int = 0  # prompt tokens the prefix cache held when it was first admitted
     spec_misses: int = 0  # speculation: verifies in a row that kept none of its proposals
     spec_wait: int = 0  # speculation: decode calls to go before it proposes again
+    adapter: int = 0  # the LoRA adapter its products apply (llama_jax.lora.bank's index; 0: none)
     id: int = dataclasses.field(default_factory=itertools.count().__next__)  # arrival order
 
     def __post_init__(self):
@@ -51,6 +52,12 @@ class Sequence:
     @property
     def generated(self) -> list[int]:
         return self.tokens[len(self.prompt):]
+
+    @property
+    def root(self) -> int | None:
+        """The parent key of its first block: keys and values depend on the adapter, so the prefix
+        cache keys each adapter's blocks apart (the base's as they always were)."""
+        return None if self.adapter == 0 else hash(("lora", self.adapter))
 
 
 class Scheduler:
@@ -106,8 +113,8 @@ class Scheduler:
         while self.waiting and len(self.running) < self.max_batch:
             seq = self.waiting[0]
             # Full blocks before the last token: at least one token is computed, for its logits.
-            keys = block_keys(seq.tokens[:-1], pool.block_size)
-            hit, pending = pool.match(keys, seq.tokens)
+            keys = block_keys(seq.tokens[:-1], pool.block_size, parent=seq.root)
+            hit, pending = pool.match(keys, seq.tokens, parent=seq.root)
             if pending:
                 return
             need = self.blocks_for(len(seq.tokens)) - len(hit)
@@ -121,7 +128,7 @@ class Scheduler:
                 seq.cached_tokens = seq.computed
                 self.prefix_hit_tokens += seq.computed
             # Every full block of the known tokens is cached now, pending until computed.
-            seq.keys = block_keys(seq.tokens, pool.block_size)
+            seq.keys = block_keys(seq.tokens, pool.block_size, parent=seq.root)
             self._register(seq, len(hit), ready=False)
             self.running.append(seq)
         self.running.sort(key=lambda s: s.id)
@@ -129,7 +136,7 @@ class Scheduler:
     def _register(self, seq: Sequence, first: int, *, ready: bool) -> None:
         bs = self.pool.block_size
         for i in range(first, len(seq.keys)):
-            parent = seq.keys[i - 1] if i else None
+            parent = seq.keys[i - 1] if i else seq.root
             self.pool.register(seq.blocks[i], seq.keys[i], parent, seq.tokens[i * bs:(i + 1) * bs], ready=ready)
 
     def computed(self, seq: Sequence, n: int) -> None:
@@ -141,7 +148,7 @@ class Scheduler:
         full = seq.computed // bs
         known = len(seq.keys)
         if known < full:  # blocks filled by decoding: keyed from the last known one on
-            seq.keys += block_keys(seq.tokens[known * bs:full * bs], bs, parent=seq.keys[-1] if known else None)
+            seq.keys += block_keys(seq.tokens[known * bs:full * bs], bs, parent=seq.keys[-1] if known else seq.root)
             self._register(seq, known, ready=True)
         for i in range(before, full):
             self.pool.mark_ready(seq.blocks[i])

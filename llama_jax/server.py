@@ -237,8 +237,9 @@ _ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404:
 
 
 def _error(status: int, message: str, param: str | None = None, headers: dict | None = None,
-           code: str | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": _ERROR_TYPES.get(status, "error"), "param": param, "code": code}}
+           code: str | None = None, kind: str | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": kind or _ERROR_TYPES.get(status, "error"), "param": param,
+                      "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
 
 
@@ -278,10 +279,15 @@ def create_app(llama, *, engine: EngineThread | None = None, model_name: str = "
     decode_steps, prefix_caching); max_queue: requests waiting beyond the running ones before 429.
     Without `engine` the app makes one, starts it now and stops it when the app shuts down; with
     one, the caller starts and stops it. api_key: when given, every /v1 and /metrics request must
-    carry `Authorization: Bearer <api_key>` (else 401); /health stays open. model_name: the id /v1/models lists and
-    responses carry (requests may name any model: there is one)."""
+    carry `Authorization: Bearer <api_key>` (else 401); /health stays open. model_name: the base model's id,
+    which /v1/models lists and responses carry. With LoRA adapters (`load(adapters=...)`), /v1/models lists
+    each too, a request whose `model` is an adapter's name runs with it (in the same batches as the
+    others), and any other name but the base's is a 404; without adapters a request may name any model."""
     if api_key is not None and not api_key:
         raise ValueError("api_key: must not be empty")
+    adapters = tuple(llama.adapter_names)
+    if model_name in adapters:
+        raise ValueError(f"model_name: {model_name!r} is also an adapter's name")
     own = engine is None
     if not own and options:
         raise TypeError(f"create_app: {sorted(options)} are options of a new engine, not of the one given")
@@ -303,11 +309,11 @@ def create_app(llama, *, engine: EngineThread | None = None, model_name: str = "
     vocab = functools.cache(lambda: None if llama.tokenizer is None else llama.tokenizer.token_bytes())
 
     def failed(http: HTTPRequest, status: int, message: str, param: str | None = None, *,
-               retry: bool = False, code: str | None = None) -> JSONResponse:
+               retry: bool = False, code: str | None = None, kind: str | None = None) -> JSONResponse:
         """An error response (the log line of a request that did not run); `retry` adds Retry-After."""
         http_errors[status] = http_errors.get(status, 0) + 1
         log.info("%s %d %s", http.url.path, status, message)
-        return _error(status, message, param, {"Retry-After": str(RETRY_AFTER_S)} if retry else None, code)
+        return _error(status, message, param, {"Retry-After": str(RETRY_AFTER_S)} if retry else None, code, kind)
 
     if api_key is not None:
         expected = f"Bearer {api_key}".encode()
@@ -347,8 +353,9 @@ def create_app(llama, *, engine: EngineThread | None = None, model_name: str = "
 
     @app.get("/v1/models")
     def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                            "owned_by": "llama-jax", "max_model_len": sched.max_seq_len}]}
+        card = {"object": "model", "created": created, "owned_by": "llama-jax", "max_model_len": sched.max_seq_len}
+        return {"object": "list", "data": [{"id": model_name, **card, "root": model_name, "parent": None}]
+                + [{"id": name, **card, "root": name, "parent": model_name} for name in adapters]}
 
     @app.get("/metrics")
     def metrics():
@@ -382,6 +389,13 @@ def create_app(llama, *, engine: EngineThread | None = None, model_name: str = "
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         stop_ids = [s for s in stop if isinstance(s, int)] + list(body.stop_token_ids or [])
         tools = None
+        name, adapter = model_name, None
+        if body.model in adapters:
+            name, adapter = body.model, body.model
+        elif adapters and body.model is not None and body.model != model_name:
+            return failed(http, 404, f"The model `{body.model}` does not exist (served: "
+                          f"{', '.join((model_name, *adapters))})", "model", code="model_not_found",
+                          kind="invalid_request_error")
         try:
             body.check_supported()
             schema, or_text, schema_field, tools = structure(body, chat)
@@ -397,7 +411,7 @@ def create_app(llama, *, engine: EngineThread | None = None, model_name: str = "
                           seed=secrets.randbits(32) if body.seed is None else body.seed,
                           stop_token_ids=stop_ids, stop=[s for s in stop if isinstance(s, str)],
                           ignore_eos=body.ignore_eos, json_schema=schema, json_or_text=or_text,
-                          logprobs=body.top_logprobs_asked())
+                          logprobs=body.top_logprobs_asked(), **({} if adapter is None else {"adapter": adapter}))
             # A new schema compiles its grammar here: off the event loop.
             request = await asyncio.to_thread(sched.make_request, prompt, **kwargs)
         except _BadRequest as e:
@@ -413,7 +427,7 @@ def create_app(llama, *, engine: EngineThread | None = None, model_name: str = "
             return failed(http, 429, f"server busy: {e}; retry later", retry=True)
         except NotRunning as e:
             return failed(http, 503, str(e), retry=True)
-        fmt = _Format(chat, model_name, request, body, tools, vocab)
+        fmt = _Format(chat, name, request, body, tools, vocab)
         path = http.url.path
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
