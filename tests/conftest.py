@@ -63,3 +63,23 @@ def default_model_env() -> dict:
     with mock.patch.dict(os.environ, LLAMA_JAX_CACHE=env["LLAMA_JAX_CACHE"]):  # only that: jax may start here
         default_model_path(progress=False)
     return env
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """The training tests' tiny models (test_train, test_lora), one set per module: name ->
+    (transformers model, its directory, our Llama), untied with GQA and RoPE scaling, and tied."""
+    import llama_jax
+    from tiny_models import make_hf_model
+
+    tmp = tmp_path_factory.mktemp("train_models")
+    out = {}
+    for name in ("g3_scaled_headdim", "g1_tied"):
+        hf, path = make_hf_model(tmp, name)
+        out[name] = (hf, path, llama_jax.load(path, dtype="float32"))
+    return out
+
+
+@pytest.fixture
+def untied(models):
+    return models["g3_scaled_headdim"]

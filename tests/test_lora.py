@@ -21,11 +21,9 @@ import torch
 import llama_jax
 from llama_jax import lora
 from llama_jax.train import Trainer, TrainConfig
+from test_train import B, BASE, T, _assert_close, tiny_model_with_smollm2_tokenizer, torch_warmup_cosine
 from tiny_models import make_hf_model
 
-B, T = 4, 24
-BASE = TrainConfig(seq_len=T, batch_size=B, peak_lr=1e-2, warmup_steps=2, total_steps=6, min_lr_ratio=0.1,
-                   weight_decay=0.1, grad_clip=1.0)
 RANK, ALPHA = 4, 12.0
 PEFT_MODULES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
                 "down": "down_proj"}
@@ -33,22 +31,6 @@ PEFT_MODULES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gat
 
 def _config(**kw) -> TrainConfig:
     return TrainConfig(**{**BASE.to_dict(), "lora_rank": RANK, "lora_alpha": ALPHA, **kw})
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """name -> (transformers model, its directory, our Llama): untied with GQA and RoPE scaling, tied."""
-    tmp = tmp_path_factory.mktemp("lora_models")
-    out = {}
-    for name in ("g3_scaled_headdim", "g1_tied"):
-        hf, path = make_hf_model(tmp, name)
-        out[name] = (hf, path, llama_jax.load(path, dtype="float32"))
-    return out
-
-
-@pytest.fixture
-def untied(models):
-    return models["g3_scaled_headdim"]
 
 
 def _batch(seed, b=B):
@@ -79,15 +61,6 @@ def _peft_tensors(pm, grad: bool) -> dict:
     """PEFT's adapter parameters (or their gradients) by the names its save_pretrained writes."""
     return {n.replace(".default", ""): (p.grad if grad else p).detach().numpy().copy()
             for n, p in pm.named_parameters() if p.requires_grad}
-
-
-def _assert_close(ours: dict, theirs: dict, rtol, what):
-    """Tensor by tensor: max |ours - theirs| <= rtol * max |theirs|; prints the worst."""
-    assert set(ours) == set(theirs), f"{what}: names differ: {sorted(set(ours) ^ set(theirs))[:4]}"
-    errs = {n: np.abs(ours[n] - theirs[n]).max() / max(np.abs(theirs[n]).max(), 1e-30) for n in theirs}
-    worst = max(errs, key=errs.get)
-    mean = float(np.mean(list(errs.values())))
-    assert errs[worst] <= rtol, f"{what}: {worst} off by {errs[worst]:.2e} of its scale (mean {mean:.2e})"
 
 
 # --- Initialisation and the frozen base ---------------------------------------------------------------
@@ -193,13 +166,7 @@ def test_five_adamw_steps_equal_peft_and_torch(untied):
     trained = [p for p in pm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trained, lr=c.peak_lr, betas=(c.b1, c.b2), eps=c.eps, weight_decay=c.weight_decay)
 
-    def lam(s):
-        if s < c.warmup_steps:
-            return s / c.warmup_steps
-        progress = min(1.0, (s - c.warmup_steps) / max(1, c.total_steps - c.warmup_steps))
-        return c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lam)
+    sched = torch_warmup_cosine(opt, c)
     for i, batch in enumerate(batches):
         ids = torch.tensor(batch["tokens"])
         loss = pm(input_ids=ids, labels=ids).loss
@@ -503,23 +470,7 @@ def in_process(monkeypatch, tmp_path):
 
 @pytest.fixture(scope="module")
 def tok_model(tmp_path_factory):
-    """A tiny random model with SmolLM2's tokenizer (the command line tokenizes text)."""
-    from transformers import LlamaConfig as HFConfig
-    from transformers import LlamaForCausalLM
-
-    from conftest import default_model_env
-    from llama_jax.default_model import MODEL_DIR
-    from llama_jax.export import copy_tokenizer_files
-
-    tmp = tmp_path_factory.mktemp("lora_cli")
-    smollm2 = os.path.join(default_model_env()["LLAMA_JAX_CACHE"], MODEL_DIR)
-    torch.manual_seed(0)
-    hf = LlamaForCausalLM(HFConfig(vocab_size=49152, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, intermediate_size=56, max_position_embeddings=256,
-                                   tie_word_embeddings=True, bos_token_id=1, eos_token_id=2))
-    hf.save_pretrained(tmp / "tiny")
-    assert copy_tokenizer_files(smollm2, tmp / "tiny")
-    return tmp / "tiny"
+    return tiny_model_with_smollm2_tokenizer(tmp_path_factory.mktemp("lora_cli"))
 
 
 def _train_args(model, out, *extra, lora=("--lora-rank", "4", "--lora-targets", "q,v,down")):

@@ -32,22 +32,6 @@ BASE = TrainConfig(seq_len=T, batch_size=B, peak_lr=1e-2, warmup_steps=2, total_
                    weight_decay=0.1, grad_clip=1.0)
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """name -> (transformers model, its directory, our Llama), tied and untied."""
-    tmp = tmp_path_factory.mktemp("train_models")
-    out = {}
-    for name in ("g3_scaled_headdim", "g1_tied"):
-        hf, path = make_hf_model(tmp, name)
-        out[name] = (hf, path, llama_jax.load(path, dtype="float32"))
-    return out
-
-
-@pytest.fixture
-def untied(models):
-    return models["g3_scaled_headdim"]
-
-
 def _batch(seed, vocab=211, b=B):
     return {"tokens": np.random.default_rng(seed).integers(0, vocab, (b, T))}
 
@@ -68,6 +52,17 @@ def _assert_close(ours: dict, theirs: dict, rtol, what):
     worst = max(errs, key=errs.get)
     mean = float(np.mean(list(errs.values())))
     assert errs[worst] <= rtol, f"{what}: {worst} off by {errs[worst]:.2e} of its scale (mean {mean:.2e})"
+
+
+def torch_warmup_cosine(opt, c: TrainConfig):
+    """The reference schedule: torch's LambdaLR with TrainConfig c's linear warmup and cosine decay."""
+    def lam(s):
+        if s < c.warmup_steps:
+            return s / c.warmup_steps
+        progress = min(1.0, (s - c.warmup_steps) / max(1, c.total_steps - c.warmup_steps))
+        return c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, lam)
 
 
 def _torch_grads(hf):
@@ -157,13 +152,7 @@ def _torch_train(hf, batches, c: TrainConfig):
                              {"params": [p for n, p in named if "norm" in n], "weight_decay": 0.0}],
                             lr=c.peak_lr, betas=(c.b1, c.b2), eps=c.eps)
 
-    def lam(s):
-        if s < c.warmup_steps:
-            return s / c.warmup_steps
-        progress = min(1.0, (s - c.warmup_steps) / max(1, c.total_steps - c.warmup_steps))
-        return c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lam)
+    sched = torch_warmup_cosine(opt, c)
     out = []
     for batch in batches:
         ids = torch.tensor(batch["tokens"])
@@ -314,17 +303,14 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint_usable(untied, tmp_
 # --- The command line -------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tok_model(tmp_path_factory):
-    """A tiny random model with SmolLM2's tokenizer (the command line tokenizes text), and the cache
-    directory its runs use."""
+def tiny_model_with_smollm2_tokenizer(tmp: pathlib.Path) -> pathlib.Path:
+    """A tiny random model with SmolLM2's tokenizer (the command line tokenizes text), at tmp/tiny."""
     from transformers import LlamaConfig as HFConfig
     from transformers import LlamaForCausalLM
 
     from llama_jax.default_model import MODEL_DIR
     from llama_jax.export import copy_tokenizer_files
 
-    tmp = tmp_path_factory.mktemp("train_cli")
     smollm2 = pathlib.Path(default_model_env()["LLAMA_JAX_CACHE"]) / MODEL_DIR
     torch.manual_seed(0)
     hf = LlamaForCausalLM(HFConfig(vocab_size=49152, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -332,7 +318,14 @@ def tok_model(tmp_path_factory):
                                    tie_word_embeddings=True, bos_token_id=1, eos_token_id=2))
     hf.save_pretrained(tmp / "tiny")
     assert copy_tokenizer_files(smollm2, tmp / "tiny")
-    return tmp / "tiny", tmp / "cache"
+    return tmp / "tiny"
+
+
+@pytest.fixture(scope="module")
+def tok_model(tmp_path_factory):
+    """tiny_model_with_smollm2_tokenizer, and the cache directory its runs use."""
+    tmp = tmp_path_factory.mktemp("train_cli")
+    return tiny_model_with_smollm2_tokenizer(tmp), tmp / "cache"
 
 
 def _train_args(model, out, *extra):
