@@ -16,7 +16,7 @@ from llama_jax import model as model_lib
 from llama_jax.checkpoint import read_hf_params
 from llama_jax.config import LlamaConfig, RuntimeConfig, default_dtype
 from llama_jax.model import Layout, Transformer
-from llama_jax.speculative import SpeculativeConfig
+from llama_jax.speculative import SpeculativeConfig, with_draft
 
 # How inference reads the weights: per-layer arrays (a decode step on a CPU runs about 1.5x faster
 # than scanning the stacked ones) stored [out, in] (XLA's GPU matrix-vector product then reads each
@@ -48,7 +48,8 @@ class Llama:
         self.tokenizer = tokenizer
         self.mesh = mesh
         self.chat_format = chat_format
-        self.speculative: SpeculativeConfig | None = SpeculativeConfig.of(speculative)
+        # A draft model named by its directory loads now, as this model runs.
+        self.speculative: SpeculativeConfig | None = with_draft(SpeculativeConfig.of(speculative), self)
         self.graphdef, self.state = nnx.split(model)
         # LoRA adapters served beside the base (`load(adapters=...)`): their names, adapter n + 1 being
         # adapter_names[n], and their banks (llama_jax.lora.bank, stored layout, host arrays). Only the
@@ -193,7 +194,9 @@ def load(path: str | os.PathLike, *, dtype=None, mesh=None, attention_impl: str 
     unstack_layers: run per-layer arrays (INFERENCE_LAYOUT, the default) or scan the stacked ones.
     speculative: speculative decoding for generate, stream, chat and the server, with vLLM's names:
     {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 1}
-    (llama_jax.speculative; the same tokens as without it, fewer forwards where guesses hold).
+    or {"method": "draft", "model": DIR, "num_speculative_tokens": 4} (a smaller model with this
+    one's tokenizer, loaded with this dtype, mesh and CPU kernels); llama_jax.speculative. The same
+    tokens as without it, fewer forwards where guesses hold.
     quantize: "int8", "int4" or "fp8" weight-only (llama_jax.quant, round to nearest at load: every
     linear weight, and the embedding and head at 8 bits); weights a checkpoint stores quantized
     (a GGUF's Q4/Q8 blocks, `convert --quantize`) load as they are either way.

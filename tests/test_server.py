@@ -133,6 +133,37 @@ def test_concurrent_requests_each_get_what_they_get_alone(tiny, tiny_served):
                          "total_tokens": len(p) + len(want.token_ids)}
 
 
+def test_speculating_server_answers_as_without_under_load(tiny):
+    """`serve --speculative ngram`: 8 concurrent greedy requests, 4 decoding at a time, prompts that
+    repeat (proposals kept) and random ones (missed): each gets Llama.generate's tokens without
+    speculation, and /metrics counts the proposals."""
+    engine = Engine(tiny, max_batch=4, max_seq_len=TINY_SEQ, decode_steps=2,
+                    speculative={"method": "ngram", "num_speculative_tokens": 3})
+    sched = EngineThread(engine).start()
+    served = Served(create_app(tiny, engine=sched, model_name="tiny"))
+    try:
+        prompts = [p * 3 for p in _prompts([5, 9, 3, 7], seed=3)] + _prompts([12, 30, 4, 20], seed=4)
+        max_tokens = [20, 12, 24, 16, 10, 18, 22, 8]
+        alone = [tiny.generate([p], max_new_tokens=m)[0] for p, m in zip(prompts, max_tokens)]
+
+        async def together():
+            async with httpx.AsyncClient(base_url=served.url, timeout=120) as c:
+                rs = await asyncio.gather(*(c.post("/v1/completions", json=_completion(p, m))
+                                            for p, m in zip(prompts, max_tokens)))
+                return [r.json() for r in rs], (await c.get("/metrics")).text
+
+        got, metrics = asyncio.run(together())
+        for body, want in zip(got, alone):
+            assert body["choices"][0]["token_ids"] == want.token_ids
+        counts = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
+                  if line.startswith("llama_jax_spec_")}
+        assert counts["llama_jax_spec_accepted_tokens_total"] > 0
+        assert counts["llama_jax_spec_proposed_tokens_total"] >= counts["llama_jax_spec_accepted_tokens_total"]
+    finally:
+        served.close()
+        sched.stop()
+
+
 def test_streamed_token_ids_and_sampling_are_batch_independent(tiny, tiny_served):
     served, _ = tiny_served
     [p] = _prompts([20], seed=1)
