@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo finetune gpu-check clean
+.PHONY: install test test-slow demo finetune gpu-check clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -21,8 +21,14 @@ $(STAMP): $(PY) pyproject.toml
 
 install: $(STAMP)
 
+# The suite in two parts: `make test` (everything but the tests marked slow: under 15 minutes on
+# 2 cores) and `make test-slow` (SmolLM2 against transformers, subprocesses and several processes,
+# the Mosaic GPU interpreter, the examples). CI (.ci/run) runs both.
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
 
 # The default model (SmolLM2-135M-Instruct) is converted on first use into ~/.cache/llama-jax
 # ($$LLAMA_JAX_CACHE overrides it); later runs reuse it and JAX's compiled programs.

@@ -10,6 +10,8 @@ import pytest
 from conftest import default_model_env
 from tiny_models import make_hf_model
 
+pytestmark = pytest.mark.slow  # every example as a subprocess, on the default model
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -44,14 +46,12 @@ def test_every_example_is_tested(runs):
     assert {p.name for p in (ROOT / "examples").glob("*.py")} <= set(runs)
 
 
-@pytest.mark.slow
 def test_generate(runs):
     first, *sampled = runs["generate.py"].stdout.strip().splitlines()
     assert first.startswith("The capital of France is Paris"), first
     assert sum("finish_reason=" in line for line in sampled) == 2
 
 
-@pytest.mark.slow
 def test_chat(runs):
     out = runs["chat.py"].stdout
     replies = [line for line in out.splitlines() if line.startswith("assistant: ")]
@@ -63,14 +63,12 @@ def test_convert_weights(runs):
     assert "loaded" in runs["convert_weights.py"].stdout
 
 
-@pytest.mark.slow
 def test_sharded_inference(runs):
     out = runs["sharded_inference.py"].stdout
     assert "8 devices; mesh {'data': 2, 'model': 3}" in out
     assert "The capital of France is' Paris" in out, out
 
 
-@pytest.mark.slow
 def test_finetune(runs):
     out = runs["finetune.py"].stdout
     assert out.count("(down from") == 2, out  # full fine-tuning and LoRA

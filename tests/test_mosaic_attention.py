@@ -19,6 +19,8 @@ import pytest
 
 from numerics import BF16_EPS, assert_close, attention_inputs, tolerances
 
+pytestmark = pytest.mark.slow  # about 100 s of the Mosaic GPU interpreter in a subprocess
+
 # (B, T, S, H, K, E, options, block table entry): small grids, since the interpreter costs about a
 # second per CTA. Every entry of the BlockSizes table (head dim 64 and 128), causal and not, GQA,
 # odd lengths, per-sequence offsets and kv lengths, segment ids, queries that see no key.

@@ -352,6 +352,7 @@ def _safetensors(path):
     return load_file(str(path / "hf" / "model.safetensors"))
 
 
+@pytest.mark.slow
 def test_cli_train_resumed_in_a_new_process_equals_a_straight_run(tok_model, in_process, tmp_path, capsys):
     model, cache = tok_model
     straight, parts = tmp_path / "straight", tmp_path / "parts"
