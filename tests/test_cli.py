@@ -15,6 +15,11 @@ from tiny_models import make_hf_model
 FRANCE = "What is the capital of France? Answer in one sentence."
 
 
+# The cases that generate with the default model (slow tests): the others run apart, so that
+# `make test` starts none of these.
+DEFAULT_MODEL_CASES = ("generate_json", "chat", "chat_json_reset")
+
+
 def _cases(tmp: pathlib.Path) -> dict:
     """name -> (argv after `llama-jax`, stdin text, extra environment)."""
     _, tiny = make_hf_model(tmp, "g3_scaled_headdim")  # no tokenizer: bench needs none
@@ -46,13 +51,12 @@ def _cases(tmp: pathlib.Path) -> dict:
     }
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """name -> CompletedProcess-like (returncode, stdout, stderr), all run at once: each is mostly
-    interpreter start, JAX start and compilation."""
+def _run_all(cases: dict) -> dict:
+    """name -> CompletedProcess-like (returncode, stdout, stderr) of each case, all run at once: each
+    is mostly interpreter start, JAX start and compilation."""
     env = default_model_env()
     procs = {}
-    for name, (argv, stdin, extra) in _cases(tmp_path_factory.mktemp("cli")).items():
+    for name, (argv, stdin, extra) in cases.items():
         p = subprocess.Popen([sys.executable, "-m", "llama_jax.cli", *argv], env={**env, **extra}, text=True,
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         procs[name] = (p, stdin)
@@ -63,14 +67,29 @@ def runs(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory):
+    return _cases(tmp_path_factory.mktemp("cli"))
+
+
+@pytest.fixture(scope="module")
+def model_runs(cases):
+    return _run_all({name: cases[name] for name in DEFAULT_MODEL_CASES})
+
+
+@pytest.fixture(scope="module")
+def runs(cases):
+    return _run_all({name: case for name, case in cases.items() if name not in DEFAULT_MODEL_CASES})
+
+
 def _ok(r):
     assert r.returncode == 0, r.stderr
     assert "Traceback" not in r.stderr, r.stderr
 
 
 @pytest.mark.slow
-def test_generate_json_greedy_paris(runs):
-    r = runs["generate_json"]
+def test_generate_json_greedy_paris(model_runs):
+    r = model_runs["generate_json"]
     _ok(r)
     [rec] = [json.loads(line) for line in r.stdout.splitlines()]
     assert rec["prompt"] == "The capital of France is"
@@ -83,8 +102,8 @@ def test_generate_json_greedy_paris(runs):
 
 
 @pytest.mark.slow
-def test_chat_through_a_pipe_two_turns_then_exit(runs):
-    r = runs["chat"]
+def test_chat_through_a_pipe_two_turns_then_exit(model_runs):
+    r = model_runs["chat"]
     _ok(r)
     # stdout holds only the replies; the user's lines are echoed to stderr.
     lines = [line for line in r.stdout.splitlines() if line.strip()]
@@ -95,8 +114,8 @@ def test_chat_through_a_pipe_two_turns_then_exit(runs):
 
 
 @pytest.mark.slow
-def test_chat_json_reset_clears_history(runs):
-    r = runs["chat_json_reset"]
+def test_chat_json_reset_clears_history(model_runs):
+    r = model_runs["chat_json_reset"]
     _ok(r)
     turns = [json.loads(line) for line in r.stdout.splitlines()]
     assert [t["user"] for t in turns] == [FRANCE, "And of Germany?", FRANCE]
