@@ -1,6 +1,6 @@
 """Compile every Pallas kernel and the whole Llama programs for an H100, on a CPU-only host.
 
-    python benchmarks/gpu_compile.py [--quick] [--out docs/GPU_COMPILE.md] [--no-fail]
+    python benchmarks/gpu_compile.py [--quick] [--out docs/GPU_COMPILE.md] [--no-fail] [--jobs N]
 
 Needs the `gpu-check` extra (jax-cuda12-plugin/pjrt matching jaxlib, and nvidia-cuda-nvcc-cu12 for
 ptxas); `make gpu-check` installs it into its own venv. With an H100 target description
@@ -10,7 +10,8 @@ pipeline here: Pallas -> Triton -> PTX -> cubin through the real ptxas (FACTS.md
 Per kernel: registers, spills and stack (`ptxas -v` on each dumped PTX), grid, warps and shared
 memory per launch (the thunk sequence XLA dumps). Per program: compile time, kernels launched per
 decode step, collectives in the decode loop, FLOPs and bytes of one decode step from XLA's HLO cost
-analysis, the H100 roofline, and bytes against the minimum (weights + KV cache). Failures (one line
+analysis, the H100 roofline, and bytes against the minimum (weights + KV cache); the bytes of a
+speculative decoding verify call against one decode step (issue 26). Failures (one line
 each) make the exit status 1; with --expected FILE, failures listed there do not, but a listed one
 that no longer happens does, so the list only shrinks (`make gpu-check` passes
 benchmarks/gpu/expected_failures.txt).
@@ -24,9 +25,11 @@ os.environ["JAX_PLATFORMS"] = "cpu"  # the CUDA plugin would otherwise look for 
 
 import argparse
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import datetime
+import functools
 import glob
 import importlib.metadata
 import re
@@ -34,6 +37,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -57,6 +61,7 @@ from llama_jax import model as model_lib  # noqa: E402
 from llama_jax.api import INFERENCE_LAYOUT  # noqa: E402
 from llama_jax.model import KVCache  # noqa: E402
 from llama_jax.sharding import PAGE_AXES  # noqa: E402
+from llama_jax.speculative import SpeculativeConfig  # noqa: E402
 from hlo_shapes import shape_bytes  # noqa: E402
 
 TARGET = ROOT / "benchmarks" / "gpu" / "h100_sxm.txtpb"
@@ -66,7 +71,14 @@ MOSAIC_KERNELS = "mosaic_flash_attention_"  # Mosaic GPU kernels compile outside
 H100_SMEM = 227 * 1024  # opt-in shared memory per block
 H100_FLOPS, H100_BYTES_PER_S = 989e12, 3.35e12  # dense bf16, HBM3
 BYTES_SLACK = 1.05  # a decode step may read 5% more than weights + KV cache
+# Speculative decoding (issue 26): a verify call of K proposals may read 10% more than one decode
+# step, so that each kept proposal is a token almost free of weight reads.
+SPEC_K = SpeculativeConfig.num_speculative_tokens  # the engine's default K
+VERIFY_SLACK = 1.1
 Failure = collections.namedtuple("Failure", "key detail")
+# Mosaic GPU reads where to dump its kernels from the environment as it compiles them: one compile
+# that may hold Mosaic kernels at a time, so that a case's dump holds its own kernels only.
+MOSAIC_COMPILES = threading.Lock()
 
 
 # --- The target ------------------------------------------------------------------------------------
@@ -277,6 +289,7 @@ class Hlo:
                 if line == "}":
                     current = None
         self.by_name = {i.name: i for instrs in self.instrs.values() for i in instrs}
+        self._flat_costs = {}  # flat_cost of each computation analysed (cost() asks for a loop's twice)
 
     def callees(self, comp: str) -> set[str]:
         """Every computation comp calls, transitively (fusions, reducers, loop bodies, both branches
@@ -295,6 +308,8 @@ class Hlo:
     def flat_cost(self, comp: str) -> dict:
         """XLA's HloCostAnalysis of `comp` cut out as a module of its own. Like the analysis of a
         whole module, it counts each while loop's body and condition once."""
+        if comp in self._flat_costs:
+            return self._flat_costs[comp]
         keep = self.callees(comp)
         parts = ["\n".join(self.comps[c]) for c in self.comps if c in keep]
         text = "HloModule cut\n\n" + "\n\n".join(parts + ["ENTRY " + "\n".join(self.comps[comp])]) + "\n"
@@ -304,7 +319,8 @@ class Hlo:
         # Pallas call reads (a decode step's KV cache is the decode kernel's operand).
         extra = sum(self.operand_bytes(c, i) for c in [comp, *keep] for i in self.instrs[c]
                     if i.opcode == "custom-call")
-        return {"flops": cost.get("flops", 0.0), "bytes": cost.get("bytes accessed", 0.0) + extra}
+        self._flat_costs[comp] = {"flops": cost.get("flops", 0.0), "bytes": cost.get("bytes accessed", 0.0) + extra}
+        return self._flat_costs[comp]
 
     def operand_bytes(self, comp: str, instr: Instr) -> int:
         """Bytes of the operands of `instr`, an instruction of computation `comp`."""
@@ -345,6 +361,7 @@ class KernelCase:
     label: str  # e.g. "bwd E128 G4 causal T8192 B2"
     fn: object
     args: list  # ShapeDtypeStructs without sharding
+    mosaic: bool = False  # Mosaic GPU kernels (read from their own dumps)
 
 
 def _sds(*shape, dtype=jnp.bfloat16):
@@ -373,7 +390,7 @@ def mosaic_case(e, causal, t, b=2, grad=False) -> KernelCase:
     f = lambda q, k, v: flash_attention_mosaic(q, k, v, causal=causal)  # noqa: E731
     label = f"mosaic {'bwd' if grad else 'fwd'} E{e} G4 {'causal' if causal else 'full'} T{t} B{b}"
     q, kv = _sds(b, t, 32, e), _sds(b, t, 8, e)  # (B, T, H, E), (B, S, K, E)
-    return KernelCase(label, _grad(f, 3) if grad else f, [q, kv, kv])
+    return KernelCase(label, _grad(f, 3) if grad else f, [q, kv, kv], mosaic=True)
 
 
 def decode_case(e, g, s, b) -> KernelCase:
@@ -416,19 +433,23 @@ QUANT_SHAPES_8B = ((4096, 4096), (14336, 4096), (4096, 14336), (128256, 4096))
 
 
 def kernel_cases(quick=False) -> list[KernelCase]:
-    """Head dims 64 and 128, GQA groups 1/4/8, causal and not, 1K-128K; decode 1K-128K at batch 1
-    and 8; paged decode (pages of 16) at 8K and 128K, batch 8; RMSNorm at [8192, 4096] and [8192, 576]
-    (SmolLM2's width), with and without residual; the quantized matmul at Llama 3.1 8B's shapes."""
+    """Every kernel at head dims 64 and 128, GQA groups 1/4/8, causal and not, its shortest and longest
+    lengths (flash 1K-128K, its backward 1K-32K, decode 1K-128K at batch 1 and 8, paged decode (pages
+    of 16) 8K-128K at batch 8); RMSNorm at [8192, 4096] and [8192, 576] (SmolLM2's width), with and
+    without residual; the quantized matmul at Llama 3.1 8B's shapes. Each value appears, not each
+    combination: a kernel's code differs by head dim, causal and its tile class (BlockSizes.get_default),
+    while the group and the length change only index maps and grids."""
     if quick:
         return [flash_case(128, 4, True, 1024), flash_case(128, 8, True, 1024, grad=True),
                 decode_case(128, 4, 8192, 8), rms_case(8192, 4096, True),
                 mosaic_case(128, True, 1024, grad=True), quant_case("int4", 1, 4096, 14336, 32)]
-    cases = [flash_case(e, g, c, 8192) for e in (64, 128) for c in (True, False) for g in (1, 4, 8)]
-    cases += [flash_case(e, 4, True, t, b=2 if t <= 8192 else 1) for e in (64, 128) for t in (1024, 32768, 131072)]
-    cases += [flash_case(e, g, c, 1024, grad=True) for e in (64, 128) for c in (True, False) for g in (1, 8)]
-    cases += [flash_case(e, 4, True, t, b=2 if t <= 8192 else 1, grad=True) for e in (64, 128) for t in (8192, 32768)]
-    cases += [decode_case(128, 4, s, b) for s in (1024, 8192, 32768, 131072) for b in (1, 8)]
-    cases += [decode_case(64, 4, s, b) for s in (8192, 131072) for b in (1, 8)]
+    # Flash attention: each tile class (head dim; causal up to 2K keys, causal beyond, full) and group.
+    cases = [flash_case(e, g, c, 8192) for e in (64, 128) for g, c in ((1, True), (8, False))]
+    cases += [flash_case(e, 4, True, t, b=2 if t <= 8192 else 1) for e in (64, 128) for t in (1024, 131072)]
+    cases += [flash_case(e, g, c, 1024, grad=True) for e in (64, 128) for g, c in ((1, True), (8, False))]
+    cases += [flash_case(e, 4, True, 32768, b=1, grad=True) for e in (64, 128)]
+    cases += [decode_case(128, 4, s, b) for s in (1024, 131072) for b in (1, 8)]
+    cases += [decode_case(64, 4, s, b) for s, b in ((8192, 1), (131072, 8))]
     cases += [decode_case(128, g, 8192, 8) for g in (1, 8)]
     cases += [paged_case(e, 4, s, 8) for e in (64, 128) for s in (8192, 131072)]
     cases += [rms_case(8192, d, r) for d in (4096, 576) for r in (False, True)]
@@ -440,10 +461,11 @@ def kernel_cases(quick=False) -> list[KernelCase]:
               quant_case("fp8", 1, 4096, 14336), quant_case("int4", 16, 4096, 14336, 32)]
     cases += [quant_case(fmt, 2048, 14336, 4096, g) for fmt, g in (("int8", None), ("int4", 32), ("fp8", None))]
     # Mosaic GPU (Hopper): every BlockSizes entry (head dim 64, 128), causal and not, 2K-8K; the
-    # backward at 1K and 8K.
-    cases += [mosaic_case(e, c, t) for e in (64, 128) for c in (True, False) for t in (2048, 8192)]
-    cases += [mosaic_case(e, c, 1024, grad=True) for e in (64, 128) for c in (True, False)]
-    cases += [mosaic_case(e, True, 8192, grad=True) for e in (64, 128)]
+    # backward (the longest compiles here) at 1K and 8K. tests/test_gpu_compile.py compiles the
+    # backward at head dim 64, causal, 1K.
+    cases += [mosaic_case(e, c, t) for e, c, t in ((64, True, 2048), (64, False, 8192), (128, True, 8192),
+                                                    (128, False, 2048))]
+    cases += [mosaic_case(64, False, 1024, grad=True), mosaic_case(128, True, 8192, grad=True)]
     return cases
 
 
@@ -452,7 +474,7 @@ def check_kernel(case: KernelCase, device, dump_root) -> tuple[list[dict], list[
     dump = Path(dump_root) / re.sub(r"\W+", "_", case.label)
     args = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=SingleDeviceSharding(device)) for a in case.args]
     try:
-        with mosaic_dumps(dump / "mosaic"):
+        with mosaic_dumps(dump / "mosaic") if case.mosaic else contextlib.nullcontext():
             _, secs = compile_for(case.fn, args, dump)
     except Exception as e:  # noqa: BLE001 -- any compile error is a finding
         return [], [Failure(f"compile: {case.label}", _error_line(e))]
@@ -475,14 +497,15 @@ def mosaic_dumps(dump_dir):
     """Mosaic GPU compiles its kernels itself (XLA's dump has no PTX of them): these variables make it
     write each kernel's PTX, ptxas report and MLIR passes into dump_dir while set."""
     env = dict(MOSAIC_GPU_DUMP_TO=str(dump_dir), MOSAIC_GPU_DUMP_PTX="1", MOSAIC_GPU_DUMP_PTXAS="1")
-    saved = {k: os.environ.get(k) for k in env}
     Path(dump_dir).mkdir(parents=True, exist_ok=True)
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    with MOSAIC_COMPILES:
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            yield
+        finally:
+            for k, v in saved.items():
+                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
 
 def mosaic_stats(dump_dir) -> dict:
@@ -548,7 +571,7 @@ def _base(name: str) -> str:
 
 def programs(config, where, *, batch=1, context=4096, prompt=2048, layout="layers", attention="pallas",
              block_size=engine.DEFAULT_BLOCK_SIZE, quantize=None):
-    """The engine's jitted prefill and decode (llama_jax.runner, what `Llama.generate`, `stream`,
+    """The engine's jitted prefill, decode and verify (llama_jax.runner, what `Llama.generate`, `stream`,
     `chat` and the server run) of `config` in bf16 with our kernels, from abstract parameters, over
     a paged KV cache. where: a Device (one GPU) or a ('data', 'model') Mesh with no data split (the
     engine's pool is split by KV heads only). layout: "layers" (per-layer arrays,
@@ -564,7 +587,10 @@ def programs(config, where, *, batch=1, context=4096, prompt=2048, layout="layer
     `prompt` tokens (of a prompt that fills the context: its table as wide as the context's blocks,
     bucketed as the engine does). Decode: the engine's decode call of generate.CHUNK steps (as
     `Llama.generate` runs it), its table of the engine's decode width for a `context`-token
-    max_seq_len. Returns [(name, jitted_fn, abstract_args, meta)]; meta["min_bytes"] = (weight
+    max_seq_len. Speculative decoding (issue 26), as Engine._verify and _propose_draft call them:
+    verify, the check of each row's last token and SPEC_K proposals at the end of its `context`
+    tokens (the decode's table); draft, the decode call of SPEC_K + 1 steps a draft model makes (its own
+    pool of the same blocks). Returns [(name, jitted_fn, abstract_args, meta)]; meta["min_bytes"] = (weight
     bytes, KV bytes) one decode step must read per device, with every row's `context` tokens in
     the cache (the pool's used blocks, not the null block).
 
@@ -633,8 +659,13 @@ def programs(config, where, *, batch=1, context=4096, prompt=2048, layout="layer
     rows = runner.Rows(token=host(b), pos=host(b), count=host(b), max_new=host(b),
                        stop_ids=host(b, runner.MAX_STOP_IDS), live=host(b, dtype=jnp.bool_), sampling=sampling)
     decode_args = (graphdef, state, pool, generate.CHUNK, rows, host(b, width))
+    # tokens [R, K + 1] at positions start [R].., table [R, W], each row's tokens generated so far [R].
+    verify_args = (graphdef, state, pool, host(b, SPEC_K + 1), host(b), host(b, width), host(b), sampling)
+    draft_args = (graphdef, state, pool, SPEC_K + 1, rows, host(b, width))
     return [("prefill", runner.prefill, prefill_args, dict(meta, kind="prefill", prompt=prompt)),
-            ("decode", runner.decode, decode_args, dict(meta, kind="decode", steps=generate.CHUNK))]
+            ("decode", runner.decode, decode_args, dict(meta, kind="decode", steps=generate.CHUNK)),
+            ("verify", runner.verify, verify_args, dict(meta, kind="verify")),
+            ("draft", runner.decode, draft_args, dict(meta, kind="decode", steps=SPEC_K + 1))]
 
 
 def not_in_place(compiled, hlo: Hlo, name: str) -> list[Failure]:
@@ -682,7 +713,8 @@ def analyse_program(name, fn, args, meta, dump) -> tuple[dict, list[Failure]]:
 
     loop = next(i for i in hlo.instrs[hlo.entry] if i.opcode == "while")
     body, cond = loop.called("body")[0], loop.called("condition")[0]
-    cost = {k: hlo.cost(body)[k] + hlo.cost(cond)[k] for k in ("flops", "bytes")}
+    body_cost, cond_cost = hlo.cost(body), hlo.cost(cond)
+    cost = {k: body_cost[k] + cond_cost[k] for k in ("flops", "bytes")}
     loop_thunk = next(t for t in thunks if t.kind == "kWhile" and thunk_names.get(t.id) == loop.name)
     count = launches(loop_thunk.body, trip) + launches(loop_thunk.cond, trip)
     w_bytes, kv_bytes = meta["min_bytes"]
@@ -730,6 +762,28 @@ def analyse_program(name, fn, args, meta, dump) -> tuple[dict, list[Failure]]:
     return row, fails
 
 
+def verify_failures(program_rows) -> list[Failure]:
+    """Each verify row against one decode step of the same program (model, GPUs, layout, weights):
+    sets the row's step_bytes and vs_step (verify bytes / step bytes); a failure where vs_step
+    exceeds VERIFY_SLACK, or where no such decode step compiled."""
+    key = lambda r: (r["program"][:3], r["quantize"])  # noqa: E731
+    steps = {key(r): r for r in program_rows if "program" in r and r["program"][3] == "decode" and "error" not in r}
+    fails = []
+    for r in program_rows:
+        if r.get("kind") != "verify" or "error" in r:
+            continue
+        step = steps.get(key(r))
+        if step is None:
+            fails.append(Failure(f"verify: {r['name']}", "no decode step of the same program to compare with"))
+            continue
+        r["step_bytes"], r["vs_step"] = step["cost"]["bytes"], r["cost"]["bytes"] / step["cost"]["bytes"]
+        if r["vs_step"] > VERIFY_SLACK:
+            fails.append(Failure(f"verify: {r['name']}", f"{_gb(r['cost']['bytes'])} per verify of {SPEC_K} "
+                                 f"proposals, one decode step {_gb(r['step_bytes'])}: {r['vs_step']:.2f}x > "
+                                 f"{VERIFY_SLACK}x"))
+    return fails
+
+
 def _named_leaves(tree):
     """[(path like 'layers/0/attention/wq', leaf)]; a quantized weight's leaf is its values (its
     scales are not a matrix of their own)."""
@@ -740,17 +794,18 @@ def _named_leaves(tree):
 
 def program_specs(quick=False):
     """(label, config, n_gpus, layout, which, attention, quantize) for each program compiled; 'which'
-    picks prefill/decode, 'attention' the attention_impl, 'quantize' the weights' format (None: bf16).
+    picks prefill/decode/verify/draft, 'attention' the attention_impl, 'quantize' the weights' format
+    (None: bf16). Speculative decoding: the 8B's verify, with the 1B as its draft.
     The decode checks apply to the "layers" layout (what `Llama` runs); the opt-in scanned layout
     (`unstack_layers=False`) is compiled and reported, checked only for compile errors and spills."""
     one, eight = llama_jax.LLAMA3_2_1B, llama_jax.LLAMA3_1_8B
-    specs = [("Llama 3.2 1B", one, 1, "layers", ("prefill", "decode"), "pallas", None),
+    specs = [("Llama 3.2 1B", one, 1, "layers", ("prefill", "decode", "draft"), "pallas", None),
              ("Llama 3.2 1B int4", one, 1, "layers", ("decode",), "pallas", "int4")]
     if quick:
         return specs
     return specs + [("Llama 3.2 1B int8", one, 1, "layers", ("decode",), "pallas", "int8"),
                     ("Llama 3.2 1B", one, 1, "scan", ("decode",), "pallas", None),
-                    ("Llama 3.1 8B", eight, 1, "layers", ("prefill", "decode"), "pallas", None),
+                    ("Llama 3.1 8B", eight, 1, "layers", ("prefill", "decode", "verify"), "pallas", None),
                     ("Llama 3.1 8B int8", eight, 1, "layers", ("decode",), "pallas", "int8"),
                     ("Llama 3.1 8B int4", eight, 1, "layers", ("decode",), "pallas", "int4"),
                     ("Llama 3.1 8B", eight, 1, "scan", ("decode",), "pallas", None),
@@ -791,24 +846,26 @@ def _gb(x):
 
 def report(kernel_rows, program_rows, failures, expected, args, total_s) -> str:
     versions = ", ".join(f"{p} {_version(p)}" for p in ("jax", "jaxlib", "jax-cuda12-plugin", "flax"))
+    shown = {k: v for k, v in vars(args).items() if v and k not in ("dump_dir", "jobs")}  # what is compiled and checked
     cmd = " ".join(["python benchmarks/gpu_compile.py"] + [f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
-                                                           for k, v in vars(args).items() if v and k != "dump_dir"])
+                                                           for k, v in shown.items()])
     out = ["# Compiled for an H100, without a GPU", "",
            f"Generated by `{cmd}` (`make gpu-check`) on {datetime.date.today()}: {versions}, ptxas "
            f"{ptxas_version()}; target `benchmarks/gpu/h100_sxm.txtpb` (sm_90a). Compile and analysis took "
-           f"{total_s:.0f} s here ({_cpu_seconds():.0f} CPU s; the compile s columns grow with the host's load). "
-           "Do not edit by hand.", ""]
+           f"{total_s:.0f} s here ({_cpu_seconds():.0f} CPU s, {args.jobs} compiles at once; the compile s columns "
+           "grow with the host's load). Do not edit by hand.", ""]
     out += [f"## Failures ({len(failures)})", ""]
     out += [f"- {f.key}: {f.detail}" + (" *(known: listed in --expected)*" if f.key in expected else "")
             for f in failures] or ["None."]
     first = lambda key: next((r[key] for r in program_rows if r.get(key)), "?")  # noqa: E731
     out += ["", "## Programs", "",
             f"bf16 (rows named int8 / int4: quantized weights, below), Pallas kernels: the engine's programs "
-            f"(`llama_jax.runner.prefill` and `decode`, what "
+            f"(`llama_jax.runner.prefill`, `decode` and `verify`, what "
             f"`Llama.generate`, `chat` and the server run) over a paged KV cache of blocks of {first('block_size')} "
             f"tokens; batch {first('batch')}, {first('context')} tokens of context in the pool, a prefill chunk of "
             f"{first('prompt')} tokens. Decode rows: one step "
-            "(the decode loop's body); prefill rows: the whole chunk. *layers*: a list of per-layer "
+            "(the decode loop's body); prefill rows: the whole chunk; verify and draft rows: speculative decoding "
+            "(below). *layers*: a list of per-layer "
             "blocks (what `Llama` runs by default); *scan*: stacked layers under `lax.scan`. Train rows: the "
             "gradient program of one training step on 8 H100s (`llama_jax.train.gradient_program`: bf16 compute, "
             "f32 master weights, each layer recomputed in the backward), per device.", "",
@@ -834,6 +891,7 @@ def report(kernel_rows, program_rows, failures, expected, args, total_s) -> str:
                 top = sorted(((k, n) for k, n in r["found"].items() if k[0] == what), key=lambda e: -e[0][3] * e[1])
                 out += [f"- {what}: {op} {s}, {b / 1e6:.3f} MB, {n} per step" for (_, op, s, b), n in top[:6]]
     out += quantized_section(program_rows)
+    out += speculative_section(program_rows)
     out += ["", "## Kernels", "",
             "Every launch of our Pallas kernels in each compiled case (bwd cases run the forward too). "
             "Registers, spills and stack from `ptxas -v -arch=sm_90a`; grid, warps and dynamic shared "
@@ -878,6 +936,35 @@ def quantized_section(program_rows) -> list[str]:
     return out
 
 
+def speculative_section(program_rows) -> list[str]:
+    """Each verify call against one decode step of its model, and the draft model's decode steps."""
+    verifies = [r for r in program_rows if "vs_step" in r]
+    drafts = [r for r in program_rows if "program" in r and r["program"][3] == "draft" and "error" not in r]
+    if not verifies and not drafts:
+        return []
+    out = ["", "## Speculative decoding", "",
+           f"Issue 26, K = {SPEC_K} proposals (`SpeculativeConfig`'s default), the pool above. *verify* rows: one "
+           "call of `llama_jax.runner.verify` (each row's last token and its K proposals in one forward over K + 1 "
+           "positions, a token sampled after each; what `Engine._verify` runs); it must read at most "
+           f"{VERIFY_SLACK}x the bytes of one decode step of the same model. *draft* rows: one step of the draft "
+           "model's decode call of K + 1 steps (`Engine._propose_draft`: the last step writes the K-th proposal's "
+           "keys and values; its own pool of the same blocks).", "",
+           "| program | GFLOP | bytes accessed | one decode step of the target | bytes / decode step |",
+           "|---|---|---|---|---|"]
+    for r in verifies:
+        out.append(f"| {r['name']} | {r['cost']['flops'] / 1e9:.1f} | {_gb(r['cost']['bytes'])} | "
+                   f"{_gb(r['step_bytes'])} | {r['vs_step']:.3f} |")
+    for r in drafts:
+        out.append(f"| {r['name']}, per step | {r['cost']['flops'] / 1e9:.1f} | {_gb(r['cost']['bytes'])} | | |")
+    for v in verifies:
+        for d in drafts:  # a round: K + 1 draft steps, then the verify; it yields up to K + 1 tokens
+            spent = (SPEC_K + 1) * d["cost"]["bytes"] + v["cost"]["bytes"]
+            out += ["", f"A round of {d['name']} and {v['name']} ({SPEC_K + 1} draft steps, one verify) reads "
+                    f"{_gb(spent)}: {spent / v['step_bytes']:.2f} target decode steps' bytes for up to {SPEC_K + 1} "
+                    "tokens."]
+    return out
+
+
 METHOD = """\
 - **Target.** `jax.experimental.topologies.get_topology_desc(platform="cuda", target_config=...,
   topology="1x1x1")` (or `"1x1x8"`: one host, 8 GPUs, a `(1, 8)` `('data', 'model')` mesh) with the
@@ -894,7 +981,7 @@ METHOD = """\
   bytes (so the decode kernel's read of the KV cache counts). To get one decode step, the decode loop's body
   (and condition) is cut out of the optimized HLO as a module of its own and analysed; each loop
   inside it (the layer scan) is then counted its known trip count: cost = flat cost + (n - 1) x
-  body cost. Prefill (one chunk): the whole module, loops counted the same way.
+  body cost. Prefill (one chunk) and verify (one call): the whole module, loops counted the same way.
 - **Minimum bytes of a decode step, per device**: every parameter shard (a quantized weight's
   values, scales and mins; of an untied input embedding only the looked-up rows) plus the KV cache
   shard the context fills (K and V, every layer): the pool's used blocks, each row's context tokens, without the null block. The paged
@@ -903,7 +990,8 @@ METHOD = """\
 - **Kernels per step**: launches in the decode loop's thunks (kernels, memcpys, collectives), loops
   inside counted their trip counts; per layer = step / layers.
 - **Checks**: a compile error; any spill in our kernels (kernel cases and programs); a decode step
-  reading more than 5% over the minimum; a collective in the decode step whose output is as large as
+  reading more than 5% over the minimum; a verify call (speculative decoding) reading more than 10%
+  over one decode step of its model; a collective in the decode step whose output is as large as
   a whole weight matrix; an instruction in the decode step that only moves data (copy, pad,
   broadcast, slice, convert, ...) writing at least a weight shard or one layer's KV cache shard.
   *Large writes* list other big per-step outputs (e.g. f32 products of a matrix-vector multiply)."""
@@ -932,6 +1020,49 @@ def _progress(line: str, fails) -> None:
     print(line + "".join(f"\n  FAIL {f.key}: {f.detail}" for f in fails), flush=True)
 
 
+def program_jobs(quick, dump_root) -> list:
+    """A job per program of program_specs and train_specs, built here (abstract arguments) and
+    compiled when called: each returns (report row or None where it could not be built, failures)."""
+    jobs = []
+    for label, config, n_gpus, layout, which, attention, quantize in program_specs(quick):
+        topo = h100(n_gpus)
+        where = topo.devices[0] if n_gpus == 1 else Mesh(np.array(topo.devices).reshape(1, n_gpus), ("data", "model"))
+        try:
+            built = programs(config, where, layout=layout, attention=attention, quantize=quantize)
+        except Exception as e:  # noqa: BLE001 -- e.g. the generation API changed under programs()
+            jobs.append(functools.partial(_not_built, f"build: {label} ({layout})", e))
+            continue
+        for kind, fn, fargs, meta in built:
+            if kind in which:
+                extra = dict(checked=layout == "layers", quantize=quantize, program=(config, n_gpus, layout, kind))
+                jobs.append(functools.partial(_program_job, f"{label} {kind} ({layout})", fn, fargs, meta, extra,
+                                              attention == "mosaic", dump_root))
+    for label, config, sizes, tc, runtime in train_specs(quick):
+        mesh = train_mesh(h100(8), sizes)
+        try:
+            fn, fargs = train.gradient_program(config, tc, mesh, runtime)
+        except Exception as e:  # noqa: BLE001 -- e.g. the training API changed under gradient_program
+            jobs.append(functools.partial(_not_built, f"build: {label}", e))
+            continue
+        meta = dict(config=config, kind="train", mesh=mesh, batch=tc.batch_size, prompt=tc.seq_len)
+        jobs.append(functools.partial(_program_job, label, fn, fargs, meta, dict(checked=True),
+                                      runtime.attention_impl == "mosaic", dump_root))
+    return jobs
+
+
+def _not_built(key, error):
+    return None, [Failure(key, _error_line(error))]
+
+
+def _program_job(name, fn, fargs, meta, extra, mosaic, dump_root):
+    with MOSAIC_COMPILES if mosaic else contextlib.nullcontext():
+        row, fails = analyse_program(name, fn, fargs, meta, dump_root / re.sub(r"\W+", "_", name))
+    row.update(extra)
+    if not row["checked"]:  # the opt-in scanned layout: only compile errors and spills count
+        fails = [f for f in fails if f.key.startswith(("compile", "spill"))]
+    return row, fails
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="a few kernels and the 1B programs only")
@@ -940,53 +1071,30 @@ def main(argv=None) -> int:
     ap.add_argument("--expected", help="a file of known failure keys (e.g. benchmarks/gpu/expected_failures.txt): "
                     "those do not fail the run, but one that no longer happens does")
     ap.add_argument("--dump-dir", help="keep XLA's dumps here (default: a temporary directory)")
+    ap.add_argument("--jobs", type=int, default=2, help="compiles at once (each keeps about one core busy)")
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
     dump_root = Path(args.dump_dir or tempfile.mkdtemp(prefix="gpu_compile_"))
     failures, kernel_rows, program_rows = [], [], []
 
+    # Cases and programs compile in a pool (each compile keeps about one core busy), in the order
+    # listed; their rows and failures are read back in that order, so the report does not depend
+    # on which finished first.
     device = h100(1).devices[0]
-    for case in kernel_cases(args.quick):
-        rows, fails = check_kernel(case, device, dump_root / "kernels")
-        kernel_rows += rows
-        failures += fails
-        _progress(f"kernel {case.label}: {rows[0]['seconds'] if rows else 0:.2f} s", fails)
-
-    for label, config, n_gpus, layout, which, attention, quantize in program_specs(args.quick):
-        topo = h100(n_gpus)
-        where = topo.devices[0] if n_gpus == 1 else Mesh(np.array(topo.devices).reshape(1, n_gpus), ("data", "model"))
-        try:
-            built = programs(config, where, layout=layout, attention=attention, quantize=quantize)
-        except Exception as e:  # noqa: BLE001 -- e.g. the generation API changed under programs()
-            failures.append(Failure(f"build: {label} ({layout})", _error_line(e)))
-            _progress(f"program {label} ({layout}): not built", failures[-1:])
-            continue
-        for kind, fn, fargs, meta in built:
-            if kind not in which:
-                continue
-            name = f"{label} {kind} ({layout})"
-            row, fails = analyse_program(name, fn, fargs, meta, dump_root / "programs" / re.sub(r"\W+", "_", name))
-            row.update(checked=layout == "layers", quantize=quantize, program=(config, n_gpus, layout, kind))
-            if not row["checked"]:
-                fails = [f for f in fails if f.key.startswith(("compile", "spill"))]
-            program_rows.append(row)
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        cases = kernel_cases(args.quick)
+        checked = pool.map(lambda case: check_kernel(case, device, dump_root / "kernels"), cases)
+        analysed = pool.map(lambda job: job(), program_jobs(args.quick, dump_root / "programs"))
+        for case, (rows, fails) in zip(cases, checked):
+            kernel_rows += rows
             failures += fails
-            _progress(f"program {name}: {row.get('seconds', 0):.1f} s", fails)
-
-    for label, config, sizes, tc, runtime in train_specs(args.quick):
-        mesh = train_mesh(h100(8), sizes)
-        try:
-            fn, fargs = train.gradient_program(config, tc, mesh, runtime)
-        except Exception as e:  # noqa: BLE001 -- e.g. the training API changed under gradient_program
-            failures.append(Failure(f"build: {label}", _error_line(e)))
-            _progress(f"program {label}: not built", failures[-1:])
-            continue
-        meta = dict(config=config, kind="train", mesh=mesh, batch=tc.batch_size, prompt=tc.seq_len)
-        row, fails = analyse_program(label, fn, fargs, meta, dump_root / "programs" / re.sub(r"\W+", "_", label))
-        row["checked"] = True
-        program_rows.append(row)
-        failures += fails
-        _progress(f"program {label}: {row.get('seconds', 0):.1f} s", fails)
+            _progress(f"kernel {case.label}: {rows[0]['seconds'] if rows else 0:.2f} s", fails)
+        for row, fails in analysed:
+            if row is not None:
+                program_rows.append(row)
+            failures += fails
+            _progress(f"program {row['name']}: {row.get('seconds', 0):.1f} s" if row else "program not built", fails)
+    failures += verify_failures(program_rows)
 
     total = time.perf_counter() - t_start
     if not args.dump_dir:

@@ -32,9 +32,26 @@ def _launches(row, kernel: str) -> int:
     return sum(n for k, n in row["launches"].items() if isinstance(k, tuple) and k[1].startswith(kernel))
 
 
+def _programs(*args, **kwargs) -> dict:
+    """gpu_compile.programs as {name: (fn, args, meta)}."""
+    return {name: (fn, fargs, meta) for name, fn, fargs, meta in gpu_compile.programs(*args, **kwargs)}
+
+
 @pytest.fixture(scope="module")
 def h100():
     return gpu_compile.h100(1).devices[0]
+
+
+@pytest.fixture(scope="module")
+def tiny(h100):
+    return _programs(TINY, h100, batch=1, context=256, prompt=64)
+
+
+@pytest.fixture(scope="module")
+def tiny_decode(tiny, tmp_path_factory):
+    """The tiny decode's report row and failures (compiled once for the tests that read it)."""
+    fn, args, meta = tiny["decode"]
+    return gpu_compile.analyse_program("tiny decode", fn, args, meta, tmp_path_factory.mktemp("decode"))
 
 
 def test_tiles_that_do_not_fit_fail_the_check(monkeypatch, capsys, tmp_path):
@@ -60,7 +77,7 @@ def test_tiles_that_do_not_fit_fail_the_check(monkeypatch, capsys, tmp_path):
 
 
 def test_a_small_kernel_compiles_with_registers_and_no_spills(h100, tmp_path):
-    case = gpu_compile.flash_case(64, 4, True, 1024)
+    case = gpu_compile.flash_case(64, 4, False, 2048)  # not one of kernel_cases: make gpu-check compiles each once
     rows, fails = gpu_compile.check_kernel(case, h100, tmp_path)
     assert fails == []
     [row] = rows
@@ -70,10 +87,8 @@ def test_a_small_kernel_compiles_with_registers_and_no_spills(h100, tmp_path):
     assert row["warps"] >= 1 and row["smem"] > 0 and row["grid"][1:] == (2, 32)  # (q blocks, B, H)
 
 
-def test_a_tiny_program_gets_its_decode_figures(h100, tmp_path):
-    [prefill, decode] = gpu_compile.programs(TINY, h100, batch=1, context=256, prompt=64)
-    name, fn, args, meta = decode
-    assert name == "decode"
+def test_a_tiny_program_gets_its_decode_figures(tiny, tiny_decode, tmp_path):
+    _, args, meta = tiny["decode"]
     # Minimum bytes, by hand: every weight (of the untied input embedding, one row) and the cache's
     # used blocks (256 tokens, 16 blocks of 16), not the null block.
     d, f, kv, v, L = 128, 352, 2 * 32, 509, 2
@@ -83,7 +98,7 @@ def test_a_tiny_program_gets_its_decode_figures(h100, tmp_path):
     pool = args[2]
     assert [x.shape for x in pool[0]] == [(17, 16, 2, 32)] * 2  # the engine's pool: [P, block_size, K, E]
 
-    row, fails = gpu_compile.analyse_program("tiny decode", fn, args, meta, tmp_path / "decode")
+    row, fails = tiny_decode
     assert not [f for f in fails if f.key.startswith(("compile", "spill", "donation"))], fails
     assert 1.0 <= row["ratio"] < 5, row["ratio"]  # the step reads at least the weights and the cache
     assert row["cost"]["flops"] >= meta["min_bytes"][0]  # a multiply-add (2 FLOPs) per bf16 weight (2 bytes)
@@ -91,7 +106,7 @@ def test_a_tiny_program_gets_its_decode_figures(h100, tmp_path):
     assert kernels["kernel"] > 0
     assert _launches(row, "paged_decode_attention") == TINY.n_layers  # one per layer and step
 
-    name, fn, args, meta = prefill
+    fn, args, meta = tiny["prefill"]
     row, fails = gpu_compile.analyse_program("tiny prefill", fn, args, meta, tmp_path / "prefill")
     assert not fails, fails
     assert row["cost"]["flops"] >= 64 * meta["min_bytes"][0] * 0.5  # 64 tokens through (most) weights
@@ -99,7 +114,7 @@ def test_a_tiny_program_gets_its_decode_figures(h100, tmp_path):
 
 
 def test_a_tiny_int4_program_reads_its_stored_bytes(h100, tmp_path):
-    [_, (_, fn, args, meta)] = gpu_compile.programs(TINY, h100, batch=1, context=256, prompt=64, quantize="int4")
+    fn, args, meta = _programs(TINY, h100, batch=1, context=256, prompt=64, quantize="int4")["decode"]
     # By hand: linear weights at 4 bits plus an f16 scale (and min) per 32; bf16 norms; of the int8
     # embedding one row and its f32 scale; the int8 head with a scale per output; the KV cache as in bf16.
     d, f, kv, v, L = 128, 352, 2 * 32, 509, 2
@@ -116,7 +131,7 @@ def test_a_tiny_int4_program_reads_its_stored_bytes(h100, tmp_path):
 
 
 def test_quant_kernel_compiles_without_spills(h100, tmp_path):
-    case = gpu_compile.quant_case("int4", 1, 4096, 14336, 32, mins=True)  # GGUF Q4_1 at 8B's FFN down product
+    case = gpu_compile.quant_case("int4", 1, 4096, 4096, 32, mins=True)  # GGUF Q4_1 at 8B's wq (not in kernel_cases)
     rows, fails = gpu_compile.check_kernel(case, h100, tmp_path)
     assert fails == []
     [row] = rows
@@ -124,9 +139,9 @@ def test_quant_kernel_compiles_without_spills(h100, tmp_path):
     assert row["grid"][:2] == (1, 4096 // 32) and row["grid"][2] > 1  # output channels, and K split
 
 
-def test_a_program_that_copies_the_pool_fails_the_check(h100, tmp_path):
+def test_a_program_that_copies_the_pool_fails_the_check(tiny, tmp_path):
     # The engine's decode without donating its pool: XLA must then write a new pool each call.
-    [_, (_, fn, args, meta)] = gpu_compile.programs(TINY, h100, batch=1, context=256, prompt=64)
+    fn, args, meta = tiny["decode"]
     copying = jax.jit(fn.__wrapped__, static_argnums=(0, 3))
     _, fails = gpu_compile.analyse_program("tiny decode", copying, args, meta, tmp_path / "copy")
     [fail] = [f for f in fails if f.key.startswith("donation")]
@@ -136,13 +151,40 @@ def test_a_program_that_copies_the_pool_fails_the_check(h100, tmp_path):
 def test_a_scanned_decode_counts_every_layer(h100, tmp_path):
     # HLO cost analysis counts a while loop's body once; the harness multiplies the layer scan by
     # its trip count, so one step still reads every layer's weights.
-    [_, (_, fn, args, meta)] = gpu_compile.programs(TINY, h100, batch=1, context=256, prompt=64, layout="scan")
+    fn, args, meta = _programs(TINY, h100, batch=1, context=256, prompt=64, layout="scan")["decode"]
     row, _ = gpu_compile.analyse_program("tiny decode (scan)", fn, args, meta, tmp_path / "scan")
     assert row["cost"]["bytes"] >= meta["min_bytes"][0]
     assert _launches(row, "paged_decode_attention") == TINY.n_layers
 
 
+def test_a_verify_is_compared_with_one_decode_step(tiny, tiny_decode, monkeypatch, tmp_path):
+    # Speculative decoding (issue 26): the verify of K proposals against one decode step of the
+    # same program, as main() pairs them.
+    fn, args, meta = tiny["verify"]
+    assert args[3].shape == (1, gpu_compile.SPEC_K + 1)  # each row's last token and its K proposals
+    verify, fails = gpu_compile.analyse_program("tiny verify", fn, args, meta, tmp_path / "verify")
+    assert not [f for f in fails if f.key.startswith(("compile", "spill", "donation"))], fails
+    step = tiny_decode[0]
+    program = (TINY, 1, "layers")
+    rows = [dict(step, program=(*program, "decode"), quantize=None), dict(verify, program=(*program, "verify"),
+                                                                         quantize=None)]
+    ratio = verify["cost"]["bytes"] / step["cost"]["bytes"]
+    # K + 1 tokens through the weights, read once: a tiny model's activations and logits weigh next
+    # to its weights (2.6x here); the 8B verify is checked to VERIFY_SLACK.
+    assert 1.0 <= ratio < 4, ratio
+    monkeypatch.setattr(gpu_compile, "VERIFY_SLACK", ratio * 1.01)
+    assert gpu_compile.verify_failures(rows) == []
+    assert rows[1]["vs_step"] == ratio and rows[1]["step_bytes"] == step["cost"]["bytes"]
+    monkeypatch.setattr(gpu_compile, "VERIFY_SLACK", ratio * 0.99)
+    [fail] = gpu_compile.verify_failures(rows)
+    assert fail.key == "verify: tiny verify" and f"{ratio:.2f}x >" in fail.detail, fail
+    # A verify whose decode step did not compile (or is of other weights) fails too.
+    [fail] = gpu_compile.verify_failures([dict(rows[0], quantize="int8"), rows[1]])
+    assert fail.detail.startswith("no decode step"), fail
+
+
 def test_mosaic_kernels_use_wgmma_and_tma_without_spills(h100, tmp_path):
+    # A backward case that gpu_compile.kernel_cases leaves to this test: `make gpu-check` compiles it once.
     rows, fails = gpu_compile.check_kernel(gpu_compile.mosaic_case(64, True, 1024, grad=True), h100, tmp_path)
     assert fails == []
     assert sorted(gpu_compile._base(r["kernel"]) for r in rows) == [
