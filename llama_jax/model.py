@@ -259,9 +259,8 @@ class Attention(nnx.Module):
     def _paged(self, q, k, v, cache: KVCache, positions, block_table):
         """Attention over a paged cache (llama_jax.block_pool): token p of row b lives in block
         block_table[b, p // block_size] of the pool, at p % block_size. Each row writes its T new
-        keys there, positions[b] (consecutive), then a decode step (T == 1) reads its blocks
-        through the table; a prefill chunk gathers them into a [B, W * block_size] cache and
-        attends as a chunk of a contiguous one (row b's query i at key positions[b, 0] + i).
+        keys there, positions[b] (consecutive), then attends through the table (ops.paged_attention:
+        row b's query i at key positions[b, 0] + i).
         A position past the table's width writes to the null block 0, as do the table's unused
         entries: the padding of a chunk or of a batch lands where nobody reads."""
         b, t = positions.shape
@@ -276,14 +275,8 @@ class Attention(nnx.Module):
             new.reshape(b * t, *new.shape[2:]).astype(pool.dtype), mode="promise_in_bounds")
         cache = KVCache(write(cache.k, k), write(cache.v, v))
         rt = self.runtime
-        if t == 1:
-            out = ops.paged_decode_attention(q[:, 0], cache.k, cache.v, block_table, lengths=positions[:, 0] + 1,
-                                             impl=rt.attention_impl, cpu_kernels=rt.cpu_kernels == "on")
-            return out[:, None], cache
-        gather = lambda pool: pool[block_table].reshape(b, w * bs, *pool.shape[2:])  # noqa: E731
-        start = positions[:, 0]
-        out = ops.prefill_attention(q, gather(cache.k), gather(cache.v), q_offset=start, kv_length=start + t,
-                                    impl=rt.attention_impl, cpu_kernels=rt.cpu_kernels == "on")
+        out = ops.paged_attention(q, cache.k, cache.v, block_table, start=positions[:, 0], impl=rt.attention_impl,
+                                  cpu_kernels=rt.cpu_kernels == "on")
         return out, cache
 
 

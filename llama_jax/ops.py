@@ -246,18 +246,37 @@ def decode_attention(q, k_cache, v_cache, *, lengths, impl="auto", cpu_kernels=F
     return _per_device(kernel, [DECODE_Q, CACHE_AXES, CACHE_AXES, PER_ROW], DECODE_Q)(q, k_cache, v_cache, lengths)
 
 
-def paged_decode_attention(q, k_pages, v_pages, block_tables, *, lengths, impl="auto", cpu_kernels=False):
-    """decode_attention over a paged cache: the keys of sequence b are its first lengths[b] tokens,
-    token t at pages[block_tables[b, t // page_size], t % page_size] (pages [P, page_size, K, E],
-    block_tables [B, max_pages]). "xla" gathers a block of pages per loop step (the cache read once,
+# Queries per sequence up to which the Triton paged kernel takes a chunk (speculative decoding's
+# verify: K + 1 positions) reading the pages in place, every page once for all of them. Longer
+# chunks (prefill) gather their pages into a contiguous cache for the flash kernel's tiles.
+MAX_PAGED_QUERIES = 16
+
+
+def paged_attention(q, k_pages, v_pages, block_tables, *, start, impl="auto", cpu_kernels=False):
+    """Causal attention of q [B, T, H, E], row b's queries at positions start[b]..., over a paged
+    cache that holds their keys already: token t of row b at pages[block_tables[b, t // page_size],
+    t % page_size] (pages [P, page_size, K, E], block_tables [B, max_pages]). -> [B, T, H, E].
+
+    A decode step (T == 1): "xla" gathers a block of pages per loop step (the cache read once,
     never copied whole), or runs the C++ backend's flash-decoding through the table; "pallas",
-    "mosaic" and "cudnn" run the Triton paged kernel."""
-    if resolve(impl) == "xla":
+    "mosaic" and "cudnn" run the Triton paged kernel, which also takes up to MAX_PAGED_QUERIES
+    queries per row. Otherwise the pages are gathered into a [B, max_pages * page_size] cache and
+    attended as a chunk of a contiguous one (prefill_attention)."""
+    b, t = q.shape[:2]
+    kernel_takes = resolve(impl) != "xla" and t <= MAX_PAGED_QUERIES
+    if t == 1 and resolve(impl) == "xla":
+        lengths = start + 1
         xla = functools.partial(pk.blocked_paged_decode_attention, lengths=lengths)
+        q = q[:, 0]
         if not _cpu_serves(cpu_kernels, q, k_pages, v_pages):
-            return xla(q, k_pages, v_pages, block_tables)
+            return xla(q, k_pages, v_pages, block_tables)[:, None]
         return _cpu_or(functools.partial(ck.paged_decode_attention, lengths=lengths), xla, q, k_pages, v_pages,
-                       block_tables)
-    kernel = lambda q, k, v, t, n: pk.paged_decode_attention(q, k, v, t, n)  # noqa: E731
-    axes = [DECODE_Q, PAGE_AXES, PAGE_AXES, BLOCK_TABLE, PER_ROW]
-    return _per_device(kernel, axes, DECODE_Q)(q, k_pages, v_pages, block_tables, lengths)
+                       block_tables)[:, None]
+    if kernel_takes:
+        kernel = lambda q, k, v, table, n: pk.paged_decode_attention(q, k, v, table, n)  # noqa: E731
+        axes = [HEADS, PAGE_AXES, PAGE_AXES, BLOCK_TABLE, PER_ROW]
+        return _per_device(kernel, axes, HEADS)(q, k_pages, v_pages, block_tables, start + t)
+    w, bs = block_tables.shape[1], k_pages.shape[1]
+    gather = lambda pool: pool[block_tables].reshape(b, w * bs, *pool.shape[2:])  # noqa: E731
+    return prefill_attention(q, gather(k_pages), gather(v_pages), q_offset=start, kv_length=start + t, impl=impl,
+                             cpu_kernels=cpu_kernels)

@@ -30,9 +30,10 @@ from pallas_kernels._common import (LOG2E, MASK_VALUE, by_platform, dot, merge_s
 
 
 def _paged_kernel(length_ref, table_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, sm_scale,
-                  pages_per_step, steps_per_split):
-    # q_ref (G, E) for one (sequence, kv head); table_ref (max_pages,): that sequence's block
-    # table; k_ref, v_ref (P, page_size, E): that kv head's slice of the whole pool.
+                  pages_per_step, steps_per_split, q_len, heads):
+    # q_ref (rows, E) for one (sequence, kv head): q_len positions x `heads` query heads, position
+    # major, padded; table_ref (max_pages,): that sequence's block table; k_ref, v_ref
+    # (P, page_size, E): that kv head's slice of the whole pool.
     split = pl.program_id(2)
     length = length_ref[()]
     q = q_ref[...]
@@ -41,8 +42,10 @@ def _paged_kernel(length_ref, table_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,
     scale = sm_scale * LOG2E  # softmax in base 2: exp(x) = exp2(x * log2(e))
     start = split * steps_per_split
     stop = jnp.minimum(start + steps_per_split, lax.div(length + block_k - 1, block_k))
-    # Steps wholly below `length` need no mask; only the last one is ragged.
-    n_full = jnp.clip(lax.div(length, block_k), start, jnp.maximum(stop, start))
+    # Row r is the query at position length - q_len + r // heads: it sees the keys up to its own.
+    row_length = length - q_len + 1 + jnp.minimum(jnp.arange(q.shape[0]) // heads, q_len - 1)  # (rows,)
+    # Steps wholly below the first query's length need no mask; only the last ones are ragged.
+    n_full = jnp.clip(lax.div(length - q_len + 1, block_k), start, jnp.maximum(stop, start))
 
     def body(j, carry, masked):
         pages = table_ref[pl.ds(j * pages_per_step, pages_per_step)]  # (n,) pool indices
@@ -50,12 +53,13 @@ def _paged_kernel(length_ref, table_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,
         s = dot(q, k, trans_b=True) * scale  # (G, block_k) f32
         if not masked:
             return softmax_step(carry, s, lambda: v_ref[pages].reshape(block_k, e))
-        valid = j * block_k + jnp.arange(block_k) < length  # (block_k,)
+        keys = j * block_k + jnp.arange(block_k)  # (block_k,)
+        valid = keys < length
         # Slots past `length` (the rest of the last page, pages the table does not own yet)
         # may hold anything, NaN included: p = 0 does not cancel a NaN in v, so zero them.
         def load_v():
             return jnp.where(valid[:, None], v_ref[pages].reshape(block_k, e), 0)
-        return softmax_step(carry, s, load_v, valid[None, :])
+        return softmax_step(carry, s, load_v, keys[None, :] < row_length[:, None])
 
     carry = softmax_init(*q.shape)
     carry = lax.fori_loop(start, n_full, functools.partial(body, masked=False), carry)
@@ -97,10 +101,13 @@ class BlockSizes:
 @functools.partial(jax.jit, static_argnames=("sm_scale", "block_sizes", "interpret"))
 def paged_decode_attention(q, k_pages, v_pages, block_tables, lengths, *, sm_scale=None,
                            block_sizes=None, interpret=None):
-    """Attention of one new query per sequence over a paged KV cache (GQA, ragged lengths).
+    """Attention of the newest queries of each sequence over a paged KV cache (GQA, ragged
+    lengths): one per sequence in a decode step, or the last T positions of each (speculative
+    decoding's verify), every page read once for all T.
 
     Args:
-      q: [B, H, E] queries.
+      q: [B, H, E] queries, one per sequence, or [B, T, H, E]: query t of sequence b is at
+        position lengths[b] - T + t and sees the keys up to its own (causal).
       k_pages, v_pages: [P, page_size, K, E], the page pool; H % K == 0, page_size a power of
         two. No copy is made when E is a power of two (otherwise the pool is padded, a copy).
       block_tables: int32 [B, max_pages], the pool index of each sequence's pages in order.
@@ -113,9 +120,10 @@ def paged_decode_attention(q, k_pages, v_pages, block_tables, lengths, *, sm_sca
         compiled kernel when lowered for a GPU.
 
     Returns:
-      [B, H, E] in q.dtype.
+      q's shape, in q.dtype.
     """
-    B, H, E = q.shape
+    T = 1 if q.ndim == 3 else q.shape[1]
+    B, H, E = q.shape[0], q.shape[-2], q.shape[-1]
     _, page_size, K, _ = k_pages.shape
     max_pages = block_tables.shape[1]
     if H % K or k_pages.shape != v_pages.shape or k_pages.shape[3] != E:
@@ -126,7 +134,8 @@ def paged_decode_attention(q, k_pages, v_pages, block_tables, lengths, *, sm_sca
                          f"{block_tables.shape} must have B = {B} rows")
     G = H // K
     sm_scale = sm_scale_or_default(sm_scale, E)
-    g_pad, e_pad = max(16, next_pow2(G)), next_pow2(E)
+    # Each (sequence, kv head) program takes its T x G query rows (position major) at once.
+    g_pad, e_pad = max(16, next_pow2(T * G)), next_pow2(E)
     bs = block_sizes or BlockSizes.get_default(page_size, max_pages, e_pad, B * K)
     # A power of two (a Triton tile of page indices), and at least 16 keys (tl.dot's minimum).
     pages_per_step = max(next_pow2(bs.pages_per_step), -(-16 // page_size))
@@ -135,7 +144,8 @@ def paged_decode_attention(q, k_pages, v_pages, block_tables, lengths, *, sm_sca
     num_splits = -(-num_steps // steps_per_split)
     # The last step may read table entries past max_pages: pad with page 0 (masked anyway).
     tables = pad_axis(block_tables.astype(jnp.int32), 1, num_steps * pages_per_step)
-    q4 = pad_axis(pad_axis(q.reshape(B, K, G, E), 2, g_pad), 3, e_pad)  # (B, K, Gp, Ep)
+    rows = q.reshape(B, T, K, G, E).transpose(0, 2, 1, 3, 4).reshape(B, K, T * G, E)
+    q4 = pad_axis(pad_axis(rows, 2, g_pad), 3, e_pad)  # (B, K, Gp, Ep)
     k_pages = pad_axis(k_pages, 3, e_pad)  # (P, page_size, K, Ep)
     v_pages = pad_axis(v_pages, 3, e_pad)
     lengths = jnp.clip(jnp.broadcast_to(lengths, (B,)).astype(jnp.int32), 0, max_pages * page_size)
@@ -144,7 +154,7 @@ def paged_decode_attention(q, k_pages, v_pages, block_tables, lengths, *, sm_sca
     def kernel(interp, *args):
         return pl.pallas_call(
             functools.partial(_paged_kernel, sm_scale=sm_scale, pages_per_step=pages_per_step,
-                              steps_per_split=steps_per_split),
+                              steps_per_split=steps_per_split, q_len=T, heads=G),
             grid=(B, K, num_splits),
             in_specs=[
                 pl.BlockSpec((None,), lambda b, h, s: (b,)),
@@ -167,7 +177,8 @@ def paged_decode_attention(q, k_pages, v_pages, block_tables, lengths, *, sm_sca
     o, lse = by_platform(kernel, interpret, lengths, tables, q4, k_pages, v_pages)
 
     o = merge_splits(o, lse)  # (B, K, Gp, Ep)
-    return o[:, :, :G, :E].reshape(B, H, E).astype(q.dtype)
+    o = o[:, :, :T * G, :E].reshape(B, K, T, G, E).transpose(0, 2, 1, 3, 4)
+    return o.reshape(q.shape).astype(q.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale",))
@@ -177,25 +188,28 @@ def paged_decode_attention_reference(q, k_pages, v_pages, block_tables, lengths,
 
     Gathers each sequence's pages through its table into a contiguous [B, S, K, E] cache
     (S = max_pages * page_size, a copy: this is the yardstick, not a fast path), then a masked
-    f32 softmax with GQA as a reshape of q to (B, K, G, E). Values past lengths[b] are zeroed,
+    f32 softmax with GQA as a reshape of q to (B, T, K, G, E). Values past lengths[b] are zeroed,
     so whatever the unused slots hold never reaches the output.
     """
-    B, H, E = q.shape
+    T = 1 if q.ndim == 3 else q.shape[1]
+    B, H, E = q.shape[0], q.shape[-2], q.shape[-1]
     _, page_size, K, _ = k_pages.shape
     S = block_tables.shape[1] * page_size
     sm_scale = sm_scale_or_default(sm_scale, E)
     k = k_pages[block_tables].reshape(B, S, K, E)  # (B, max_pages, page_size, K, E) -> (B, S, K, E)
     v = v_pages[block_tables].reshape(B, S, K, E)
     lengths = jnp.broadcast_to(jnp.asarray(lengths, jnp.int32), (B,))
-    valid = jnp.arange(S)[None, :] < lengths[:, None]  # (B, S)
-    v = jnp.where(valid[:, :, None, None], v, 0)
-    q4 = q.reshape(B, K, H // K, E)  # (B, K, G, E)
-    s = jnp.einsum("BKGE,BSKE->BKGS", q4, k, preferred_element_type=jnp.float32) * sm_scale
-    s = jnp.where(valid[:, None, None, :], s, -jnp.inf)
+    v = jnp.where((jnp.arange(S)[None, :] < lengths[:, None])[:, :, None, None], v, 0)
+    # Query t of sequence b sees the keys before position lengths[b] - T + t + 1.
+    seen = lengths[:, None] - T + 1 + jnp.arange(T)[None, :]  # (B, T)
+    valid = jnp.arange(S)[None, None, :] < seen[:, :, None]  # (B, T, S)
+    q5 = q.reshape(B, T, K, H // K, E)
+    s = jnp.einsum("BTKGE,BSKE->BTKGS", q5, k, preferred_element_type=jnp.float32) * sm_scale
+    s = jnp.where(valid[:, :, None, None, :], s, -jnp.inf)
     m = jnp.max(s, axis=-1, keepdims=True)
     m = jnp.where(jnp.isfinite(m), m, 0.0)  # rows with no key: keep exp(-inf - 0) = 0
     p = jnp.exp(s - m)
-    l = jnp.sum(p, axis=-1)  # (B, K, G)
-    o = jnp.einsum("BKGS,BSKE->BKGE", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    l = jnp.sum(p, axis=-1)  # (B, T, K, G)
+    o = jnp.einsum("BTKGS,BSKE->BTKGE", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
     o = o / jnp.where(l == 0.0, 1.0, l)[..., None]
-    return o.reshape(B, H, E).astype(q.dtype)
+    return o.reshape(q.shape).astype(q.dtype)

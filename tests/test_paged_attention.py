@@ -71,6 +71,24 @@ def test_paged_attention_matches_reference(case, dtype):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("case", ["g4_e128_page16", "g4_e64_page16_splits"])
+def test_several_queries_per_sequence_are_single_queries_at_their_positions(case, dtype):
+    """Speculative decoding's verify: the last T = 5 positions of each sequence at once, each query
+    seeing the keys up to its own; query t equals one query alone at length lengths - T + 1 + t."""
+    B, H, K, E, page_size, max_pages, _, bs = CASES[case]
+    T = 5
+    lengths = [100, T, 144, 37, 200, 17][:B]
+    _, k, v, tables, lengths = paged_inputs(B, H, K, E, page_size, max_pages, lengths, dtype)
+    q = normal(jax.random.PRNGKey(11), (B, T, H, E), dtype)
+    out = paged_decode_attention(q, k, v, tables, lengths, block_sizes=bs)
+    ref = paged_decode_attention_reference(q, k, v, tables, lengths)
+    alone = jnp.stack([paged_decode_attention_reference(q[:, t], k, v, tables, lengths - T + 1 + t)
+                       for t in range(T)], axis=1)
+    np.testing.assert_allclose(np.asarray(ref, np.float32), np.asarray(alone, np.float32), rtol=1e-6, atol=1e-6)
+    check(out, alone, dtype, max_pages * page_size, f"{case} T={T} {jnp.dtype(dtype).name}")
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_blocked_paged_attention_matches_reference(case, dtype):
     """The XLA path: a few pages gathered per loop step (block_k 32: several steps, a ragged last
