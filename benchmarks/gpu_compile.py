@@ -319,8 +319,39 @@ class Hlo:
         # Pallas call reads (a decode step's KV cache is the decode kernel's operand).
         extra = sum(self.operand_bytes(c, i) for c in [comp, *keep] for i in self.instrs[c]
                     if i.opcode == "custom-call")
+        # And it counts a gather's whole operand, and a scatter's whole operand and output, where the
+        # hardware reads the gathered rows and, the scatter updating its operand in place (a donated
+        # pool), writes the scattered ones: a verify's 5-token embedding lookup would read the whole
+        # table, and its 5 new keys write the whole pool, per layer.
+        extra -= sum(self.sparse_overcount(c, i) for c in [comp, *keep] for i in self.instrs[c]
+                     if i.opcode == "fusion")
         self._flat_costs[comp] = {"flops": cost.get("flops", 0.0), "bytes": cost.get("bytes accessed", 0.0) + extra}
         return self._flat_costs[comp]
+
+    def sparse_overcount(self, comp: str, fusion: Instr) -> int:
+        """Bytes HloCostAnalysis counts for a fusion rooted in a gather or an in-place scatter
+        beyond what it touches: a gather's operand (less the rows it reads), a scatter's operand
+        and output (less the updates it writes). 0 for other fusions."""
+        [fused] = fusion.called("calls")
+        root = next(i for i in self.instrs[fused] if i.line.lstrip().startswith("ROOT"))
+        if root.opcode not in ("gather", "scatter"):
+            return 0
+        names = {i.name: i for i in self.instrs[fused]}
+        args = re.findall(r"%([\w.\-]+)", root.line[root.line.index(root.opcode + "(") + len(root.opcode):])
+        source = names.get(args[0])
+        if source is None or source.opcode != "parameter":  # not a fusion operand read directly
+            return 0
+        operand = shape_bytes(source.shape)
+        if root.opcode == "gather":
+            return operand - shape_bytes(root.shape)
+        # In place unless XLA copies the operand first (a buffer not donated): then the copy is
+        # counted apart, and the scatter writes a fresh buffer.
+        fusion_args = fusion.line[fusion.line.index("fusion(") + len("fusion("):]
+        producer = re.findall(r"%([\w.\-]+)", fusion_args[: fusion_args.index(")")])[
+            int(re.search(r"parameter\((\d+)\)", source.line)[1])]
+        if shape_bytes(root.shape) != operand or self.by_name[producer].opcode == "copy":
+            return 0
+        return 2 * operand - shape_bytes(names[args[2]].shape)
 
     def operand_bytes(self, comp: str, instr: Instr) -> int:
         """Bytes of the operands of `instr`, an instruction of computation `comp`."""
@@ -977,8 +1008,12 @@ METHOD = """\
 - **Bytes and FLOPs** come from XLA's HloCostAnalysis (`_jax.hlo_module_cost_analysis`
   on the compiled, per-device module; `compiled.cost_analysis()` is unimplemented for this target).
   It counts a while loop's body once, a Pallas call (a custom call) as its output bytes only with 0
-  FLOPs, and a dynamic-update-slice as the update only; the harness adds each Pallas call's operand
-  bytes (so the decode kernel's read of the KV cache counts). To get one decode step, the decode loop's body
+  FLOPs, a dynamic-update-slice as the update only, but a gather as its whole operand and a scatter
+  as its whole operand and output; the harness adds each Pallas call's operand bytes (so the decode
+  kernel's read of the KV cache counts), counts a gather as the rows it reads and an in-place
+  scatter (into the donated pool: no copy before it) as the rows it writes (a verify's 5-token
+  embedding lookup and its 5 new keys per layer; uncounted, the 8B verify would read 1.16x a decode
+  step, not 1.02x). To get one decode step, the decode loop's body
   (and condition) is cut out of the optimized HLO as a module of its own and analysed; each loop
   inside it (the layer scan) is then counted its known trip count: cost = flat cost + (n - 1) x
   body cost. Prefill (one chunk) and verify (one call): the whole module, loops counted the same way.

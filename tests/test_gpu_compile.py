@@ -157,6 +157,21 @@ def test_a_scanned_decode_counts_every_layer(h100, tmp_path):
     assert _launches(row, "paged_decode_attention") == TINY.n_layers
 
 
+@pytest.mark.parametrize("donated", [True, False], ids=["in_place", "copied"])
+def test_gathers_and_in_place_scatters_count_the_rows_they_touch(h100, donated):
+    # 8 rows of a 4 MB table looked up, and 8 new rows written into a pool: in place when the pool
+    # is donated (a few KB moved), into a copy otherwise (the copy and the new pool counted whole).
+    on = jax.sharding.SingleDeviceSharding(h100)
+    table = jax.ShapeDtypeStruct((8192, 256), jax.numpy.bfloat16, sharding=on)
+    new = jax.ShapeDtypeStruct((8, 256), jax.numpy.bfloat16, sharding=on)
+    rows = jax.ShapeDtypeStruct((8,), jax.numpy.int32, sharding=on)
+    step = lambda table, pool, rows, new: (table[rows], pool.at[rows].set(new, mode="promise_in_bounds"))  # noqa: E731
+    hlo = gpu_compile.Hlo(jax.jit(step, donate_argnums=(1,) if donated else ()).trace(table, table, rows, new)
+                          .lower().compile())
+    moved, whole = hlo.cost(hlo.entry)["bytes"], 8192 * 256 * 2
+    assert moved < whole / 50 if donated else moved > 2 * whole, moved
+
+
 def test_a_verify_is_compared_with_one_decode_step(tiny, tiny_decode, monkeypatch, tmp_path):
     # Speculative decoding (issue 26): the verify of K proposals against one decode step of the
     # same program, as main() pairs them.
