@@ -96,9 +96,9 @@ def test_balanced_order_rejects_bad_length():
 @pytest.mark.parametrize("mesh_name, method, segments, grads", [
     ("cp4", "allgather", True, True),
     ("cp4", "allgather", False, True),
-    ("cp2_tp2", "allgather", True, True),
-    ("dp2_cp2_tp2", "allgather", True, True),
-    ("cp4", "ring", True, True),
+    pytest.param("cp2_tp2", "allgather", True, True, marks=pytest.mark.slow),
+    pytest.param("dp2_cp2_tp2", "allgather", True, True, marks=pytest.mark.slow),
+    pytest.param("cp4", "ring", True, True, marks=pytest.mark.slow),
     ("cp4", "ring", False, False),
     ("cp2_tp2", "ring", True, False),
     ("dp2_cp2_tp2", "ring", False, False),
@@ -110,6 +110,7 @@ def test_attention_matches_single_device(mesh_name, method, segments, grads, mon
     check_attention(mesh_name, method, segments, grads)
 
 
+@pytest.mark.slow
 def test_allgather_pallas_with_grads():
     # The Pallas kernel in interpret mode, forward and backward, on a tiny shape.
     check_attention("cp2_tp2", "allgather", True, True, impl="pallas", t=16)

@@ -269,7 +269,8 @@ def test_gguf_blocks_are_kept_byte_for_byte(gguf_converted):
     assert size < 0.21 * 4 * 134.5e6, size
 
 
-@pytest.mark.parametrize("fmt", ["int8", "int4", "fp8"])
+@pytest.mark.parametrize("fmt", [pytest.param("int8", marks=pytest.mark.slow), "int4",
+                                 pytest.param("fp8", marks=pytest.mark.slow)])
 def test_convert_quantize_stores_what_load_quantizes(tiny_hf, ids, tmp_path, fmt):
     """convert --quantize (a layer at a time, as it streams) stores the weights load(quantize=)
     makes from the float checkpoint (the whole stack at once): the same logits, and a checkpoint
@@ -285,6 +286,7 @@ def test_convert_quantize_stores_what_load_quantizes(tiny_hf, ids, tmp_path, fmt
     np.testing.assert_array_equal(stored.logits(ids), at_load.logits(ids))
 
 
+@pytest.mark.slow
 def test_quantized_checkpoint_on_a_tensor_parallel_mesh(tiny_hf, ids, tmp_path):
     """Each device reads its shard of a quantized weight's parts (scales with their rows) and the
     sharded model computes the single-device logits; greedy tokens agree too."""
@@ -335,6 +337,7 @@ def test_peak_memory_is_bounded(big_hf, tmp_path):
     assert config.n_layers == BIG.n_layers and params["layers"]["feed_forward"]["w2"].shape == (6, 2816, 1024)
 
 
+@pytest.mark.slow
 def test_sigkill_leaves_no_dst_and_next_run_cleans_up(big_hf, tmp_path):
     src, _ = big_hf
     dst = tmp_path / "out"
@@ -470,6 +473,7 @@ def bad_runs(tiny_hf, tmp_path_factory):
     return results
 
 
+@pytest.mark.slow  # the cases run as subprocesses
 @pytest.mark.parametrize("name", BAD_CASES)
 def test_bad_input_is_one_line_and_leaves_nothing(bad_runs, name, capsys):
     (argv, needle, code), dst, rc, err = bad_runs[name]
