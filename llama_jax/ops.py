@@ -248,8 +248,9 @@ def decode_attention(q, k_cache, v_cache, *, lengths, impl="auto", cpu_kernels=F
 
 # Queries per sequence up to which the Triton paged kernel takes a chunk (speculative decoding's
 # verify: K + 1 positions) reading the pages in place, every page once for all of them. Longer
-# chunks (prefill) gather their pages into a contiguous cache for the flash kernel's tiles.
-MAX_PAGED_QUERIES = 16
+# chunks (prefill) gather their pages into a contiguous cache for the flash kernel's tiles. A
+# program's query rows are these positions times the GQA group, in registers: 8 x 8 at most.
+MAX_PAGED_QUERIES = 8
 
 
 def paged_attention(q, k_pages, v_pages, block_tables, *, start, impl="auto", cpu_kernels=False):
@@ -263,16 +264,16 @@ def paged_attention(q, k_pages, v_pages, block_tables, *, start, impl="auto", cp
     queries per row. Otherwise the pages are gathered into a [B, max_pages * page_size] cache and
     attended as a chunk of a contiguous one (prefill_attention)."""
     b, t = q.shape[:2]
-    kernel_takes = resolve(impl) != "xla" and t <= MAX_PAGED_QUERIES
-    if t == 1 and resolve(impl) == "xla":
+    xla = resolve(impl) == "xla"
+    if t == 1 and xla:
         lengths = start + 1
-        xla = functools.partial(pk.blocked_paged_decode_attention, lengths=lengths)
+        blocked = functools.partial(pk.blocked_paged_decode_attention, lengths=lengths)
         q = q[:, 0]
         if not _cpu_serves(cpu_kernels, q, k_pages, v_pages):
-            return xla(q, k_pages, v_pages, block_tables)[:, None]
-        return _cpu_or(functools.partial(ck.paged_decode_attention, lengths=lengths), xla, q, k_pages, v_pages,
-                       block_tables)[:, None]
-    if kernel_takes:
+            return blocked(q, k_pages, v_pages, block_tables)[:, None]
+        return _cpu_or(functools.partial(ck.paged_decode_attention, lengths=lengths), blocked, q, k_pages,
+                       v_pages, block_tables)[:, None]
+    if not xla and t <= MAX_PAGED_QUERIES:
         kernel = lambda q, k, v, table, n: pk.paged_decode_attention(q, k, v, table, n)  # noqa: E731
         axes = [HEADS, PAGE_AXES, PAGE_AXES, BLOCK_TABLE, PER_ROW]
         return _per_device(kernel, axes, HEADS)(q, k_pages, v_pages, block_tables, start + t)
