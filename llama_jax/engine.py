@@ -570,8 +570,9 @@ class Engine:
         """Compiles, before any request, what short requests run: a one-row prefill of each chunk
         length up to 256 tokens, and a decode call (and a verify, when speculating, and the draft's
         prefills and decodes) for each power of two of rows up to max_batch (longer chunks and
-        batched prefills compile on first use, or come from JAX's compilation cache). The programs compile ahead of time, several at once (XLA compiles one on one
-        core). Returns the programs prepared, by name (compiled, or read from the cache)."""
+        batched prefills compile on first use, or come from JAX's compilation cache). The programs
+        compile ahead of time, several at once (XLA compiles one on one core). Returns the
+        programs prepared, by name (compiled, or read from the cache)."""
         before = ModelRunner.compiled_programs()
         r, d = self.runner, self.draft_runner
         programs = []
