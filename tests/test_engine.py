@@ -5,8 +5,11 @@ prefix cache, no preemption: a separate implementation), run on each request alo
 itself is held to transformers in test_generate.py and test_model.py.
 """
 
+import itertools
+
 import numpy as np
 import pytest
+import scipy.special
 
 from llama_jax import api, requests
 from llama_jax import generate as gen
@@ -41,11 +44,13 @@ def _alone(llm, prompt, max_new, **sampling):
     return rows[0]
 
 
-def _run(engine, prompts, max_new, **sampling):
-    """Every request added at once, the engine stepped to the end: (token ids, last Output) of each."""
+def _run(engine, prompts, max_new, seeds=None, **sampling):
+    """Every request added at once, the engine stepped to the end: (token ids, last Output) of each.
+    seeds: one per request, instead of sampling's."""
     outs = [[] for _ in prompts]
     for i, (p, m) in enumerate(zip(prompts, max_new)):
-        engine.add(engine.make_request(p, max_new_tokens=m, ignore_eos=True, **sampling), outs[i].append)
+        seed = {} if seeds is None else {"seed": seeds[i]}
+        engine.add(engine.make_request(p, max_new_tokens=m, ignore_eos=True, **sampling, **seed), outs[i].append)
     peak = 0
     while engine.has_work():
         engine.step()
@@ -237,6 +242,40 @@ def test_draft_speculation_gives_the_same_tokens(llm, sampling):
         assert got == want
         rate = engine.spec_accepted / engine.spec_proposed
         assert rate == 1.0 if acceptance == 1.0 else rate < acceptance, rate
+
+
+def test_sampled_speculation_draws_from_the_targets_distribution():
+    """Sampled with a random draft (so proposals are kept, and missed, at random), the tokens a
+    verify makes follow the target's own distribution: 3000 requests of one prompt (seeds 0..2999),
+    their 2nd to 4th tokens (the first is the prefill's, the rest one verify's: two proposals and the
+    target's token), counted in the 6^3 joint outcomes and held to the exact distribution by a
+    chi-square test. The exact distribution sums the target's conditional probabilities over every
+    4-token continuation; the same test must reject the draft's (it could tell them apart)."""
+    from scipy import stats
+
+    vocab, temperature, n = 6, 0.8, 3000
+    config = LlamaConfig(vocab_size=vocab, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=64)
+    target, draft = api.from_config(config, seed=1), api.from_config(config, seed=2)
+    prompt = [1, 2, 3, 4, 5]
+    engine = Engine(target, max_batch=64, block_size=8, prefill_chunk=32,
+                    speculative={"method": "draft", "model": draft, "num_speculative_tokens": 3})
+    got, _, _ = _run(engine, [prompt] * n, [4] * n, temperature=temperature, seeds=range(n))
+    assert 0.1 < engine.spec_accepted / engine.spec_proposed < 0.9
+    outcome = np.array(got)[:, 1:] @ vocab ** np.arange(2, -1, -1)
+    counts = np.bincount(outcome, minlength=vocab**3)
+
+    def chi_square_p(model) -> float:
+        seqs = np.array(list(itertools.product(range(vocab), repeat=4)))
+        logits = model.logits([prompt + list(s) for s in seqs])[:, len(prompt) - 1:-1].astype(np.float64)
+        logp = scipy.special.log_softmax(logits / temperature, axis=-1)
+        p = np.exp(np.take_along_axis(logp, seqs[..., None], -1).sum((1, 2)))
+        want = p.reshape(vocab, -1).sum(0) * n  # summed over the first token
+        rare = want < 5  # pooled, as the test's approximation needs
+        return stats.chisquare(np.append(counts[~rare], counts[rare].sum()),
+                               np.append(want[~rare], want[rare].sum())).pvalue
+
+    assert chi_square_p(target) > 1e-3
+    assert chi_square_p(draft) < 1e-6
 
 
 def test_draft_must_share_the_vocabulary(llm, tmp_path):
