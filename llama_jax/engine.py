@@ -54,6 +54,7 @@ MIN_TABLE_WIDTH = 16  # blocks: a prefill's block table is padded to a power of 
 # at 4 (each call's tokens cost a round of Python and a streamed chunk); a new request waits at most
 # one call to start (8 steps: about 130 ms for one SmolLM2 row on 2 CPU cores).
 DEFAULT_DECODE_STEPS = 8
+MAX_SPEC_MISSES = 4  # the backoff after verifies that keep nothing grows no further (_verify)
 
 
 class QueueFull(Exception):
@@ -327,15 +328,13 @@ class Engine:
         return min(self.decode_steps, self.speculative.num_speculative_tokens + 1)
 
     def _propose(self, seqs: list[Seq]) -> list[list[int]]:
-        """Each sequence's proposed next tokens, none while it backs off: after a verify that kept
-        none of its proposals a sequence proposes again only after 1, 2, 4 ... 16 decode calls, so
-        speculation costs little where guesses fail."""
+        """Each sequence's proposed next tokens, none while it backs off (see _verify)."""
         sp = self.speculative
         sizes = []
         for seq in seqs:
             room = seq.params.max_new_tokens - len(seq.generated) - 1  # the verify adds one token of its own
-            sizes.append(0 if seq.spec_wait else max(0, min(sp.num_speculative_tokens, room)))
-            seq.spec_wait = max(0, seq.spec_wait - 1)
+            backing_off = len(seq.tokens) < seq.spec_resume
+            sizes.append(0 if backing_off else max(0, min(sp.num_speculative_tokens, room)))
         if sp.method == "draft":
             return self._propose_draft(seqs, sizes)
         return [propose_ngram(seq.tokens, k, sp.prompt_lookup_max, sp.prompt_lookup_min) if k else []
@@ -353,16 +352,12 @@ class Engine:
         self._draft_catch_up(chosen)
         steps = self.speculative.num_speculative_tokens + 1
         b = bucket(len(chosen), minimum=1)
-        rows = Rows(token=np.zeros(b, np.int32), pos=np.zeros(b, np.int32), count=np.zeros(b, np.int32),
-                    max_new=np.full(b, steps, np.int32), stop_ids=np.full((b, MAX_STOP_IDS), -1, np.int32),
-                    live=np.arange(b) < len(chosen), sampling=self._sampling(chosen, b))
-        for i, seq in enumerate(chosen):
-            rows.token[i], rows.pos[i], rows.count[i] = seq.tokens[-1], len(seq.tokens) - 1, len(seq.generated)
-            rows.max_new[i] += len(seq.generated)
+        for seq in chosen:
             # Its keys and values at the K + 1 positions from the last token on: _verify keeps those
             # of the proposals the target keeps.
             seq.draft_computed = len(seq.tokens) - 1 + steps
-        out, _ = self.draft_runner.decode(steps, rows, self._table(chosen, b, self.max_width))
+        out, _ = self.draft_runner.decode(steps, self._rows(chosen, b, steps),
+                                          self._table(chosen, b, self.max_width))
         drafted = {seq: [int(t) for t in out[i]] for i, seq in enumerate(chosen)}
         return [drafted[seq][:k] if k else [] for seq, k in zip(seqs, sizes)]
 
@@ -388,6 +383,11 @@ class Engine:
                 seq.draft_computed += n
 
     def _verify(self, seqs: list[Seq], proposals: list[list[int]]) -> None:
+        """One forward of each row's last token and proposals: keeps the proposals up to the first
+        the target samples otherwise, then its own token. A verify that keeps none costs the
+        sequence its proposing for the next (K + 1) * 4^(m - 1) tokens, m such verifies in a row (up
+        to 4: at K = 4, 5, 20, 80 then 320 tokens), so where guesses fail a verify, dearer than a
+        decode step, comes seldom."""
         r, c = bucket(len(seqs), minimum=1), self.speculative.num_speculative_tokens + 1
         tokens, start, count = np.zeros((r, c), np.int32), np.zeros(r, np.int32), np.zeros(r, np.int32)
         for i, (seq, drafts) in enumerate(zip(seqs, proposals)):
@@ -404,8 +404,9 @@ class Engine:
                 self.spec_steps += 1
                 self.spec_proposed += len(drafts)
                 self.spec_accepted += kept
-                seq.spec_misses = 0 if kept else min(seq.spec_misses + 1, 5)
-                seq.spec_wait = 0 if kept else 2 ** (seq.spec_misses - 1)
+                seq.spec_misses = 0 if kept else min(seq.spec_misses + 1, MAX_SPEC_MISSES)
+                if not kept:
+                    seq.spec_resume = len(seq.tokens) + 1 + c * 4 ** (seq.spec_misses - 1)
             # The draft's pool holds the last token and the kept proposals, not what followed them.
             seq.draft_computed = min(seq.draft_computed, len(seq.tokens) + kept)
             new = [int(t) for t in out[i, :kept + 1]]  # the kept proposals, then the model's own next token
@@ -470,17 +471,25 @@ class Engine:
                     h.matcher.accept(int(out[i]))
                 self._emit(h, [int(out[i])], lps=_token_logprobs(lp, h, i, slice(None)))
 
+    def _rows(self, seqs: list[Seq], rows: int, steps: int | None = None) -> Rows:
+        """A decode call's rows for seqs, padded to `rows`: from each one's last token, stopping at
+        its stop ids and max_new_tokens, or (a draft's call) after `steps` tokens, at no stop id."""
+        r = Rows(token=np.zeros(rows, np.int32), pos=np.zeros(rows, np.int32), count=np.zeros(rows, np.int32),
+                 max_new=np.ones(rows, np.int32), stop_ids=np.full((rows, MAX_STOP_IDS), -1, np.int32),
+                 live=np.arange(rows) < len(seqs), sampling=self._sampling(seqs, rows))
+        for i, seq in enumerate(seqs):
+            p, made = seq.params, len(seq.generated)
+            r.token[i], r.pos[i], r.count[i] = seq.tokens[-1], len(seq.tokens) - 1, made
+            if steps is None:
+                r.max_new[i] = p.max_new_tokens
+                r.stop_ids[i, :len(p.stop_token_ids)] = p.stop_token_ids
+            else:
+                r.max_new[i] = made + steps
+        return r
+
     def _decode(self, seqs: list[Seq]) -> None:
         b = bucket(len(seqs), minimum=1)
-        stop_ids = np.full((b, MAX_STOP_IDS), -1, np.int32)
-        rows = Rows(token=np.zeros(b, np.int32), pos=np.zeros(b, np.int32), count=np.zeros(b, np.int32),
-                    max_new=np.ones(b, np.int32), stop_ids=stop_ids, live=np.zeros(b, bool),
-                    sampling=self._sampling(seqs, b))
-        for i, seq in enumerate(seqs):
-            p = seq.params
-            rows.token[i], rows.pos[i], rows.count[i] = seq.tokens[-1], len(seq.tokens) - 1, len(seq.generated)
-            rows.max_new[i], rows.live[i] = p.max_new_tokens, True
-            stop_ids[i, :len(p.stop_token_ids)] = p.stop_token_ids
+        rows = self._rows(seqs, b)
         handles = [self.handles[seq] for seq in seqs]
         matchers = [h.matcher for h in handles] + [None] * (b - len(seqs))
         logprobs = any(h.request.params.logprobs is not None for h in handles)

@@ -56,7 +56,7 @@ class Sequence:
     prefilled: bool = False  # every known token computed and the next one sampled: decoding
     cached_tokens: int = 0  # prompt tokens the prefix cache held when it was first admitted
     spec_misses: int = 0  # speculation: verifies in a row that kept none of its proposals
-    spec_wait: int = 0  # speculation: decode calls to go before it proposes again
+    spec_resume: int = 0  # speculation: it proposes again once it holds this many tokens
     adapter: int = 0  # the LoRA adapter its products apply (llama_jax.lora.bank's index; 0: none)
     id: int = dataclasses.field(default_factory=itertools.count().__next__)  # arrival order
 
