@@ -22,13 +22,16 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import contextlib
+import io
 import statistics
-import this
 
 import llama_jax
 from llama_jax.api import Llama
 from llama_jax.default_model import default_model_path
 
+with contextlib.redirect_stdout(io.StringIO()):  # importing `this` prints the Zen
+    import this
 ZEN = codecs.decode(this.s, "rot13")
 
 KINDS = {
