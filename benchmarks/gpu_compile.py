@@ -55,7 +55,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout
 
 import llama_jax  # noqa: E402
 import pallas_kernels as pk  # noqa: E402
-from pallas_kernels.mosaic import flash_attention_mosaic  # noqa: E402
+from pallas_kernels.mosaic import flash_attention_mosaic, quant_matmul_mosaic  # noqa: E402
 from llama_jax import engine, generate, quant, runner, scheduler, sharding, train  # noqa: E402
 from llama_jax import model as model_lib  # noqa: E402
 from llama_jax.api import INFERENCE_LAYOUT  # noqa: E402
@@ -67,7 +67,8 @@ from hlo_shapes import shape_bytes  # noqa: E402
 TARGET = ROOT / "benchmarks" / "gpu" / "h100_sxm.txtpb"
 OUR_KERNELS = ("flash_attention_fwd", "flash_attention_dq", "flash_attention_dkv", "decode_attention",
                "paged_decode_attention", "rms_norm_fwd", "rms_norm_bwd", "quant_matmul")
-MOSAIC_KERNELS = "mosaic_flash_attention_"  # Mosaic GPU kernels compile outside XLA's dump
+# Name prefixes of the Mosaic GPU kernels (they compile outside XLA's dump: see mosaic_stats).
+MOSAIC_KERNELS = ("mosaic_flash_attention_", "mosaic_quant_matmul_")
 H100_SMEM = 227 * 1024  # opt-in shared memory per block
 H100_FLOPS, H100_BYTES_PER_S = 989e12, 3.35e12  # dense bf16, HBM3
 BYTES_SLACK = 1.05  # a decode step may read 5% more than weights + KV cache
@@ -458,6 +459,13 @@ def quant_case(fmt, m, n, k, group_size=None, mins=False) -> KernelCase:
     return KernelCase(f"quant {kind} M{m} N{n} K{k}", f, [_sds(m, k), values, scales] + [scales] * mins)
 
 
+def mosaic_quant_case(fmt, m, n, k, group_size=None, mins=False) -> KernelCase:
+    """The Mosaic GPU (Hopper) quantized prefill product, operands as quant_case's."""
+    base = quant_case(fmt, m, n, k, group_size, mins)
+    f = lambda x, v, s, *mn: quant_matmul_mosaic(x, v, s, *mn, fmt=fmt, group_size=group_size)  # noqa: E731
+    return KernelCase("mosaic " + base.label, f, base.args, mosaic=True)
+
+
 QUANT_VALUES = {"int8": jnp.int8, "fp8": jnp.float8_e4m3fn}
 # Llama 3.1 8B's products (N, K): wq/wo, w1/w3, w2, the output head.
 QUANT_SHAPES_8B = ((4096, 4096), (14336, 4096), (4096, 14336), (128256, 4096))
@@ -497,6 +505,8 @@ def kernel_cases(quick=False) -> list[KernelCase]:
     cases += [mosaic_case(e, c, t) for e, c, t in ((64, True, 2048), (64, False, 8192), (128, True, 8192),
                                                     (128, False, 2048))]
     cases += [mosaic_case(64, False, 1024, grad=True), mosaic_case(128, True, 8192, grad=True)]
+    # The Mosaic GPU quantized prefill product at 8B's w1/w3 shape (a 2048-token chunk).
+    cases += [mosaic_quant_case(fmt, 2048, 14336, 4096, g) for fmt, g in (("int8", None), ("int4", 32))]
     return cases
 
 
@@ -544,9 +554,11 @@ def mosaic_stats(dump_dir) -> dict:
     in dump_dir: ptxas' report, the PTX (wgmma.mma_async and TMA's cp.async.bulk.tensor present?
     threads from .maxntid) and the launch's dynamic shared memory from the lowered MLIR."""
     stats = {}
-    for ptx in sorted(glob.glob(os.path.join(dump_dir, MOSAIC_KERNELS + "*.ptx"))):
+    for ptx in sorted(glob.glob(os.path.join(dump_dir, "*.ptx"))):
         base = ptx[:-len(".ptx")]
         name = os.path.basename(base)
+        if not name.startswith(MOSAIC_KERNELS):
+            continue
         text = Path(ptx).read_text()
         report = Path(base + ".ptxas").read_text() if os.path.exists(base + ".ptxas") else ""
         passes = Path(base + ".mlir-passes.log").read_text() if os.path.exists(base + ".mlir-passes.log") else ""

@@ -154,7 +154,7 @@ def supports(fmt: str, group_size: int | None, k: int) -> bool:
     return fmt in FORMATS and group > 0 and k % group == 0 and _tiles_hold_groups(fmt, group, k)
 
 
-def _check(x, values, scales, mins, fmt, group_size):
+def check_operands(x, values, scales, mins, fmt, group_size):
     """K and G from the operands; raises ValueError on a mismatch."""
     if fmt not in FORMATS:
         raise ValueError(f"quant_matmul: format {fmt!r} is not one of {FORMATS}")
@@ -236,14 +236,14 @@ def _product_bwd(static, residuals, dy):
     values, scales, mins = residuals
     opts = dict(static)
     dtype = opts["x_dtype"]
-    dx = _transposed_product(dy, values, scales, mins, fmt=opts["fmt"], group_size=opts["group"], dtype=dtype)
-    return dx.astype(dtype), _zero_cotangent(values), _zero_cotangent(scales), _zero_cotangent(mins)
+    dx = transposed_product(dy, values, scales, mins, fmt=opts["fmt"], group_size=opts["group"], dtype=dtype)
+    return dx.astype(dtype), zero_cotangent(values), zero_cotangent(scales), zero_cotangent(mins)
 
 
 _product.defvjp(_product_fwd, _product_bwd)
 
 
-def _zero_cotangent(a):
+def zero_cotangent(a):
     """The cotangent of a frozen operand: zeros (float0 for integer arrays, as JAX requires)."""
     if a is None:
         return None
@@ -273,7 +273,7 @@ def quant_matmul(x, values, scales, mins=None, *, fmt, group_size=None, block_si
     Returns:
       [..., N] float32.
     """
-    n, k, group = _check(x, values, scales, mins, fmt, group_size)
+    n, k, group = check_operands(x, values, scales, mins, fmt, group_size)
     x2 = x.reshape(-1, k)  # (M, K)
     if not jnp.issubdtype(x2.dtype, jnp.floating):
         x2 = x2.astype(jnp.float32)
@@ -318,7 +318,7 @@ def quant_matmul_reference(x, values, scales, mins=None, *, fmt, group_size=None
     return jnp.einsum("...K,NK->...N", x.astype(cdt), w, preferred_element_type=jnp.float32)
 
 
-def _transposed_product(dy, values, scales, mins, *, fmt, group_size, dtype):
+def transposed_product(dy, values, scales, mins, *, fmt, group_size, dtype):
     """dy [M, N] @ W [N, K] -> [M, K] f32, operands in `dtype` (x's), accumulated in f32."""
     cdt = dtype if jnp.issubdtype(dtype, jnp.floating) else jnp.float32
     if fmt != "int4" and (group_size is None or group_size == values.shape[1]):

@@ -23,7 +23,7 @@ simulated, races detectable), and that shapes the code (probed on jax 0.10.2):
 - grid and warpgroup indices come from `lax.axis_index` of named axes (`pl.program_id` is 0 in the
   interpreter).
 - register layouts (`plgpu.Layout.WGMMA...`) are named only in the compiled kernel: the interpreter
-  has no layouts and rejects the casts, the compiler needs them (see `_Regs`).
+  has no layouts and rejects the casts, the compiler needs them (see `Regs`).
 
 Softmax in base 2 with the logit scale folded into one multiply; f32 statistics and accumulators; P
 and dS rounded to the input dtype for their wgmma, as FA2/FA3 do. The forward saves the log-sum-exp
@@ -36,78 +36,19 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels._common import (LOG2E, MASK_VALUE, by_platform, normalize_masks, pad_axis,
                                     round_up, sm_scale_or_default)
+from pallas_kernels.mosaic._common import launch, mma, mma_add, produce, smem, spread
 
 _WGS = 2  # compute warpgroups per CTA; warpgroup index _WGS issues the TMA copies
 _LN2_INV = 1.0 / 0.6931471805599453  # log2(x) = log(x) / ln 2
-# 16-bit operands in shared memory as wgmma reads them: (8, 64) tiles, 128-byte swizzle.
-_MMA_TRANSFORMS = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
 
 # --- Pieces the three kernels share ------------------------------------------------------------------
-
-
-class _Regs:
-    """Register values in the layouts wgmma gives and takes. The compiled kernel names the layout of
-    every value it makes (a zero accumulator, an iota, a row vector read from shared memory); the
-    interpreter computes with plain arrays and rejects layout casts, so there the names are left out.
-    Layouts do not change a value, only where its elements live."""
-
-    def __init__(self, interpret: bool):
-        self.interpret = interpret
-
-    def _cast(self, x, layout):
-        return x if self.interpret else plgpu.layout_cast(x, layout)
-
-    def zeros(self, shape):
-        """f32 zeros laid out as a wgmma accumulator (2D) or one of its row statistics (1D)."""
-        layout = plgpu.Layout.WGMMA if len(shape) == 2 else plgpu.Layout.WGMMA.reduce(1)
-        return self._cast(jnp.zeros(shape, jnp.float32), layout)
-
-    def full_rows(self, n, value):
-        return self._cast(jnp.full((n,), value, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-
-    def iota(self, shape, dim):
-        if self.interpret:
-            return lax.broadcasted_iota(jnp.int32, shape, dim)
-        return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
-
-    def load(self, ref, along: int):
-        """A vector from shared memory that indexes axis `along` of a wgmma result (0: rows)."""
-        if self.interpret:
-            return ref[...]
-        return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(1 - along))
-
-
-def _mma(a_ref, b_ref, shape):
-    """a @ b (both in shared memory) into a fresh f32 accumulator, returned in registers."""
-    def body(acc_ref):
-        plgpu.wgmma(acc_ref, a_ref, b_ref)
-        return acc_ref[...]
-    return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
-
-
-def _mma_add(regs, acc, a_ref, b_ref):
-    """acc + a @ b. Compiled: wgmma accumulates into acc in place (no second accumulator's worth of
-    registers: dk and dv at head dim 128 spill without this). Interpreted: a fresh accumulator
-    added in registers (the interpreter has no `run_state`). Same sums, in f32 either way."""
-    if regs.interpret:
-        return acc + _mma(a_ref, b_ref, acc.shape)
-
-    def body(acc_ref):
-        plgpu.wgmma(acc_ref, a_ref, b_ref)
-    return pl.run_state(body)(plgpu.ACC.init(acc))
-
-
-def _spread(x, shape, dim):
-    """A vector along axis `dim` of a 2D tile, broadcast over the other axis."""
-    return lax.broadcast_in_dim(x, shape, [dim])
 
 
 def _visible(regs, shape, q_dim, q_pos, k_pos, kv_len, causal, q_seg, kv_seg):
@@ -119,7 +60,7 @@ def _visible(regs, shape, q_dim, q_pos, k_pos, kv_len, causal, q_seg, kv_seg):
     if causal:
         mask = mask & (k_idx <= q_pos + regs.iota(shape, q_dim))
     if q_seg is not None:
-        mask = mask & (_spread(q_seg, shape, q_dim) == _spread(kv_seg, shape, k_dim))
+        mask = mask & (spread(q_seg, shape, q_dim) == spread(kv_seg, shape, k_dim))
     return mask
 
 
@@ -152,29 +93,6 @@ def _query_blocks(k_row, rows, q_off, kv_len, block_q, num_q_blocks, causal, seg
     ragged = segmented | (k_row + rows > kv_len)
     first_full = jnp.where(ragged, num_q_blocks, jnp.clip(first_full, first, num_q_blocks))
     return first, first_full
-
-
-def _produce(ranges, loaded, consumed, depth):
-    """The TMA warpgroup's loop. ranges: [(lo, hi, copies)], run in order; copies(i, slot, barrier)
-    issues step i's copies into ring slot `slot`, refilled only once both consumers released it."""
-    def step(i, t, copies):
-        slot = lax.rem(t, depth)
-
-        @pl.when(t >= depth)
-        def _():
-            plgpu.barrier_wait(consumed.at[slot])
-        copies(i, slot, loaded.at[slot])
-        return t + 1
-
-    t = jnp.int32(0)
-    for lo, hi, copies in ranges:
-        t = lax.fori_loop(lo, hi, functools.partial(step, copies=copies), t)
-
-    # Wait out the last slots' releases too: a thread that waits on a barrier must see every phase
-    # of it (the interpreter checks; on the GPU this only delays the producer's exit).
-    @functools.partial(lax.fori_loop, jnp.maximum(t - depth, 0), t, init_val=None)
-    def _(u, _):
-        plgpu.barrier_wait(consumed.at[lax.rem(u, depth)])
 
 
 def _store(tile_smem, vec_smem, dst_tile, dst_vec):
@@ -216,7 +134,7 @@ def _fwd_kernel(q_off_ref, kv_len_ref, q_ref, kt_ref, v_ref, *refs, sm_scale, ca
             plgpu.copy_gmem_to_smem(v_ref.at[b, ks, kv_h], s["v"].at[slot], barrier)
             if segmented:
                 plgpu.copy_gmem_to_smem(kv_seg_ref.at[b, ks], s["kv_seg"].at[slot], barrier)
-        _produce([(0, n, copies)], s["loaded"], s["consumed"], depth)
+        produce([(0, n, copies)], s["loaded"], s["consumed"], depth)
 
     @pl.when(wg < wgs)
     def _consumer():
@@ -236,29 +154,29 @@ def _fwd_kernel(q_off_ref, kv_len_ref, q_ref, kt_ref, v_ref, *refs, sm_scale, ca
             acc, m, l = carry
             slot = lax.rem(j, depth)
             plgpu.barrier_wait(s["loaded"].at[slot])
-            x = _mma(q_smem, s["kt"].at[slot], (block_q, block_k)) * scale  # (block_q, block_k)
+            x = mma(q_smem, s["kt"].at[slot], (block_q, block_k)) * scale  # (block_q, block_k)
             if masked:
                 kv_seg = regs.load(s["kv_seg"].at[slot], 1) if segmented else None
                 mask = _visible(regs, x.shape, 0, q_off + row, j * block_k, kv_len, causal, q_seg, kv_seg)
                 x = jnp.where(mask, x, MASK_VALUE)
             m_new = jnp.maximum(m, x.max(axis=1))
-            p = jnp.exp2(x - _spread(m_new, x.shape, 0))
+            p = jnp.exp2(x - spread(m_new, x.shape, 0))
             if masked:  # a row with no visible key so far must add nothing
                 p = jnp.where(mask, p, 0.0)
             alpha = jnp.exp2(m - m_new)
             l = l * alpha + p.sum(axis=1)
             p_smem[...] = p.astype(p_smem.dtype)
             plgpu.commit_smem()
-            pv = _mma(p_smem, s["v"].at[slot], (block_q, E))  # (block_q, E)
+            pv = mma(p_smem, s["v"].at[slot], (block_q, E))  # (block_q, E)
             plgpu.barrier_arrive(s["consumed"].at[slot])
-            return acc * _spread(alpha, acc.shape, 0) + pv, m_new, l
+            return acc * spread(alpha, acc.shape, 0) + pv, m_new, l
 
         carry = (regs.zeros((block_q, E)), regs.full_rows(block_q, MASK_VALUE), regs.zeros((block_q,)))
         carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
         acc, m, l = lax.fori_loop(n_full, n, functools.partial(step, masked=True), carry)
         empty = l == 0.0  # a query that sees no key: output 0, and an lse that zeroes its p
         l = jnp.where(empty, 1.0, l)
-        q_smem[...] = (acc / _spread(l, acc.shape, 0)).astype(q_smem.dtype)
+        q_smem[...] = (acc / spread(l, acc.shape, 0)).astype(q_smem.dtype)
         s["lse"].at[wg][...] = jnp.where(empty, -MASK_VALUE, m + jnp.log(l) * _LN2_INV)
         _store(q_smem, s["lse"].at[wg], o_ref.at[b, rows, h], lse_ref.at[b, h, rows])
 
@@ -292,7 +210,7 @@ def _dq_kernel(q_off_ref, kv_len_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, 
             plgpu.copy_gmem_to_smem(k_ref.at[b, ks, kv_h], s["k"].at[slot], barrier)
             if segmented:
                 plgpu.copy_gmem_to_smem(kv_seg_ref.at[b, ks], s["kv_seg"].at[slot], barrier)
-        _produce([(0, n, copies)], s["loaded"], s["consumed"], depth)
+        produce([(0, n, copies)], s["loaded"], s["consumed"], depth)
 
     @pl.when(wg < wgs)
     def _consumer():
@@ -316,16 +234,16 @@ def _dq_kernel(q_off_ref, kv_len_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, 
         def step(j, dq, masked):
             slot = lax.rem(j, depth)
             plgpu.barrier_wait(s["loaded"].at[slot])
-            x = _mma(q_smem, s["kt"].at[slot], (block_q, block_k)) * scale  # (block_q, block_k)
-            p = jnp.exp2(x - _spread(lse, x.shape, 0))
+            x = mma(q_smem, s["kt"].at[slot], (block_q, block_k)) * scale  # (block_q, block_k)
+            p = jnp.exp2(x - spread(lse, x.shape, 0))
             if masked:
                 kv_seg = regs.load(s["kv_seg"].at[slot], 1) if segmented else None
                 p = jnp.where(_visible(regs, x.shape, 0, q_off + row, j * block_k, kv_len, causal,
                                        q_seg, kv_seg), p, 0.0)
-            dp = _mma(do_smem, s["vt"].at[slot], (block_q, block_k))
-            ds_smem[...] = (p * (dp - _spread(delta, dp.shape, 0))).astype(ds_smem.dtype)
+            dp = mma(do_smem, s["vt"].at[slot], (block_q, block_k))
+            ds_smem[...] = (p * (dp - spread(delta, dp.shape, 0))).astype(ds_smem.dtype)
             plgpu.commit_smem()
-            part = _mma(ds_smem, s["k"].at[slot], (block_q, E))  # (block_q, E)
+            part = mma(ds_smem, s["k"].at[slot], (block_q, E))  # (block_q, E)
             plgpu.barrier_arrive(s["consumed"].at[slot])
             return dq + part
 
@@ -380,7 +298,7 @@ def _dkv_kernel(q_off_ref, kv_len_ref, k_ref, v_ref, q_ref, qt_ref, do_ref, dot_
                 src["q_seg"] = q_seg_ref.at[b, qs]
             for name in _dkv_streams(outputs, segmented):
                 plgpu.copy_gmem_to_smem(src[name], s[name].at[slot], barrier)
-        _produce(head_steps(copies), s["loaded"], s["consumed"], depth)
+        produce(head_steps(copies), s["loaded"], s["consumed"], depth)
 
     @pl.when(wg < wgs)
     def _consumer():
@@ -405,8 +323,8 @@ def _dkv_kernel(q_off_ref, kv_len_ref, k_ref, v_ref, q_ref, qt_ref, do_ref, dot_
             dk, dv, t = carry
             slot = lax.rem(t, depth)
             plgpu.barrier_wait(s["loaded"].at[slot])
-            x = _mma(k_smem, s["qt"].at[slot], shape) * scale  # S^T (block_k, block_q)
-            p = jnp.exp2(x - _spread(regs.load(s["lse"].at[slot], 1), shape, 1))
+            x = mma(k_smem, s["qt"].at[slot], shape) * scale  # S^T (block_k, block_q)
+            p = jnp.exp2(x - spread(regs.load(s["lse"].at[slot], 1), shape, 1))
             if masked:
                 q_seg = regs.load(s["q_seg"].at[slot], 1) if segmented else None
                 p = jnp.where(_visible(regs, shape, 1, q_off + i * block_q, key, kv_len, causal,
@@ -414,14 +332,14 @@ def _dkv_kernel(q_off_ref, kv_len_ref, k_ref, v_ref, q_ref, qt_ref, do_ref, dot_
             if "dv" in outputs:
                 p_smem[...] = p.astype(p_smem.dtype)
             if "dk" in outputs:
-                dp = _mma(v_smem, s["dot"].at[slot], shape)  # dP^T = V dO^T
-                ds = p * (dp - _spread(regs.load(s["delta"].at[slot], 1), shape, 1))
+                dp = mma(v_smem, s["dot"].at[slot], shape)  # dP^T = V dO^T
+                ds = p * (dp - spread(regs.load(s["delta"].at[slot], 1), shape, 1))
                 ds_smem[...] = ds.astype(ds_smem.dtype)
             plgpu.commit_smem()
             if "dv" in outputs:
-                dv = _mma_add(regs, dv, p_smem, s["do"].at[slot])  # + P^T dO
+                dv = mma_add(regs, dv, p_smem, s["do"].at[slot])  # + P^T dO
             if "dk" in outputs:
-                dk = _mma_add(regs, dk, ds_smem, s["q"].at[slot])  # + dS^T Q
+                dk = mma_add(regs, dk, ds_smem, s["q"].at[slot])  # + dS^T Q
             plgpu.barrier_arrive(s["consumed"].at[slot])
             return dk, dv, t + 1
 
@@ -488,47 +406,6 @@ _TABLE = {
 }
 
 
-def interpreter(detect_races: bool = False):
-    """The Mosaic GPU interpreter, as `interpret=` takes it (shared memory, TMA, wgmma and barriers
-    simulated on CPU; with detect_races, a happens-before race detector that prints "RACE DETECTED").
-
-    A private import, kept here alone: in jax 0.10.2 `plgpu.kernel(..., interpret=True)` selects the
-    generic Pallas HLO interpreter, which cannot run warp-specialized kernels ("run_scoped interpret
-    rule does not support collective axes"); the GPU interpreter is selected by an
-    `InterpretGPUParams`, which jax 0.10.2 exports only from `jax._src`."""
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-    return InterpretGPUParams(detect_races=detect_races)
-
-
-def _smem(shape, dtype, mma=False):
-    return plgpu.SMEM(shape, dtype, transforms=_MMA_TRANSFORMS if mma else ())
-
-
-def _run(kernel, name, grid, grid_names, out_type, scratch, interpret, wgs=_WGS, **params):
-    """plgpu.kernel with `wgs` compute warpgroups and one TMA warpgroup per CTA."""
-    call = plgpu.kernel(
-        functools.partial(kernel, wgs=wgs, regs=_Regs(interpret is not False), **params),
-        out_type=out_type,
-        scratch_types=scratch,
-        grid=grid,
-        grid_names=grid_names,
-        num_threads=wgs + 1,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
-        interpret=interpreter() if interpret is True else interpret,
-        kernel_name=name,
-    )
-    if interpret is False:
-        return call
-    # The interpreter drives its simulated GPU through ordered host callbacks, an effect that the
-    # compiled branch of `lax.platform_dependent` lacks: lowering that cond for CUDA fails
-    # ("Lowering rule for `cond` returns incorrect set of output tokens"). Run inside a pure host
-    # callback, the interpreted kernel is an effect-free computation like the compiled one.
-    interpreted = jax.jit(call)
-    return lambda *args: jax.pure_callback(
-        lambda *a: jax.tree.map(np.asarray, interpreted(*a)), out_type, *args)
-
-
 def _fwd(q, k, v, q_off, kv_len, q_seg, kv_seg, causal, sm_scale, bs, interpret):
     B, T, H, E = q.shape
     K = k.shape[2]
@@ -536,21 +413,21 @@ def _fwd(q, k, v, q_off, kv_len, q_seg, kv_seg, causal, sm_scale, bs, interpret)
     segmented = q_seg is not None
     kt = k.transpose(0, 2, 3, 1)  # (B, K, E, S): Q K^T's B operand as wgmma reads it
     scratch = dict(
-        q=_smem((_WGS, bq, E), dt, True), p=_smem((_WGS, bq, bk), dt, True),
-        kt=_smem((depth, E, bk), dt, True), v=_smem((depth, bk, E), dt, True),
-        lse=_smem((_WGS, bq), jnp.float32),
+        q=smem((_WGS, bq, E), dt, True), p=smem((_WGS, bq, bk), dt, True),
+        kt=smem((depth, E, bk), dt, True), v=smem((depth, bk, E), dt, True),
+        lse=smem((_WGS, bq), jnp.float32),
         q_bar=plgpu.Barrier(num_arrivals=1 + segmented, num_barriers=_WGS),
         loaded=plgpu.Barrier(num_arrivals=2 + segmented, num_barriers=depth),
         consumed=plgpu.Barrier(num_arrivals=_WGS, num_barriers=depth))
     args = [q_off, kv_len, q, kt, v]
     if segmented:
-        scratch.update(q_seg=_smem((_WGS, bq), jnp.int32), kv_seg=_smem((depth, bk), jnp.int32))
+        scratch.update(q_seg=smem((_WGS, bq), jnp.int32), kv_seg=smem((depth, bk), jnp.int32))
         args += [q_seg, kv_seg]
     nq = T // (_WGS * bq)
-    return _run(_fwd_kernel, "mosaic_flash_attention_fwd", (nq, B, H), ("q", "b", "h"),
-                [jax.ShapeDtypeStruct(q.shape, dt), jax.ShapeDtypeStruct((B, H, T), jnp.float32)],
-                scratch, interpret, sm_scale=sm_scale, causal=causal, segmented=segmented,
-                block_q=bq, block_k=bk, depth=depth, num_q_blocks=nq, group=H // K)(*args)
+    return launch(_fwd_kernel, "mosaic_flash_attention_fwd", (nq, B, H), ("q", "b", "h"),
+                  [jax.ShapeDtypeStruct(q.shape, dt), jax.ShapeDtypeStruct((B, H, T), jnp.float32)],
+                  scratch, interpret, wgs=_WGS, sm_scale=sm_scale, causal=causal, segmented=segmented,
+                  block_q=bq, block_k=bk, depth=depth, num_q_blocks=nq, group=H // K)(*args)
 
 
 def _bwd(q, k, v, q_off, kv_len, q_seg, kv_seg, o, lse, do, causal, sm_scale, bs, interpret):
@@ -568,44 +445,44 @@ def _bwd(q, k, v, q_off, kv_len, q_seg, kv_seg, o, lse, do, causal, sm_scale, bs
 
     bq, bk = bs.block_q_dq, bs.block_k_dq
     scratch = dict(
-        q=_smem((_WGS, bq, E), dt, True), do=_smem((_WGS, bq, E), dt, True),
-        ds=_smem((_WGS, bq, bk), dt, True), lse=_smem((_WGS, bq), f32), delta=_smem((_WGS, bq), f32),
-        kt=_smem((depth, E, bk), dt, True), vt=_smem((depth, E, bk), dt, True),
-        k=_smem((depth, bk, E), dt, True),
+        q=smem((_WGS, bq, E), dt, True), do=smem((_WGS, bq, E), dt, True),
+        ds=smem((_WGS, bq, bk), dt, True), lse=smem((_WGS, bq), f32), delta=smem((_WGS, bq), f32),
+        kt=smem((depth, E, bk), dt, True), vt=smem((depth, E, bk), dt, True),
+        k=smem((depth, bk, E), dt, True),
         q_bar=plgpu.Barrier(num_arrivals=4 + segmented, num_barriers=_WGS),
         loaded=plgpu.Barrier(num_arrivals=3 + segmented, num_barriers=depth),
         consumed=plgpu.Barrier(num_arrivals=_WGS, num_barriers=depth))
     if segmented:
-        scratch.update(q_seg=_smem((_WGS, bq), jnp.int32), kv_seg=_smem((depth, bk), jnp.int32))
+        scratch.update(q_seg=smem((_WGS, bq), jnp.int32), kv_seg=smem((depth, bk), jnp.int32))
     nq = T // (_WGS * bq)
-    dq = _run(_dq_kernel, "mosaic_flash_attention_dq", (nq, B, H), ("q", "b", "h"),
-              jax.ShapeDtypeStruct(q.shape, dt), scratch, interpret, block_q=bq, block_k=bk,
-              num_q_blocks=nq, **kw)(q_off, kv_len, q, do, lse, delta, k, kt, vt, *seg)
+    dq = launch(_dq_kernel, "mosaic_flash_attention_dq", (nq, B, H), ("q", "b", "h"),
+                jax.ShapeDtypeStruct(q.shape, dt), scratch, interpret, wgs=_WGS, block_q=bq, block_k=bk,
+                num_q_blocks=nq, **kw)(q_off, kv_len, q, do, lse, delta, k, kt, vt, *seg)
 
     bq, bk, wgs = bs.block_q_dkv, bs.block_k_dkv, bs.wgs_dkv
 
     def dkv(outputs):
         streams = _dkv_streams(outputs, segmented)
-        ring = dict(qt=_smem((depth, E, bq), dt, True), dot=_smem((depth, E, bq), dt, True),
-                    q=_smem((depth, bq, E), dt, True), do=_smem((depth, bq, E), dt, True),
-                    lse=_smem((depth, bq), f32), delta=_smem((depth, bq), f32),
-                    q_seg=_smem((depth, bq), jnp.int32))
+        ring = dict(qt=smem((depth, E, bq), dt, True), dot=smem((depth, E, bq), dt, True),
+                    q=smem((depth, bq, E), dt, True), do=smem((depth, bq, E), dt, True),
+                    lse=smem((depth, bq), f32), delta=smem((depth, bq), f32),
+                    q_seg=smem((depth, bq), jnp.int32))
         scratch = dict(
             {n: ring[n] for n in streams},
-            k=_smem((wgs, bk, E), dt, True), v=_smem((wgs, bk, E), dt, True),
+            k=smem((wgs, bk, E), dt, True), v=smem((wgs, bk, E), dt, True),
             kv_bar=plgpu.Barrier(num_arrivals=2 + segmented, num_barriers=wgs),
             loaded=plgpu.Barrier(num_arrivals=len(streams), num_barriers=depth),
             consumed=plgpu.Barrier(num_arrivals=wgs, num_barriers=depth))
         if "dv" in outputs:
-            scratch["p"] = _smem((wgs, bk, bq), dt, True)
+            scratch["p"] = smem((wgs, bk, bq), dt, True)
         if "dk" in outputs:
-            scratch["ds"] = _smem((wgs, bk, bq), dt, True)
+            scratch["ds"] = smem((wgs, bk, bq), dt, True)
         if segmented:
-            scratch["kv_seg"] = _smem((wgs, bk), jnp.int32)
+            scratch["kv_seg"] = smem((wgs, bk), jnp.int32)
         name = "mosaic_flash_attention_" + "".join(outputs)  # dkdv, dk or dv
-        return _run(_dkv_kernel, name, (S // (wgs * bk), B, K), ("k", "b", "h"),
-                    [jax.ShapeDtypeStruct(k.shape, dt) for _ in outputs], scratch, interpret,
-                    wgs=wgs, outputs=outputs, block_q=bq, block_k=bk, num_q_blocks=T // bq, **kw)(
+        return launch(_dkv_kernel, name, (S // (wgs * bk), B, K), ("k", "b", "h"),
+                      [jax.ShapeDtypeStruct(k.shape, dt) for _ in outputs], scratch, interpret,
+                      wgs=wgs, outputs=outputs, block_q=bq, block_k=bk, num_q_blocks=T // bq, **kw)(
             q_off, kv_len, k, v, q, qt, do, dot, lse, delta, *seg)
     if bs.split_dkv:  # two f32 (block_k, E) accumulators spill at head dim 128
         (dk,), (dv,) = dkv(("dk",)), dkv(("dv",))
