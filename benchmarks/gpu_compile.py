@@ -854,7 +854,8 @@ def program_specs(quick=False):
                     ("Llama 3.1 8B", eight, 1, "scan", ("decode",), "pallas", None),
                     ("Llama 3.1 8B tp=8", eight, 8, "layers", ("prefill", "decode"), "pallas", None),
                     ("Llama 3.1 8B tp=8", eight, 8, "scan", ("decode",), "pallas", None),
-                    ("Llama 3.1 8B mosaic", eight, 1, "layers", ("prefill",), "mosaic", None)]
+                    ("Llama 3.1 8B mosaic", eight, 1, "layers", ("prefill",), "mosaic", None),
+                    ("Llama 3.1 8B int4 mosaic", eight, 1, "layers", ("prefill",), "mosaic", "int4")]
 
 
 def train_specs(quick=False):

@@ -115,8 +115,9 @@ class RuntimeConfig:
       a GPU and float32 on a CPU. Matmuls accumulate in f32 either way.
     attention_impl: "auto" (on a GPU: "mosaic" on Hopper and later for bf16, else "pallas"; "xla"
       elsewhere), "xla", "pallas" (the Triton kernels; interpret mode on a CPU: slow, for tests),
-      "mosaic" (the Mosaic GPU prefill and training kernels, wgmma and TMA; compute capability 9.0+,
-      bf16 or f16; decode keeps the Triton kernel) or "cudnn". norm_impl: "auto", "xla" or "pallas".
+      "mosaic" (the Mosaic GPU prefill and training kernels, wgmma and TMA: attention, and the
+      quantized weights' prefill products; compute capability 9.0+, bf16 or f16; decode keeps the
+      Triton kernels) or "cudnn". norm_impl: "auto", "xla" or "pallas".
     cpu_kernels: the optional C++ CPU backend (the `cpu_kernels` package, `pip install
       llama-jax[cpu]`): "auto" uses it where it serves (a CPU, float32, no mesh, built and loaded),
       "on" the same but fails at load when it cannot build, "off" never.

@@ -181,7 +181,8 @@ def _linear(x, w, runtime: RuntimeConfig, layout: Layout):
     dtype = jnp.dtype(runtime.dtype)
     base = w.base if isinstance(w, Adapted) else w
     base = base if isinstance(base, QArray) else base.astype(dtype)
-    y = ops.linear(x, base, transposed=layout.transposed, cpu_kernels=runtime.cpu_kernels == "on")
+    y = ops.linear(x, base, transposed=layout.transposed, cpu_kernels=runtime.cpu_kernels == "on",
+                   mosaic=runtime.attention_impl == "mosaic")
     if isinstance(w, Adapted):
         y = y + _low_rank(x, w, runtime)
     return y.astype(dtype)
@@ -487,7 +488,8 @@ class Transformer(nnx.Module):
         tied = self.config.tie_embeddings  # contract with the embedding as stored: no transposed copy
         w = (self.tok_embeddings if tied else self.output).get_value()
         w = w if isinstance(w, QArray) else w.astype(self.dtype)
-        return ops.linear(x, w, transposed=tied, cpu_kernels=self.runtime.cpu_kernels == "on")
+        return ops.linear(x, w, transposed=tied, cpu_kernels=self.runtime.cpu_kernels == "on",
+                          mosaic=self.runtime.attention_impl == "mosaic")
 
     def init_cache(self, batch: int, max_len: int, dtype=None, sharding=None) -> list[KVCache] | KVCache:
         """An all-zero KV cache matching the layer layout: a list of per-layer [B, S, K, E] caches, or

@@ -98,13 +98,15 @@ def _cpu_or(kernel, xla, *args):
     return jax.lax.platform_dependent(*args, cpu=kernel, default=xla)
 
 
-def linear(x, w, *, transposed=False, cpu_kernels=False):
+def linear(x, w, *, transposed=False, cpu_kernels=False, mosaic=False):
     """x [..., K] @ w [K, N] -> [..., N] f32 (w stored [N, K] if transposed), accumulated in f32. w
-    may be a QArray (llama_jax.quant) in the same layout: its product reads the stored bytes."""
+    may be a QArray (llama_jax.quant) in the same layout: its product reads the stored bytes.
+    mosaic (attention_impl "mosaic": Hopper): a quantized product of prefill's many rows runs the
+    Mosaic GPU kernel where it takes the shape."""
     if isinstance(w, quant.QArray):
         if (w.axis == -1) != transposed:
             raise ValueError(f"linear: a QArray with input axis {w.axis} in a {'transposed' if transposed else 'stored'} layout")
-        return _qlinear(x, w, cpu_kernels)
+        return _qlinear(x, w, cpu_kernels, mosaic)
     spec = "...K,NK->...N" if transposed else "...K,KN->...N"
     xla = functools.partial(jnp.einsum, spec, preferred_element_type=jnp.float32)
     rows = x.size // x.shape[-1]
@@ -118,20 +120,25 @@ def linear(x, w, *, transposed=False, cpu_kernels=False):
     return _cpu_or(kernel, xla, x, w)
 
 
-def _qlinear(x, w: quant.QArray, cpu_kernels: bool):
+def _qlinear(x, w: quant.QArray, cpu_kernels: bool, mosaic: bool):
     """A quantized product (one layer's weight, inference layout, no mesh) where a kernel reads the
-    stored bytes: the C++ backend on a CPU (when enabled, f32 activations, a shape it takes), the
-    Pallas kernel on a GPU; decided when lowered, as `_cpu_or`. Elsewhere XLA dequantizes into the
-    product (quant.qlinear), which XLA's GPU compiler fuses and XLA CPU does not."""
+    stored bytes: the C++ backend on a CPU (when enabled, f32 activations, a shape it takes), on a
+    GPU the Triton kernel, or with `mosaic` for more than its decode rows the Mosaic GPU one (wgmma
+    on weight tiles dequantized in registers); decided when lowered, as `_cpu_or`. Elsewhere XLA
+    dequantizes into the product (quant.qlinear), which XLA's GPU compiler fuses and XLA CPU does
+    not."""
     xla = lambda x, *parts: quant.qlinear(x, w)  # noqa: E731
     if w.axis != -1 or w.ndim != 2 or not jax.sharding.get_abstract_mesh().empty:
         return xla(x)
     parts = (w.values, w.scales) + ((w.mins,) if w.mins is not None else ())
     fmt, group = w.format, w.group_size
     branches = {}  # every branch is traced wherever the program is lowered: only those that take w
-    if pk.quant_matmul_supports(fmt, group, w.shape[-1]):
+    n, k = w.shape
+    if mosaic and x.size // k > pk.QUANT_DECODE_ROWS and pk.quant_matmul_mosaic_supports(fmt, group, k, n, x.dtype):
+        branches["cuda"] = lambda x, *p: pk.quant_matmul_mosaic(x, *p, fmt=fmt, group_size=group)
+    elif pk.quant_matmul_supports(fmt, group, k):
         branches["cuda"] = lambda x, *p: pk.quant_matmul(x, *p, fmt=fmt, group_size=group)
-    if _cpu_serves(cpu_kernels, x) and ck.quant.supports(fmt, group, w.shape[-1]):
+    if _cpu_serves(cpu_kernels, x) and ck.quant.supports(fmt, group, k):
         branches["cpu"] = lambda x, *p: ck.qlinear(x, *p, format=fmt, group_size=group)
     return jax.lax.platform_dependent(x, *parts, default=xla, **branches)
 

@@ -12,9 +12,11 @@ from pallas_kernels.decode_attention import BlockSizes as DecodeBlockSizes
 from pallas_kernels.decode_attention import decode_attention, decode_attention_reference
 from pallas_kernels.flash_attention import BlockSizes as FlashBlockSizes
 from pallas_kernels.flash_attention import flash_attention, flash_attention_reference
-from pallas_kernels.mosaic import MosaicBlockSizes, flash_attention_mosaic
+from pallas_kernels.mosaic import (MosaicBlockSizes, MosaicQuantBlockSizes, flash_attention_mosaic, quant_matmul_mosaic,
+                                   quant_matmul_mosaic_supports)
 from pallas_kernels.paged_attention import BlockSizes as PagedBlockSizes
 from pallas_kernels.paged_attention import paged_decode_attention, paged_decode_attention_reference
+from pallas_kernels.quant_matmul import DECODE_ROWS as QUANT_DECODE_ROWS
 from pallas_kernels.quant_matmul import BlockSizes as QuantBlockSizes
 from pallas_kernels.quant_matmul import quant_matmul, quant_matmul_reference
 from pallas_kernels.quant_matmul import supports as quant_matmul_supports
@@ -37,6 +39,10 @@ __all__ = [
     "flash_attention_reference",
     "flash_attention_mosaic",
     "MosaicBlockSizes",
+    "MosaicQuantBlockSizes",
+    "QUANT_DECODE_ROWS",
+    "quant_matmul_mosaic",
+    "quant_matmul_mosaic_supports",
     "PagedBlockSizes",
     "paged_decode_attention",
     "paged_decode_attention_reference",

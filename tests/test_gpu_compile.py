@@ -198,6 +198,26 @@ def test_a_verify_is_compared_with_one_decode_step(tiny, tiny_decode, monkeypatc
     assert fail.detail.startswith("no decode step"), fail
 
 
+@pytest.mark.parametrize("rows, kernel", [(32, "mosaic_gpu"), (8, "triton")])
+def test_mosaic_runtime_sends_prefill_quantized_products_to_the_mosaic_kernel(h100, rows, kernel):
+    """ops.linear with mosaic=True (attention_impl "mosaic"): an int4 product of prefill's many rows
+    lowers to the Mosaic GPU kernel, decode's few rows to the Triton one."""
+    from jax.sharding import SingleDeviceSharding
+
+    import jax.numpy as jnp
+
+    from llama_jax import ops
+
+    w = jax.random.normal(jax.random.key(0), (256, 256))
+    values, tree = jax.tree.flatten(quant.quantize(w, "int4", group_size=32, asymmetric=True, axis=-1))
+    args = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=SingleDeviceSharding(h100))
+            for a in (jax.ShapeDtypeStruct((rows, 256), jnp.bfloat16), *values)]
+    f = jax.jit(lambda x, *v: ops.linear(x, jax.tree.unflatten(tree, v), transposed=True, mosaic=True))
+    text = f.trace(*args).lower().as_text().lower()
+    other = "triton" if kernel == "mosaic_gpu" else "mosaic_gpu"
+    assert kernel in text and other not in text
+
+
 def test_mosaic_kernels_use_wgmma_and_tma_without_spills(h100, tmp_path):
     # A backward case that gpu_compile.kernel_cases leaves to this test: `make gpu-check` compiles it once.
     rows, fails = gpu_compile.check_kernel(gpu_compile.mosaic_case(64, True, 1024, grad=True), h100, tmp_path)
