@@ -86,6 +86,19 @@ def test_matvec_equals_xla(shape, transposed):
         assert_close(a, b, atol=1e-3, rtol=1e-5, name=name)
 
 
+@pytest.mark.parametrize("rows", [2, 4, 5])
+def test_matvec_rows_together_equal_rows_alone(rows):
+    """Each row's result is bit for bit the one it gets alone: a speculative verify's few rows give
+    the tokens a decode step gives, and a request's tokens do not depend on its batch."""
+    kx, kw = jax.random.split(jax.random.key(rows))
+    x, w = normal(kx, (rows, 203)), normal(kw, (1030, 203))
+    product = jax.jit(cpu_kernels.matvec, static_argnums=2)
+    together = np.asarray(product(x, w, True))
+    alone = np.concatenate([np.asarray(product(x[i:i + 1], w, True)) for i in range(rows)])
+    np.testing.assert_array_equal(together, alone)
+    assert_close(together, jnp.matmul(x, w.T, precision="highest"), atol=1e-4, rtol=1e-5, name="value")
+
+
 def test_matvec_from_two_threads_at_once():
     # XLA runs independent products concurrently (q, k and v): one takes the pool, the other runs
     # on its own thread; both must come out right.
