@@ -26,7 +26,7 @@ INFERENCE_LAYOUT = Layout(per_layer=True, transposed=True)
 
 @functools.partial(jax.jit, static_argnums=0)
 def _logits(graphdef, state, tokens, positions):
-    model = nnx.merge(graphdef, state)
+    model = model_lib.merge(graphdef, state)
     x, _ = context_parallel.hidden(model, tokens, positions)
     return sharding.replicated(model.head(x))
 
@@ -50,7 +50,8 @@ class Llama:
         self.chat_format = chat_format
         # A draft model named by its directory loads now, as this model runs.
         self.speculative: SpeculativeConfig | None = with_draft(SpeculativeConfig.of(speculative), self)
-        self.graphdef, self.state = nnx.split(model)
+        graphdef, self.state = nnx.split(model)
+        self.graphdef = model_lib.StaticGraph(graphdef)
         # LoRA adapters served beside the base (`load(adapters=...)`): their names, adapter n + 1 being
         # adapter_names[n], and their banks (llama_jax.lora.bank, stored layout, host arrays). Only the
         # engine applies them, per request; generate, chat and logits run the base.
@@ -59,7 +60,7 @@ class Llama:
 
     @property
     def model(self) -> Transformer:
-        return nnx.merge(self.graphdef, self.state)
+        return model_lib.merge(self.graphdef, self.state)
 
     @property
     def params(self) -> dict:

@@ -20,7 +20,7 @@ from typing import Iterable, Sequence
 
 import jax
 import numpy as np
-from flax import nnx
+from llama_jax import model as model_lib
 
 DEFAULT_SEQ_LEN = 512
 
@@ -31,7 +31,7 @@ def _nll_sums(graphdef, state, tokens, segment_ids):
     targets where segment_ids [B, T] is nonzero on both sides (padding is segment 0)."""
     from llama_jax.train.loss import loss_sums
 
-    model = nnx.merge(graphdef, state)
+    model = model_lib.merge(graphdef, state)
     return loss_sums(model, tokens, segment_ids)
 
 

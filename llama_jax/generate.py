@@ -19,8 +19,8 @@ from typing import Iterator, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
+from llama_jax import model as model_lib
 from llama_jax import sharding
 from llama_jax.requests import SamplingParams
 from llama_jax.runner import Sampling
@@ -73,7 +73,7 @@ def prefill_chunk(graphdef, state, cache, tokens, start, lengths, last):
     it. Returns (cache, last)."""
     b, c = tokens.shape
     positions = start + jnp.broadcast_to(jnp.arange(c, dtype=jnp.int32), (b, c))
-    x, cache = nnx.merge(graphdef, state).hidden(tokens, positions, cache=cache)  # (B, C, D)
+    x, cache = model_lib.merge(graphdef, state).hidden(tokens, positions, cache=cache)  # (B, C, D)
     i = lengths - 1 - start  # (B,): each row's last prompt token, within this chunk
     x_last = jnp.take_along_axis(x, jnp.clip(i, 0, c - 1)[:, None, None], axis=1)[:, 0]  # (B, D)
     return cache, jnp.where(((i >= 0) & (i < c))[:, None], x_last, last)
@@ -83,7 +83,7 @@ def prefill_chunk(graphdef, state, cache, tokens, start, lengths, last):
 def first_token(graphdef, state, cache, last, lengths, sampling: Sampling, stop_ids, max_new_tokens):
     """Samples each sequence's first token from the hidden states `last` [B, D] of its last prompt
     token; returns the DecodeState that decode_chunk continues from."""
-    logits = nnx.merge(graphdef, state).head(last)  # (B, V)
+    logits = model_lib.merge(graphdef, state).head(last)  # (B, V)
     token = sample(logits, sampling.seed, jnp.zeros_like(lengths), sampling.temperature, sampling.top_p,
                    sampling.top_k)
     n = jnp.ones_like(lengths)
@@ -105,7 +105,7 @@ def prefill(graphdef, state, cache, prompts: Sequence[Sequence[int]], chunk: int
     tokens = np.zeros((b, n_chunks * chunk), np.int32)
     for i, p in enumerate(prompts):
         tokens[i, : len(p)] = p
-    model = nnx.merge(graphdef, state)
+    model = model_lib.merge(graphdef, state)
     rows = sharding.batch_sharding(mesh, 2)
     lengths = jax.device_put(lengths, sharding.batch_sharding(mesh, 1))
     last = jax.device_put(np.zeros((b, model.config.dim), jnp.dtype(model.runtime.dtype)), rows)
@@ -119,7 +119,7 @@ def prefill(graphdef, state, cache, prompts: Sequence[Sequence[int]], chunk: int
 def decode_chunk(graphdef, state, ds: DecodeState, sampling: Sampling, stop_ids, max_new_tokens):
     """Up to CHUNK decode steps on the device, stopping early once every sequence is done.
     Returns (DecodeState, tokens [B, CHUNK] with -1 where nothing was produced)."""
-    model = nnx.merge(graphdef, state)
+    model = model_lib.merge(graphdef, state)
     b = ds.token.shape[0]
     out = jnp.full((b, CHUNK), -1, jnp.int32)
 
@@ -148,7 +148,7 @@ def decode_chunk(graphdef, state, ds: DecodeState, sampling: Sampling, stop_ids,
 
 def init_cache(graphdef, state, batch: int, max_len: int, mesh=None):
     """A zero KV cache for `batch` sequences of up to `max_len` tokens, on the mesh when there is one."""
-    return nnx.merge(graphdef, state).init_cache(batch, max_len, sharding=sharding.placement(mesh))
+    return model_lib.merge(graphdef, state).init_cache(batch, max_len, sharding=sharding.placement(mesh))
 
 
 def plan(longest: int, max_new_tokens: int, prefill_chunk: int, max_seq_len: int) -> tuple[int, int]:
@@ -166,7 +166,7 @@ def generate_ids(graphdef, state, prompts: Sequence[Sequence[int]], params: Samp
     """Yields, chunk by chunk, the new tokens of each prompt (lists, possibly empty per sequence);
     the first chunk holds each sequence's first token. Stop tokens are included. Prompts are
     checked already (llama_jax.requests)."""
-    model = nnx.merge(graphdef, state)
+    model = model_lib.merge(graphdef, state)
     chunk, s = plan(max(len(p) for p in prompts), params.max_new_tokens, model.runtime.prefill_chunk,
                     model.config.max_seq_len)
 

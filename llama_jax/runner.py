@@ -38,6 +38,7 @@ from flax import nnx
 from jax.experimental import io_callback
 
 from llama_jax import lora, sampling, sharding, structured
+from llama_jax import model as model_lib
 
 MAX_STOP_IDS = 16  # stop token ids per request (eos included): a fixed [B, 16] array on the device
 
@@ -86,14 +87,14 @@ class Rows(NamedTuple):
 def _model(graphdef, state, adapters):
     """The model; with adapters (banks viewed as the model's layout, row ids [R]), each adapted
     weight applying row r's adapter to row r."""
-    model = nnx.merge(graphdef, state)
+    model = model_lib.merge(graphdef, state)
     if adapters is None:
         return model
     banks, rows = adapters
     params = lora.wrap_rows(nnx.to_pure_dict(state), banks, rows, model.layout, model.config)
     state = jax.tree.map(lambda x: x, state)  # a fresh State to fill
     nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(graphdef, state)
+    return model_lib.merge(graphdef, state)
 
 
 def _chunk(model, pool, tokens, start, table):
@@ -204,7 +205,7 @@ class ModelRunner:
 
     def _zeros(self):
         with sharding.on_mesh(self.mesh):
-            model = nnx.merge(self.graphdef, self.state)
+            model = model_lib.merge(self.graphdef, self.state)
             pool = model.init_pages(self.num_blocks, self.block_size, sharding=sharding.placement(self.mesh))
         # Committed to its device, as every pool a program returns is: an uncommitted first pool
         # would compile each program once more.

@@ -9,7 +9,6 @@ import dataclasses
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 
 import llama_jax
 from llama_jax import LlamaConfig, context_parallel, sharding
@@ -137,7 +136,7 @@ def _packed_row():
 
 
 def _hidden_logits(llama, row):
-    model = nnx.merge(llama.graphdef, llama.state)
+    model = llama.model
     with sharding.on_mesh(llama.mesh):
         fn = jax.jit(lambda t, p, s: model.head(context_parallel.hidden(model, t, p, segment_ids=s)[0]))
         return np.asarray(fn(row["tokens"], row["positions"], row["segment_ids"]))
