@@ -217,30 +217,34 @@ def _forward(x2, values, scales, mins, *, fmt, group, bs, interpret):
     return out
 
 
-# The weight is frozen (weight-only quantization serves inference and QLoRA's frozen base): only x
-# gets a gradient. Its backward, dx = dy @ W, is XLA's product with the weight dequantized into it
-# (the reference below), one per layer per step: a training step is bound by its FLOPs, not by the
-# weight's bytes as a decode step is.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _product(x2, values, scales, mins, static):
-    opts = dict(static)
-    del opts["x_dtype"]  # the backward's
-    return _forward(x2, values, scales, mins, **opts)
+def with_x_gradient(forward):
+    """forward(x2, values, scales, mins, **opts) -> [M, N] f32, as product(x2, values, scales, mins,
+    static), static being the opts and x's dtype as (name, value) pairs. The weight is frozen
+    (weight-only quantization serves inference and QLoRA's frozen base): only x gets a gradient. Its
+    backward, dx = dy @ W, is XLA's product with the weight dequantized into it (the reference
+    below), one per layer per step: a training step is bound by its FLOPs, not by the weight's bytes
+    as a decode step is."""
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+    def product(x2, values, scales, mins, static):
+        opts = dict(static)
+        del opts["x_dtype"]  # the backward's
+        return forward(x2, values, scales, mins, **opts)
+
+    def product_fwd(x2, values, scales, mins, static):
+        return product(x2, values, scales, mins, static), (values, scales, mins)
+
+    def product_bwd(static, residuals, dy):
+        values, scales, mins = residuals
+        opts = dict(static)
+        dtype = opts["x_dtype"]
+        dx = transposed_product(dy, values, scales, mins, fmt=opts["fmt"], group_size=opts["group"], dtype=dtype)
+        return dx.astype(dtype), zero_cotangent(values), zero_cotangent(scales), zero_cotangent(mins)
+
+    product.defvjp(product_fwd, product_bwd)
+    return product
 
 
-def _product_fwd(x2, values, scales, mins, static):
-    return _product(x2, values, scales, mins, static), (values, scales, mins)
-
-
-def _product_bwd(static, residuals, dy):
-    values, scales, mins = residuals
-    opts = dict(static)
-    dtype = opts["x_dtype"]
-    dx = transposed_product(dy, values, scales, mins, fmt=opts["fmt"], group_size=opts["group"], dtype=dtype)
-    return dx.astype(dtype), zero_cotangent(values), zero_cotangent(scales), zero_cotangent(mins)
-
-
-_product.defvjp(_product_fwd, _product_bwd)
+_product = with_x_gradient(_forward)
 
 
 def zero_cotangent(a):

@@ -47,7 +47,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels._common import by_platform, pad_axis, round_up
 from pallas_kernels.mosaic._common import launch, mma_add, produce, smem, spread
 # The operand checks and the x-only backward are the Triton kernel's: one contract, one gradient.
-from pallas_kernels.quant_matmul import check_operands, transposed_product, zero_cotangent
+from pallas_kernels.quant_matmul import check_operands, with_x_gradient
 
 FORMATS = ("int8", "int4", "fp8")
 _WGS = 2  # compute warpgroups per CTA; warpgroup _WGS issues the TMA copies
@@ -266,28 +266,7 @@ def _forward(x2, values, scales, mins, *, fmt, group, bs, interpret):
     return out[:, :m].T  # (M, N)
 
 
-# The weight is frozen; only x gets a gradient, XLA's product with the dequantized weight (as the
-# Triton kernel's backward, which this shares).
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _product(x2, values, scales, mins, static):
-    opts = dict(static)
-    del opts["x_dtype"]
-    return _forward(x2, values, scales, mins, **opts)
-
-
-def _product_fwd(x2, values, scales, mins, static):
-    return _product(x2, values, scales, mins, static), (values, scales, mins)
-
-
-def _product_bwd(static, residuals, dy):
-    values, scales, mins = residuals
-    opts = dict(static)
-    dtype = opts["x_dtype"]
-    dx = transposed_product(dy, values, scales, mins, fmt=opts["fmt"], group_size=opts["group"], dtype=dtype)
-    return dx.astype(dtype), zero_cotangent(values), zero_cotangent(scales), zero_cotangent(mins)
-
-
-_product.defvjp(_product_fwd, _product_bwd)
+_product = with_x_gradient(_forward)  # the Triton kernel's backward: XLA's product
 
 
 @functools.partial(jax.jit, static_argnames=("fmt", "group_size", "block_sizes", "interpret"))
