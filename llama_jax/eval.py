@@ -20,6 +20,7 @@ from typing import Iterable, Sequence
 
 import jax
 import numpy as np
+
 from llama_jax import model as model_lib
 
 DEFAULT_SEQ_LEN = 512
