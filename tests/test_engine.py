@@ -244,6 +244,7 @@ def test_draft_speculation_gives_the_same_tokens(llm, sampling):
         assert rate == 1.0 if acceptance == 1.0 else rate < acceptance, rate
 
 
+@pytest.mark.slow  # 3000 requests: about 25 s
 def test_sampled_speculation_draws_from_the_targets_distribution():
     """Sampled with a random draft (so proposals are kept, and missed, at random), the tokens a
     verify makes follow the target's own distribution: 3000 requests of one prompt (seeds 0..2999),

@@ -70,7 +70,10 @@ def reference():
     return loss, _hf(grads), losses, _hf(trainer.params)
 
 
-@pytest.mark.parametrize("name", list(MESHES))
+# make test runs the meshes that combine axes; dp8 and pp2_dp4 (each axis also in another) run in
+# make test-slow.
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in ("dp8", "pp2_dp4") else n
+                                  for n in MESHES])
 def test_training_step_equals_single_device(name, reference):
     loss_1, grads_1, losses_1, params_1 = reference
     trainer = _trainer(llama_jax.make_mesh(**MESHES[name]))
@@ -142,7 +145,8 @@ def _hidden_logits(llama, row):
         return np.asarray(fn(row["tokens"], row["positions"], row["segment_ids"]))
 
 
-@pytest.mark.parametrize("mesh", [dict(cp=4, tp=1), dict(cp=2, tp=2)], ids=["cp4", "cp2_tp2"])
+@pytest.mark.parametrize("mesh", [pytest.param(dict(cp=4, tp=1), marks=pytest.mark.slow), dict(cp=2, tp=2)],
+                         ids=["cp4", "cp2_tp2"])
 def test_context_parallel_prefill_equals_single_device(mesh, single):
     llama = llama_jax.from_config(CONFIG, INFER, seed=5, mesh=llama_jax.make_mesh(**mesh))
     # A packed row of several documents (segment ids, positions restarting), no cache.
