@@ -1,15 +1,8 @@
 """The Mosaic GPU flash attention (pallas_kernels.mosaic) equals the reference, gradients included,
-run in the Mosaic GPU interpreter on CPU with race detection on.
-
-The interpreter runs each CTA's three warpgroups as threads whose barrier waits block inside XLA's
-CPU executor; XLA sizes that pool by the cores (2 in CI), so two waiting warpgroups starve the
-third and the kernel deadlocks. XLA reads the pool size from NPROC when its CPU backend starts, and
-in `make test` another module has started it long before this one, so the kernels run in one child
-process started with NPROC set; it saves every output, and the comparisons happen here.
+run in the Mosaic GPU interpreter on CPU with race detection on, in a child process
+(tests/mosaic_interpreter.py says why); the comparisons happen here.
 """
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mosaic_interpreter import outputs, run_child, save, start_case
 from numerics import BF16_EPS, assert_close, attention_inputs, tolerances
 
 pytestmark = pytest.mark.slow  # about 100 s of the Mosaic GPU interpreter in a subprocess
@@ -45,8 +39,7 @@ def _run_cases(out_dir: Path) -> None:
     from pallas_kernels.mosaic import flash_attention_mosaic, interpreter
 
     for name, case in CASES.items():
-        seed = int.from_bytes(os.urandom(4), "little") % 2**31  # fresh inputs, logged for a rerun
-        print(f"CASE {name}\nseed {seed}", flush=True)
+        seed = start_case(name)
         q, k, v, do, opts = attention_inputs(case, jnp.bfloat16, seed=seed)
         kw = {a: jnp.asarray(x) if isinstance(x, np.ndarray) else x for a, x in opts.items()}
 
@@ -56,35 +49,17 @@ def _run_cases(out_dir: Path) -> None:
 
         got = run(flash_attention_mosaic, interpret=interpreter(detect_races=True))
         want = run(flash_attention_reference)
-        np.savez(out_dir / f"{name}.npz", **{f"got{i}": np.asarray(x, np.float32) for i, x in enumerate(got)},
-                 **{f"want{i}": np.asarray(x, np.float32) for i, x in enumerate(want)})
-        print(f"DONE {name}", flush=True)
+        save(out_dir, name, got, want)
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("mosaic")
-    env = dict(os.environ, NPROC="16", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, __file__, str(out_dir)], env=env, capture_output=True,
-                          text=True, timeout=600, cwd=Path(__file__).parent)
-    logs, case = {}, None
-    for line in proc.stdout.splitlines():
-        if line.startswith("CASE "):
-            case = line[5:]
-        logs.setdefault(case, []).append(line)
-    return out_dir, logs, proc
+    return run_child(__file__, tmp_path_factory.mktemp("mosaic"))
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_mosaic_flash_attention_matches_reference(case, results):
-    out_dir, logs, proc = results
-    log = "\n".join(logs.get(case, []))
-    assert "RACE DETECTED" not in log, log[-3000:]
-    path = out_dir / f"{case}.npz"
-    if not path.exists():
-        pytest.fail(f"the interpreter did not finish {case} (exit {proc.returncode}):\n"
-                    f"{log[-2000:]}\n{proc.stderr[-4000:]}")
-    data = np.load(path)
+    data = outputs(results, case)
     B, T, S, H, K, E, opts = CASES[case]
     assert_close(data["got0"], data["want0"], atol=FWD_ATOL, rtol=2 * BF16_EPS, name=f"{case} out")
     if case == "e64_empty_rows":  # queries that see no key give exactly 0

@@ -1,14 +1,9 @@
 """The Mosaic GPU quantized product (pallas_kernels.mosaic.quant_matmul_mosaic) equals
 quant_matmul_reference, the gradient with respect to x included, run in the Mosaic GPU interpreter on
-CPU with race detection on.
-
-As in test_mosaic_attention.py: the interpreter runs a CTA's three warpgroups as threads that block
-inside XLA's CPU executor, whose pool is sized by NPROC when the backend starts, so the kernels run in
-one child process started with NPROC set; it saves every output and the comparisons happen here.
+CPU with race detection on, in a child process (tests/mosaic_interpreter.py says why); the
+comparisons happen here.
 """
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mosaic_interpreter import outputs, run_child, save, start_case
 from numerics import assert_close, tolerances
 
 # name: (fmt, group size, x shape [..., K], N, x dtype, scale dtype, mins). The kernel's tiles are
@@ -60,8 +56,7 @@ def _run_cases(out_dir: Path) -> None:
     from pallas_kernels.mosaic import interpreter, quant_matmul_mosaic
 
     for name, case in CASES.items():
-        seed = int.from_bytes(os.urandom(4), "little") % 2**31  # fresh inputs, logged for a rerun
-        print(f"CASE {name}\nseed {seed}", flush=True)
+        seed = start_case(name)
         fmt, group, _, _, x_dtype, s_dtype, _ = case
         x, values, scales, w_mins, dy = _operands(case, seed)
         x = jnp.asarray(x, x_dtype)
@@ -75,36 +70,18 @@ def _run_cases(out_dir: Path) -> None:
 
         got = run(quant_matmul_mosaic, interpret=interpreter(detect_races=True))
         want = run(quant_matmul_reference)
-        np.savez(out_dir / f"{name}.npz", **{f"got{i}": np.asarray(a, np.float32) for i, a in enumerate(got)},
-                 **{f"want{i}": np.asarray(a, np.float32) for i, a in enumerate(want)})
-        print(f"DONE {name}", flush=True)
+        save(out_dir, name, got, want)
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("mosaic_quant")
-    env = dict(os.environ, NPROC="16", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, __file__, str(out_dir)], env=env, capture_output=True,
-                          text=True, timeout=600, cwd=Path(__file__).parent)
-    logs, case = {}, None
-    for line in proc.stdout.splitlines():
-        if line.startswith("CASE "):
-            case = line[5:]
-        logs.setdefault(case, []).append(line)
-    return out_dir, logs, proc
+    return run_child(__file__, tmp_path_factory.mktemp("mosaic_quant"))
 
 
 @pytest.mark.slow  # 30-40 s of the Mosaic GPU interpreter in a subprocess, all cases together
 @pytest.mark.parametrize("case", list(CASES))
 def test_mosaic_quant_matmul_matches_reference(case, results):
-    out_dir, logs, proc = results
-    log = "\n".join(logs.get(case, []))
-    assert "RACE DETECTED" not in log, log[-3000:]
-    path = out_dir / f"{case}.npz"
-    if not path.exists():
-        pytest.fail(f"the interpreter did not finish {case} (exit {proc.returncode}):\n"
-                    f"{log[-2000:]}\n{proc.stderr[-4000:]}")
-    data = np.load(path)
+    data = outputs(results, case)
     fmt, group, x_shape, n, x_dtype, _, _ = CASES[case]
     k = x_shape[-1]
     y, dx = data["want0"], data["want1"]
