@@ -242,26 +242,38 @@ void Decode(const QWeight& w, const float* x, int64_t M, float* y) {
 // --- Dequantized panels through sgemm ----------------------------------------------------------------
 
 // Row n of W, inputs [k0, k1), as f32 into out: value * scale + min, what llama_jax.quant.dequantize
-// computes, bit for bit (the products by a scale are exact, one rounding at the add). k0 and k1 are
-// multiples of 32, and of G for int4. s: room for the row's scales.
+// computes, bit for bit (the products by a scale are exact, one rounding at the add), 8 at a time
+// as the decode kernels expand them. k0 and k1 are multiples of 32, and of G for int4. s: room for
+// the row's scales.
 void DequantizeRow(const QWeight& w, int64_t n, int64_t k0, int64_t k1, float* s, float* out) {
   const uint8_t* row = w.Row(n);
   switch (w.format) {
     case Format::kInt8:
       RowScales(w, n, s);
-      for (int64_t k = k0; k < k1; ++k) out[k - k0] = float(int8_t(row[k])) * s[k / w.G];
-      return;
-    case Format::kInt4:
-      for (int64_t g = k0 / w.G; g < k1 / w.G; ++g) {
-        const uint8_t* p = row + g * w.G / 2;
-        float* o = out + g * w.G - k0;
-        const float d = _cvtsh_ss(w.Scales16(n)[g]), m = w.Offset(n, g);
-        for (int64_t j = 0; j < w.G / 2; ++j) {
-          o[j] = float(p[j] & 15) * d + m;
-          o[j + w.G / 2] = float(p[j] >> 4) * d + m;
+      for (int64_t k = k0; k < k1;) {  // group by group: G is 32, a multiple of it, or K
+        const int64_t g = k / w.G, end = std::min(k1, (g + 1) * w.G);
+        const __m256 d = _mm256_set1_ps(s[g]);
+        for (; k < end; k += 8) {
+          const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + k));
+          _mm256_storeu_ps(out + k - k0, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), d));
         }
       }
       return;
+    case Format::kInt4: {
+      const __m256i nibble = _mm256_set1_epi32(0x0F);
+      const int64_t half = w.G / 2;
+      for (int64_t g = k0 / w.G; g < k1 / w.G; ++g) {
+        const uint8_t* p = row + g * half;
+        float* o = out + g * w.G - k0;
+        const __m256 d = _mm256_set1_ps(_cvtsh_ss(w.Scales16(n)[g])), m = _mm256_set1_ps(w.Offset(n, g));
+        for (int64_t j = 0; j < half; j += 8) {  // byte j: input j (low nibble) and j + G/2 (high)
+          const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + j)));
+          _mm256_storeu_ps(o + j, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b, nibble)), d, m));
+          _mm256_storeu_ps(o + j + half, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4)), d, m));
+        }
+      }
+      return;
+    }
     case Format::kFp8: {
       RowScales(w, n, s);
       const __m256 scale = _mm256_set1_ps(s[0] * kFp8Unscale);
