@@ -667,7 +667,7 @@ def programs(config, where, *, batch=1, context=4096, prompt=2048, layout="layer
                           specs, weights, is_leaf=lambda x: isinstance(x, P))
     nnx.replace_by_pure_dict(state, params)
 
-    # The pool, as ModelRunner makes it (Transformer.init_pages on sharding.placement(mesh)).
+    # The pool, as ModelRunner makes it (model.page_zeros on sharding.placement(mesh)).
     b, L, K, E, bs = batch, cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, block_size
     used = b * -(-context // bs)  # each row's context in blocks of its own
     num_blocks = used + 1  # and the null block 0

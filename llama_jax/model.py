@@ -492,26 +492,39 @@ class Transformer(nnx.Module):
                           mosaic=self.runtime.attention_impl == "mosaic")
 
     def init_cache(self, batch: int, max_len: int, dtype=None, sharding=None) -> list[KVCache] | KVCache:
-        """An all-zero KV cache matching the layer layout: a list of per-layer [B, S, K, E] caches, or
-        one stacked [L, B, S, K, E] cache for scanned layers. sharding: None, or a function of
-        (logical axes, shape) -> where the arrays go (llama_jax.sharding.placement(mesh))."""
-        c = self.config
-        return self._zeros((batch, max_len, c.n_kv_heads, c.head_dim), CACHE_AXES, dtype, sharding)
+        """`cache_zeros` of this model (dtype: default the model's)."""
+        return cache_zeros(self.config, self.layout, dtype or self.dtype, batch, max_len, sharding)
 
     def init_pages(self, num_blocks: int, block_size: int, dtype=None, sharding=None) -> list[KVCache] | KVCache:
-        """An all-zero paged KV cache (llama_jax.block_pool), laid out as `init_cache`'s: per layer a
-        pool of `num_blocks` blocks of `block_size` tokens, [P, block_size, K, E]."""
-        c = self.config
-        return self._zeros((num_blocks, block_size, c.n_kv_heads, c.head_dim), PAGE_AXES, dtype, sharding)
+        """`page_zeros` of this model (dtype: default the model's)."""
+        return page_zeros(self.config, self.layout, dtype or self.dtype, num_blocks, block_size, sharding)
 
-    def _zeros(self, shape, axes, dtype, sharding) -> list[KVCache] | KVCache:
-        if not self.layout.per_layer:
-            shape, axes = (self.config.n_layers, *shape), ("layers", *axes)
-        device = None if sharding is None else sharding(axes, shape)
-        zeros = lambda: jnp.zeros(shape, dtype or self.dtype, device=device)  # noqa: E731
-        if self.layout.per_layer:
-            return [KVCache(zeros(), zeros()) for _ in range(self.config.n_layers)]
-        return KVCache(zeros(), zeros())
+
+def cache_zeros(config: LlamaConfig, layout: Layout, dtype, batch: int, max_len: int,
+                sharding=None) -> list[KVCache] | KVCache:
+    """An all-zero KV cache matching the layer layout: a list of per-layer [B, S, K, E] caches, or
+    one stacked [L, B, S, K, E] cache for scanned layers. sharding: None, or a function of (logical
+    axes, shape) -> where the arrays go (llama_jax.sharding.placement(mesh)). From the config, not a
+    model: merging one costs ~10 ms, paid by every `Llama.generate`."""
+    return _kv_zeros(config, layout, dtype, (batch, max_len, config.n_kv_heads, config.head_dim), CACHE_AXES, sharding)
+
+
+def page_zeros(config: LlamaConfig, layout: Layout, dtype, num_blocks: int, block_size: int,
+               sharding=None) -> list[KVCache] | KVCache:
+    """An all-zero paged KV cache (llama_jax.block_pool), laid out as `cache_zeros`'s: per layer a
+    pool of `num_blocks` blocks of `block_size` tokens, [P, block_size, K, E]."""
+    return _kv_zeros(config, layout, dtype, (num_blocks, block_size, config.n_kv_heads, config.head_dim), PAGE_AXES,
+                     sharding)
+
+
+def _kv_zeros(config: LlamaConfig, layout: Layout, dtype, shape, axes, sharding) -> list[KVCache] | KVCache:
+    if not layout.per_layer:
+        shape, axes = (config.n_layers, *shape), ("layers", *axes)
+    device = None if sharding is None else sharding(axes, shape)
+    zeros = lambda: jnp.zeros(shape, dtype, device=device)  # noqa: E731
+    if layout.per_layer:
+        return [KVCache(zeros(), zeros()) for _ in range(config.n_layers)]
+    return KVCache(zeros(), zeros())
 
 
 class StaticGraph:

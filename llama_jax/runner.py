@@ -190,6 +190,7 @@ class ModelRunner:
 
     def __init__(self, llama, num_blocks: int, block_size: int):
         self.graphdef, self.state, self.mesh = llama.graphdef, llama.state, llama.mesh
+        self.config, self.layout, self.dtype = llama.config, llama.layout, jnp.dtype(llama.runtime.dtype)
         self.num_blocks, self.block_size = num_blocks, block_size
         self.pool = self._zeros()
         self.banks = None  # the LoRA banks as the model's layout reads them, on its device(s)
@@ -205,8 +206,8 @@ class ModelRunner:
 
     def _zeros(self):
         with sharding.on_mesh(self.mesh):
-            model = model_lib.merge(self.graphdef, self.state)
-            pool = model.init_pages(self.num_blocks, self.block_size, sharding=sharding.placement(self.mesh))
+            pool = model_lib.page_zeros(self.config, self.layout, self.dtype, self.num_blocks, self.block_size,
+                                        sharding.placement(self.mesh))
         # Committed to its device, as every pool a program returns is: an uncommitted first pool
         # would compile each program once more.
         return pool if self.mesh is not None else jax.device_put(pool, jax.devices()[0])
