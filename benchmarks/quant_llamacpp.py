@@ -69,6 +69,9 @@ def _llamacpp_file(src: str, ftype: str | None, work_dir: str, request: dict) ->
 
 def _llamacpp_rate(llm, prompt: list[int], new_tokens: int) -> tuple[float, float]:
     """(seconds to the first new token, greedy decode tokens/s from the first new token to the last)."""
+    # Forget the previous call's tokens: llama-cpp-python would otherwise reuse the KV cache of the
+    # prompt they share, and its first token would come after a single token's evaluation.
+    llm.reset()
     start, first = time.perf_counter(), None
     for i, _ in enumerate(llm.generate(prompt, temp=0.0, reset=True)):
         if i == 0:
