@@ -24,6 +24,8 @@ import jax.numpy as jnp
 from cpu_kernels._library import QLINEAR, require
 
 FORMATS = ("int8", "int4", "fp8")
+# Products of this many rows of x or more multiply dequantized panels (csrc/quant.cc's kGemmRows).
+PANEL_ROWS = 16
 _VALUES = {"int8": jnp.int8, "int4": jnp.uint8, "fp8": jnp.float8_e4m3fn}
 
 
@@ -80,8 +82,8 @@ def qlinear(x, values, scales, mins=None, *, format: str, group_size: int | None
     - mins: int4 only, float16 like scales: w = nibble * scale + min (GGUF Q4_1); None: w = (nibble -
       8) * scale (Q4_0). int8 and fp8: w = value * scale.
 
-    `supports(format, group_size, K)` says which shapes it takes. Fewer than cpu_kernels.MIN_ROWS rows
-    (decode) expand the weight in registers, more go through dequantized panels and sgemm; both equal
+    `supports(format, group_size, K)` says which shapes it takes. Fewer than PANEL_ROWS rows (decode)
+    expand the weight in registers, more go through dequantized panels and sgemm; both equal
     x @ llama_jax.quant.dequantize(W)^T up to f32 rounding. Differentiable with respect to x (the
     weight is frozen: its arrays get no gradient). Runs where the library loads (`cpu_kernels.load`)."""
     if format not in FORMATS:

@@ -1,6 +1,6 @@
 """The C++ CPU backend's quantized products (cpu_kernels.qlinear) against llama_jax.quant's dequantized
 weight times x in float64: every format (int8 per row and in groups, int4 symmetric and with mins,
-fp8), decode rows (fewer than cpu_kernels.MIN_ROWS: the bytes expanded in registers) and prefill rows
+fp8), decode rows (fewer than cpu_kernels.quant.PANEL_ROWS: the bytes expanded in registers) and prefill rows
 (dequantized panels through MKL), the gradient with respect to x, the default model's own GGUF
 blocks, and whole models with the backend on and off."""
 
@@ -216,7 +216,7 @@ def test_the_default_model_kept_as_q4_1_gives_its_float32_logits():
         tokens = rng.integers(3, kept.config.vocab_size, (1, length))
         got, want, floor = kept.logits(tokens), ref.logits(tokens), xla.logits(tokens)
         assert_close(got, want, atol=1e-4, rtol=0, name=f"{length} tokens")
-        if length >= cpu_kernels.MIN_ROWS:
+        if length >= max(cpu_kernels.MIN_ROWS, cq.PANEL_ROWS):  # both through sgemm
             np.testing.assert_array_equal(got, want)
         f32_err = np.abs(want - floor).max()
         assert np.abs(got - floor).max() <= 2 * f32_err + 1e-5, f"{length} tokens: vs XLA, f32 floor {f32_err:.3g}"

@@ -31,7 +31,9 @@ namespace {
 
 using namespace llama_jax_cpu;
 
-// Rows of x from which a product goes through sgemm (cpu_kernels.gemm.MIN_ROWS).
+// Rows of x from which a product goes through dequantized panels and sgemm (cpu_kernels.quant.
+// PANEL_ROWS): the decode kernels expand every weight again for each 4 rows of x, and at 16 rows the
+// two took about as long.
 constexpr int64_t kGemmRows = 16;
 // The decode kernels take this many rows of x per pass over a weight row (their accumulators stay
 // in registers); more rows pass again over the same row, then in L1.
