@@ -105,6 +105,7 @@ def test_pool_drops_pending_blocks_of_a_sequence_that_leaves():
 # --- The engine ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # ~20 s; make test keeps preemption in the sampled test below
 def test_greedy_equals_alone_under_preemption(llm):
     """More requests than the pool holds at once: the newest are preempted and recomputed, and
     every request still gets exactly its tokens alone."""
@@ -225,7 +226,8 @@ def test_speculation_gives_the_same_tokens(llm, sampling):
         assert engine.spec_accepted > engine.spec_steps
 
 
-@pytest.mark.parametrize("sampling", [{}, {"temperature": 0.9, "top_p": 0.95, "seed": 5}], ids=["greedy", "sampled"])
+@pytest.mark.parametrize("sampling", [pytest.param({}, marks=pytest.mark.slow),  # ~16 s; sampled stays in make test
+                                      {"temperature": 0.9, "top_p": 0.95, "seed": 5}], ids=["greedy", "sampled"])
 def test_draft_speculation_gives_the_same_tokens(llm, sampling):
     """A draft model: with the target as its own draft every proposal holds (sampled too: it draws
     with the target's random stream); with an unrelated random draft almost none does. Either way
