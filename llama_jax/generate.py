@@ -175,7 +175,7 @@ def generate_ids(graphdef, state, prompts: Sequence[Sequence[int]], params: Samp
     stop_ids = jnp.asarray(params.stop_token_ids or (-1,), jnp.int32)
     max_new = jnp.int32(params.max_new_tokens)
     with sharding.on_mesh(mesh):
-        cache = init_cache(graphdef, state, len(prompts), s, mesh)
+        cache = model.init_cache(len(prompts), s, sharding=sharding.placement(mesh))  # the model merged above
         cache, last, lengths = prefill(graphdef, state, cache, prompts, chunk, mesh)
         ds = first_token(graphdef, state, cache, last, lengths, sampling, stop_ids, max_new)
         first = np.asarray(ds.token)
