@@ -84,34 +84,13 @@ ffi::Error GemmImpl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
 
 // --- Matvec: the products of a decode step --------------------------------------------------------
 
-// y[m, n] = x[m, :] . w[n, :] for n in [n0, n1): w [N, K], eight rows of w streamed at a time,
-// each prefetched 512 bytes ahead (measured here: more rows, longer or non-temporal prefetches
-// were no faster).
-void DotRows(const float* x, const float* r, float* y, int64_t K) {
-  constexpr int R = 8;
-  __m256 a[R];
-  for (int i = 0; i < R; ++i) a[i] = _mm256_setzero_ps();
-  int64_t k = 0;
-  for (; k + 8 <= K; k += 8) {
-    const __m256 xv = _mm256_loadu_ps(x + k);
-    for (int i = 0; i < R; ++i) {
-      _mm_prefetch(reinterpret_cast<const char*>(r + i * K + k + 128), _MM_HINT_T0);
-      a[i] = _mm256_fmadd_ps(_mm256_loadu_ps(r + i * K + k), xv, a[i]);
-    }
-  }
-  for (int i = 0; i < R; ++i) {
-    float s = HorizontalSum(a[i]);
-    for (int64_t j = k; j < K; ++j) s += x[j] * r[i * K + j];
-    y[i] = s;
-  }
-}
-
+// y[m, n] = x[m, :] . w[n, :] for n in [n0, n1): w [N, K], one row of w at a time, dotted with
+// every row of x while it sits in L1, so that each thread reads one sequential stream, which the
+// hardware prefetcher follows. Eight rows at a time with software prefetch (eight streams a thread)
+// read SmolLM2's float32 decode at 41.5 tokens/s here against 62.4 for this.
 void MatvecRows(const float* x, const float* w, float* y, int64_t M, int64_t N, int64_t K, int64_t n0,
                 int64_t n1) {
-  int64_t n = n0;
-  for (; n + 8 <= n1; n += 8)
-    for (int64_t m = 0; m < M; ++m) DotRows(x + m * K, w + n * K, y + m * N + n, K);
-  for (; n < n1; ++n)
+  for (int64_t n = n0; n < n1; ++n)
     for (int64_t m = 0; m < M; ++m) y[m * N + n] = Dot(x + m * K, w + n * K, K);
 }
 
@@ -153,7 +132,7 @@ ffi::Error MatvecImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Res
   SpinPool& pool = SpinPool::Get();
   // Small products are not worth a second thread.
   const int pieces = N * K < (1 << 16) ? 1 : kPiecesPerThread * pool.threads();
-  const int64_t step = (N + 8 * pieces - 1) / (8 * pieces) * 8;  // columns in multiples of 8 (MatvecRows' blocks)
+  const int64_t step = (N + pieces - 1) / pieces;
   pool.Run(pieces, [&](int p) {
     const int64_t n0 = std::min(N, p * step), n1 = std::min(N, n0 + step);
     (trans ? MatvecRows : MatvecCols)(px, pw, py, M, N, K, n0, n1);
