@@ -58,7 +58,7 @@ import pallas_kernels as pk  # noqa: E402
 from pallas_kernels.mosaic import flash_attention_mosaic, quant_matmul_mosaic  # noqa: E402
 from llama_jax import engine, generate, quant, runner, scheduler, sharding, train  # noqa: E402
 from llama_jax import model as model_lib  # noqa: E402
-from llama_jax.api import INFERENCE_LAYOUT  # noqa: E402
+from llama_jax.api import inference_layout  # noqa: E402
 from llama_jax.model import KVCache  # noqa: E402
 from llama_jax.sharding import PAGE_AXES  # noqa: E402
 from llama_jax.speculative import SpeculativeConfig  # noqa: E402
@@ -618,7 +618,7 @@ def programs(config, where, *, batch=1, context=4096, prompt=2048, layout="layer
     `chat` and the server run) of `config` in bf16 with our kernels, from abstract parameters, over
     a paged KV cache. where: a Device (one GPU) or a ('data', 'model') Mesh with no data split (the
     engine's pool is split by KV heads only). layout: "layers" (per-layer arrays,
-    `llama_jax.api.INFERENCE_LAYOUT`, what `Llama` runs by default) or "scan" (the stored stacked
+    `llama_jax.api.inference_layout(mesh)`, what `Llama` runs by default) or "scan" (the stored stacked
     layers under lax.scan). attention: the RuntimeConfig's attention_impl, "pallas" (the Triton
     kernels) or "mosaic" (the Mosaic GPU prefill kernel; decode is the Triton paged kernel in both).
     quantize: None (bf16 weights) or "int8" / "int4" / "fp8": the parameters `load(quantize=...)`
@@ -654,7 +654,7 @@ def programs(config, where, *, batch=1, context=4096, prompt=2048, layout="layer
     def sds(shape, dtype, axes=None):  # an abstract array on the target, from logical axes
         return jax.ShapeDtypeStruct(shape, dtype, sharding=place(axes or (None,) * len(shape), shape))
 
-    view = INFERENCE_LAYOUT if layout == "layers" else model_lib.STORED
+    view = inference_layout(mesh) if layout == "layers" else model_lib.STORED
     graphdef, state = nnx.split(model_lib.abstract(cfg, runtime, view))
     specs = nnx.to_pure_dict(nnx.get_partition_spec(state))
     weights = nnx.to_pure_dict(state)

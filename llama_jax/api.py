@@ -18,10 +18,13 @@ from llama_jax.config import LlamaConfig, RuntimeConfig, default_dtype
 from llama_jax.model import Layout, Transformer
 from llama_jax.speculative import SpeculativeConfig, with_draft
 
-# How inference reads the weights: per-layer arrays (a decode step on a CPU runs about 1.5x faster
-# than scanning the stacked ones) stored [out, in] (XLA's GPU matrix-vector product then reads each
-# weight once). docs/PERFORMANCE.md and docs/GPU_COMPILE.md have the measurements.
-INFERENCE_LAYOUT = Layout(per_layer=True, transposed=True)
+def inference_layout(mesh=None) -> Layout:
+    """How inference reads the weights: per-layer arrays (a decode step on a CPU runs about 1.5x
+    faster than scanning the stacked ones) stored [out, in] (XLA's GPU matrix-vector product then
+    reads each weight once), with q/k/v and w1/w3 each one product where no mesh splits them (tensor
+    parallelism cuts q, k and v apart by heads): SmolLM2's CPU decode 1.12x, fewer and longer
+    products. docs/PERFORMANCE.md and docs/GPU_COMPILE.md have the measurements."""
+    return Layout(per_layer=True, transposed=True, fused=mesh is None)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -192,7 +195,7 @@ def load(path: str | os.PathLike, *, dtype=None, mesh=None, attention_impl: str 
     attention_impl ("auto", "xla", "pallas", "cudnn") and norm_impl ("auto", "xla", "pallas"), where
     "auto" is pallas on GPU and xla on CPU; prefill_chunk (prompt tokens per prefill step, a
     multiple of 16; None: 2048); cpu_kernels ("auto", "on", "off": the optional C++ CPU backend).
-    unstack_layers: run per-layer arrays (INFERENCE_LAYOUT, the default) or scan the stacked ones.
+    unstack_layers: run per-layer arrays (`inference_layout`, the default) or scan the stacked ones.
     speculative: speculative decoding for generate, stream, chat and the server, with vLLM's names:
     {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 1}
     or {"method": "draft", "model": DIR, "num_speculative_tokens": 4} (a smaller model with this
@@ -254,30 +257,32 @@ def load(path: str | os.PathLike, *, dtype=None, mesh=None, attention_impl: str 
     if quantize:
         params = quant.quantize_params(params, quantize, model_lib.LINEAR_WEIGHTS, release=True)
     tokenizer, chat_format = _load_tokenizer(path)
-    layout = INFERENCE_LAYOUT if unstack_layers else model_lib.STORED
+    layout = inference_layout(mesh) if unstack_layers else model_lib.STORED
     return Llama(model_lib.build(config, _view_freeing(params, layout, config), runtime, layout),
                  tokenizer=tokenizer, chat_format=chat_format, mesh=mesh, speculative=speculative, adapters=served)
 
 
 def _view_freeing(params: dict, layout: Layout, config: LlamaConfig) -> dict:
-    """model.view of a parameter tree that `load` owns, one weight kind at a time, each stored
-    device array deleted once viewed: the peak is the model plus one weight kind, not two models
-    (host arrays are viewed without a copy anyway)."""
+    """model.view of a parameter tree that `load` owns, a few weights at a time (one kind, or the
+    kinds a fused layout joins), each stored device array deleted once viewed: the peak is the model
+    plus those weights, not two models (host arrays are viewed without a copy anyway)."""
     n_layers = config.n_layers
-    if layout.fused:
-        return model_lib.view(params, layout, config)
     stored = params.pop("layers")
     viewed = dict(params)  # a view changes only the layers
     viewed["layers"] = {} if not layout.per_layer else {i: {} for i in range(n_layers)}
     for part in list(stored):
-        for name in list(stored[part]):
-            w = stored[part].pop(name)
-            one = model_lib.view({"layers": {part: {name: w}}}, layout, config)["layers"]
+        fused = model_lib.FUSED[part][1] if layout.fused and part in model_lib.FUSED else ()
+        groups = [fused] if fused else []
+        groups += [(name,) for name in stored[part] if name not in fused]
+        for names in groups:
+            ws = {name: stored[part].pop(name) for name in names}
+            one = model_lib.view({"layers": {part: ws}}, layout, config)["layers"]
             for block, got in ([(viewed["layers"][i], one[i]) for i in range(n_layers)] if layout.per_layer
                                else [(viewed["layers"], one)]):
                 block.setdefault(part, {}).update(got[part])
-            if isinstance(w, jax.Array) and layout != model_lib.STORED:
-                w.delete()
+            for w in ws.values():
+                if isinstance(w, jax.Array) and layout != model_lib.STORED:
+                    w.delete()
     return viewed
 
 
@@ -302,10 +307,11 @@ def _load_tokenizer(path: str):
 
 
 def from_params(config: LlamaConfig, params: dict, runtime: RuntimeConfig | None = None, *, tokenizer=None,
-                chat_format=None, mesh=None, layout: Layout = INFERENCE_LAYOUT) -> Llama:
+                chat_format=None, mesh=None, layout: Layout | None = None) -> Llama:
     """A Llama over `params` (a nested dict of arrays in the stored layout: layers stacked, linear
-    weights [in, out]), read in `layout`. Host arrays stay on the host until `Llama` places each
+    weights [in, out]), read in `layout` (default: `inference_layout(mesh)`). Host arrays stay on the host until `Llama` places each
     one on its device(s), so no device holds the stored and the viewed copy of a host weight."""
+    layout = inference_layout(mesh) if layout is None else layout
     params = model_lib.view(params, layout, config)
     return Llama(model_lib.build(config, params, runtime, layout), tokenizer=tokenizer, chat_format=chat_format,
                  mesh=mesh)
@@ -316,7 +322,7 @@ def from_config(config: LlamaConfig, runtime: RuntimeConfig | None = None, *, se
     """A randomly initialized model (for tests and benchmarks)."""
     params = nnx.to_pure_dict(nnx.state(Transformer(config, runtime, rngs=nnx.Rngs(seed)), nnx.Param))
     return from_params(config, params, runtime, mesh=mesh,
-                       layout=INFERENCE_LAYOUT if unstack_layers else model_lib.STORED)
+                       layout=None if unstack_layers else model_lib.STORED)
 
 
-__all__ = ["INFERENCE_LAYOUT", "Llama", "load", "from_config", "from_params"]
+__all__ = ["inference_layout", "Llama", "load", "from_config", "from_params"]

@@ -342,7 +342,9 @@ def _block_view(block: dict, layout: Layout) -> dict:
     block = {part: dict(ws) for part, ws in block.items()}
     if layout.fused:
         for part, (name, names) in FUSED.items():
-            ws = block[part]
+            ws = block.get(part, {})
+            if not any(n in ws for n in names):  # a part of the tree without them (api.load views a few at a time)
+                continue
             parts = [ws.pop(n) for n in names]
             ws[name] = (concatenate_out(parts) if isinstance(parts[0], QArray)  # (..., in, out1 + out2 + ...)
                         else jnp.concatenate(parts, axis=-1))

@@ -50,8 +50,12 @@ def test_tiny_logits_match_transformers_f32(tiny):
 
 
 def test_tiny_scanned_layers_match_unstacked(tiny):
+    """The inference layout (per layer, q/k/v and w1/w3 fused without a mesh), viewed by `load` a few
+    weights at a time, computes the stored layout's logits."""
     _, path, ids, _ = tiny
-    a = llama_jax.load(path, dtype="float32", unstack_layers=True).logits(ids.tolist())
+    unstacked = llama_jax.load(path, dtype="float32", unstack_layers=True)
+    assert unstacked.layout.fused and set(unstacked.state["layers"][0]["attention"]) == {"wqkv", "wo"}
+    a = unstacked.logits(ids.tolist())
     b = llama_jax.load(path, dtype="float32", unstack_layers=False).logits(ids.tolist())
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 

@@ -188,8 +188,8 @@ XLA = RuntimeConfig(param_dtype="float32", dtype="float32", cpu_kernels="off")
 
 
 @pytest.mark.parametrize("fmt", quant.FORMATS)
-@pytest.mark.parametrize("layout", [api.INFERENCE_LAYOUT, model_lib.STORED, Layout(per_layer=True, fused=True)],
-                         ids=["inference", "stored", "fused"])
+@pytest.mark.parametrize("layout", [api.inference_layout(), model_lib.STORED, Layout(per_layer=True, transposed=True)],
+                         ids=["inference", "stored", "unfused"])
 @pytest.mark.parametrize("tied", [True, False])
 def test_quantized_model_is_its_dequantized_model(fmt, layout, tied):
     """A model over QArrays gives the logits of the float model over the weights they stand for, in

@@ -61,7 +61,7 @@ def test_shard_shapes(tiny8, dp, tp):
     model = llama_jax.load(tiny8, dtype="float32", mesh=mesh)
     c = model.config
     layer = model.state["layers"][0]
-    # Per-layer weights run [out, in] (api.INFERENCE_LAYOUT): wq, wk, wv, w1, w3 split
+    # Per-layer weights run [out, in] and unfused under a mesh (api.inference_layout): wq, wk, wv, w1, w3 split
     # by output features (axis 0), wo and w2 by input features (axis 1).
     split = {  # (full shape, the axis split over 'model')
         "wq": (layer["attention"]["wq"][...], 0), "wk": (layer["attention"]["wk"][...], 0),
