@@ -18,6 +18,7 @@ from llama_jax.config import LlamaConfig, RuntimeConfig, default_dtype
 from llama_jax.model import Layout, Transformer
 from llama_jax.speculative import SpeculativeConfig, with_draft
 
+
 def inference_layout(mesh=None) -> Layout:
     """How inference reads the weights: per-layer arrays (a decode step on a CPU runs about 1.5x
     faster than scanning the stacked ones) stored [out, in] (XLA's GPU matrix-vector product then
@@ -309,8 +310,9 @@ def _load_tokenizer(path: str):
 def from_params(config: LlamaConfig, params: dict, runtime: RuntimeConfig | None = None, *, tokenizer=None,
                 chat_format=None, mesh=None, layout: Layout | None = None) -> Llama:
     """A Llama over `params` (a nested dict of arrays in the stored layout: layers stacked, linear
-    weights [in, out]), read in `layout` (default: `inference_layout(mesh)`). Host arrays stay on the host until `Llama` places each
-    one on its device(s), so no device holds the stored and the viewed copy of a host weight."""
+    weights [in, out]), read in `layout` (default: `inference_layout(mesh)`). Host arrays stay on
+    the host until `Llama` places each one on its device(s), so no device holds the stored and the
+    viewed copy of a host weight."""
     layout = inference_layout(mesh) if layout is None else layout
     params = model_lib.view(params, layout, config)
     return Llama(model_lib.build(config, params, runtime, layout), tokenizer=tokenizer, chat_format=chat_format,

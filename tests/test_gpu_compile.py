@@ -125,9 +125,9 @@ def test_a_tiny_int4_program_reads_its_stored_bytes(h100, tmp_path):
     row, fails = gpu_compile.analyse_program("tiny int4 decode", fn, args, meta, tmp_path / "int4")
     assert not [f for f in fails if f.key.startswith(("compile", "spill", "donation"))], fails
     assert 1.0 <= row["ratio"] < 1.5, row["ratio"]  # a tiny model's activations weigh; 1B and 8B are checked to 1.05
-    # Each layer's products (wq wk wv wo w1 w3 w2) read their bytes in the kernel; the untied head, kept
-    # [D, V] as stored, is XLA's convert fused into its dot.
-    assert _launches(row, "quant_matmul") == 7 * TINY.n_layers
+    # Each layer's products (wqkv wo w13 w2: one device, so q/k/v and w1/w3 fused) read their bytes in
+    # the kernel; the untied head, kept [D, V] as stored, is XLA's convert fused into its dot.
+    assert _launches(row, "quant_matmul") == 4 * TINY.n_layers
 
 
 def test_quant_kernel_compiles_without_spills(h100, tmp_path):
